@@ -1,0 +1,30 @@
+# Set-up and entry points. `make demo` and `make test` each install into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt tests/support/torchvision_shim.py
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on disk (an unpinned torch pulls a multi-GB CUDA build)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev,eval,ui]'
+	$(PY) tests/support/torchvision_shim.py --install-if-needed
+	touch $@
+
+demo: install
+	$(VENV)/bin/boothkit demo --out demo-output
+
+test: install
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) demo-output

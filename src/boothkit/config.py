@@ -1,0 +1,313 @@
+"""Frozen, validated configs: one dataclass per stage, loaded from TOML sections and CLI flags.
+
+A command's config is a set of sections (e.g. ``train`` = model, data, prior, lora, train). In TOML each
+section is a table (``[lora] rank = 8``); on the command line every field is a flag of the same name
+(``--rank 8``), so field names are unique across a command's sections. Precedence: dataclass defaults <
+``--config`` file < flags given on the command line. Unknown keys and wrong types raise ConfigError naming
+``section.key``; the resolved config is written back next to every output so a run can be repeated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, short: str | None = None,
+        min: float | None = None, max: float | None = None) -> Any:
+    """A config field with the help text and limits the CLI and the validator share."""
+    meta = {"help": help, "choices": choices, "short": short, "min": min, "max": max}
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = opt("tiny", "Base model: 'tiny' (built-in), a hub id, a local diffusers folder or a single-file "
+                             ".safetensors checkpoint.")
+    model_config: Optional[str] = opt(None, "Local diffusers folder whose configs describe a single-file checkpoint "
+                                            "(needed offline for .safetensors models).")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of --model.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    instance_dir: str = opt("", "Folder with 3-20 photos of the subject (jpg, png, webp, gif, bmp, mpo).")
+    token: str = opt("sks", "Rare identifier for the subject, e.g. 'sks' or '[ktn]'.")
+    class_noun: str = opt("", "Class noun of the subject, e.g. 'dog' or 'girl'.")
+    instance_prompt: Optional[str] = opt(None, "Prompt for the subject photos; default 'a photo of {token} {class_noun}'.")
+    resolution: int = opt(0, "Training resolution in pixels (0: the model's native size).", min=0)
+    crop: str = opt("center", "How to crop after resizing the shorter side.", choices=("center", "random"))
+    flip: bool = opt(False, "Random horizontal flips.")
+    skip_bad_images: bool = opt(False, "Skip unreadable images with a warning instead of stopping.")
+    cache_latents: bool = opt(True, "Encode images with the VAE once (and prompts, when the text encoder is frozen).")
+
+    def validate(self) -> None:
+        if not self.instance_dir:
+            raise ConfigError("data.instance_dir is required (--instance-dir)")
+        if not self.instance_prompt and not self.class_noun:
+            raise ConfigError("data.class_noun is required (--class-noun) unless --instance-prompt is given")
+
+    @property
+    def prompt(self) -> str:
+        return self.instance_prompt or f"a photo of {self.token} {self.class_noun}"
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    prior: bool = opt(True, "Class-specific prior-preservation loss on images of the class made by the frozen model.")
+    class_prompt: Optional[str] = opt(None, "Prompt for class images; default 'a photo of {class_noun}'.")
+    class_dir: Optional[str] = opt(None, "Folder of class images (generated if short); default OUTPUT/class_images.")
+    num_class_images: int = opt(100, "Number of class images.", min=1)
+    class_batch_size: int = opt(4, "Batch size when generating class images.", min=1)
+    class_steps: int = opt(30, "Sampling steps for class images.", min=1)
+    class_guidance: float = opt(7.5, "Guidance scale for class images.", min=0.0)
+    class_seed: int = opt(0, "Seed of class image i is class_seed + i.")
+    prior_weight: float = opt(1.0, "Weight λ of the prior-preservation loss.", min=0.0)
+
+    def prompt_for(self, class_noun: str) -> str:
+        return self.class_prompt or f"a photo of {class_noun}"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    full: bool = opt(False, "Full fine-tune of the UNet (and text encoder) instead of LoRA.")
+    rank: int = opt(8, "LoRA rank.", min=1)
+    alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank.", min=0.0)
+    dropout: float = opt(0.0, "LoRA dropout.", min=0.0, max=1.0)
+    unet_targets: tuple[str, ...] = opt(UNET_LORA_TARGETS, "UNet modules that get LoRA (attention projections).")
+    train_text_encoder: bool = opt(False, "Also train the text encoder (LoRA, or fully with --full).")
+    text_encoder_targets: tuple[str, ...] = opt(TEXT_ENCODER_LORA_TARGETS, "Text-encoder modules that get LoRA.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = opt("", "Output folder for weights, config, logs, checkpoints and samples.")
+    max_steps: int = opt(400, "Optimizer steps.", min=1)
+    batch_size: int = opt(1, "Instance images per step (as many class images are added with --prior).", min=1)
+    learning_rate: float = opt(1e-4, "Learning rate of the UNet parameters.", min=0.0)
+    text_encoder_lr: float = opt(5e-5, "Learning rate of the text-encoder parameters.", min=0.0)
+    lr_scheduler: str = opt("constant", "Learning-rate schedule.",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                     "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: int = opt(0, "Warm-up steps of the learning-rate schedule.", min=0)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", min=0.0)
+    optimizer: str = opt("auto", "auto: 8-bit AdamW when bitsandbytes and a GPU are present, else AdamW.",
+                         choices=("auto", "adamw", "adamw8bit"))
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
+    adam_beta2: float = opt(0.999, "AdamW beta2.", min=0.0, max=1.0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", min=0.0)
+    weight_decay: float = opt(1e-2, "AdamW weight decay.", min=0.0)
+    seed: int = opt(0, "Seed for noise, timesteps, dropout and sampling.")
+    mixed_precision: str = opt("no", "Mixed precision through accelerate.", choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    checkpoint_every: int = opt(0, "Write a resumable checkpoint every N steps (0: never).", min=0)
+    checkpoints_keep: int = opt(2, "Keep the newest K checkpoints.", min=1)
+    resume: bool = opt(False, "Continue from the newest complete checkpoint in OUTPUT/checkpoints.")
+    validate_every: int = opt(0, "Save fixed-seed validation samples every N steps (0: never).", min=0)
+    validation_prompts: tuple[str, ...] = opt((), "Validation prompts ({token} and {class_noun} are filled in); "
+                                                  "default: the instance prompt and two scenes.")
+    validation_steps: int = opt(20, "Sampling steps for validation samples.", min=1)
+    log_every: int = opt(1, "Write train_log.csv every N steps.", min=1)
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("train.output_dir is required (--output-dir)")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    lora: Optional[str] = opt(None, "boothkit output folder or LoRA .safetensors file.")
+    model: Optional[str] = opt(None, "Base model; default: the one named in the LoRA's metadata.")
+    model_config: Optional[str] = opt(None, "Local diffusers folder describing a single-file checkpoint.")
+    prompt: tuple[str, ...] = opt((), "Prompt (repeatable).")
+    negative_prompt: str = opt("", "Negative prompt.")
+    num_images: int = opt(4, "Images per prompt.", short="-n", min=1)
+    guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
+    unet_scale: float = opt(1.0, "LoRA scale on the UNet.")
+    text_encoder_scale: float = opt(1.0, "LoRA scale on the text encoder.")
+    steps: int = opt(30, "Sampling steps.", min=1)
+    seed: int = opt(0, "Image i uses torch.Generator('cpu').manual_seed(seed + i).")
+    width: int = opt(0, "Width in pixels (0: the model's native size).", min=0)
+    height: int = opt(0, "Height in pixels (0: the model's native size).", min=0)
+    batch_size: int = opt(1, "Images per forward pass.", min=1)
+    mixed_precision: str = opt("no", "Run the pipeline in this precision.", choices=MIXED_PRECISION)
+    out: str = opt("", "Output folder for PNGs and the grid.")
+
+    def validate(self) -> None:
+        if not self.prompt:
+            raise ConfigError("generate.prompt is required (--prompt)")
+        if not self.out:
+            raise ConfigError("generate.out is required (--out)")
+
+
+TRAIN_SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "prior": PriorConfig, "lora": LoraConfig, "train": TrainConfig,
+}
+CLASS_IMAGES_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prior": PriorConfig}
+GENERATE_SECTIONS: dict[str, type] = {"generate": GenerateConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A command's resolved config: section name -> stage dataclass."""
+
+    sections: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["sections"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: to_dict(cfg) for name, cfg in self.sections.items()}
+
+    def replace(self, section: str, **changes: Any) -> "RunConfig":
+        new = dict(self.sections)
+        new[section] = dataclasses.replace(self.sections[section], **changes)
+        return RunConfig(new)
+
+
+# ---------------------------------------------------------------------------------------------- machinery
+
+def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    """Coerce `value` to the field type `tp` or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(key, value, args[0], meta)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_check_value(key, v, item_tp, meta) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
+    return value
+
+
+def build(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    """Build a stage config from a mapping, validating every key and value."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{section}.{key}'")
+        kwargs[key] = _check_value(f"{section}.{key}", value, hints[key], fields[key].metadata)
+    cfg = cls(**kwargs)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain TOML-ready dict of a stage config (None values are left out: TOML has no null)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML config file; a missing or malformed file is a ConfigError naming it."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML ({exc})") from None
+
+
+def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None = None,
+            overrides: Mapping[str, Any] | None = None, *, where: str = "config") -> RunConfig:
+    """Merge defaults < file values (sectioned) < flat overrides (CLI flags) into a validated RunConfig."""
+    file_values = dict(file_values or {})
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for name, table in file_values.items():
+        if name not in sections:
+            raise ConfigError(f"{where}: unknown section '{name}' (expected {', '.join(sections)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: '{name}' must be a table ([{name}])")
+        per_section[name].update(table)
+    owner = {f.name: name for name, cls in sections.items() for f in dataclasses.fields(cls)}
+    for key, value in (overrides or {}).items():
+        if key not in owner:
+            raise ConfigError(f"unknown option '{key}'")
+        per_section[owner[key]][key] = value
+    return RunConfig({name: build(cls, per_section[name], name) for name, cls in sections.items()})
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file via a temp file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_toml(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Write a resolved config as TOML, atomically."""
+    import tomli_w
+
+    atomic_write_bytes(path, tomli_w.dumps(dict(data)).encode())

@@ -1,0 +1,17 @@
+"""Error types that the CLI turns into one-line messages (no traceback, exit code 2)."""
+
+
+class BoothkitError(Exception):
+    """A user-facing failure: the message names the file, flag or config key at fault."""
+
+
+class ConfigError(BoothkitError):
+    """A config key or CLI flag is unknown, of the wrong type or out of range."""
+
+
+class DataError(BoothkitError):
+    """An input image or folder cannot be used."""
+
+
+class ModelError(BoothkitError):
+    """A model cannot be found or loaded."""

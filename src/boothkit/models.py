@@ -1,0 +1,186 @@
+"""Model loading (hub ids, local diffusers folders, single-file checkpoints) and the built-in tiny model.
+
+The tiny model is Stable Diffusion's architecture family at toy size with random weights, built
+deterministically from a fixed seed and cached as a standard diffusers folder, so everything boothkit
+does can run offline on a CPU. Its tokenizer is the real CLIP BPE tokenizer, built from the vocabulary
+file that open_clip_torch ships.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+
+TINY = "tiny"
+TINY_VERSION = "tiny-v1"
+TINY_SEED = 20220825  # the DreamBooth paper's arXiv date; any fixed value works
+TINY_RESOLUTION = 64
+
+
+def boothkit_home() -> Path:
+    """Where boothkit caches models and weights (BOOTHKIT_HOME, else ~/.cache/boothkit)."""
+    return Path(os.environ.get("BOOTHKIT_HOME") or Path.home() / ".cache" / "boothkit")
+
+
+# -------------------------------------------------------------------------------------------- tokenizer
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the BPE's base alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_bpe_vocab_file() -> Path:
+    """Path of open_clip's bpe_simple_vocab_16e6.txt.gz, found without importing open_clip."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("open_clip_torch is not installed; it provides the CLIP BPE vocabulary (pip install open_clip_torch)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise ModelError(f"CLIP BPE vocabulary not found at {path}")
+    return path
+
+
+def write_clip_tokenizer_files(folder: Path) -> None:
+    """Write vocab.json and merges.txt of OpenAI's CLIP tokenizer (49,408 tokens) into `folder`."""
+    lines = gzip.open(clip_bpe_vocab_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- tiny model
+
+def _tiny_components(tokenizer_dir: Path) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=32, cross_attention_dim=64, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        block_out_channels=(32, 32, 64, 64), sample_size=TINY_RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=64, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
+                              pad_token="<|endoftext|>", model_max_length=77)
+    # Stable Diffusion 1.x's noise schedule; DDIM samples deterministically from it.
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="epsilon")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def build_tiny_model(folder: Path) -> None:
+    """Build the tiny model deterministically and save it as a diffusers folder at `folder`."""
+    from diffusers import StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as tok_dir, torch.random.fork_rng():
+        write_clip_tokenizer_files(Path(tok_dir))
+        parts = _tiny_components(Path(tok_dir))
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / "BOOTHKIT_TINY.json").write_text(json.dumps({
+        "name": TINY_VERSION, "seed": TINY_SEED, "resolution": TINY_RESOLUTION,
+        "note": "random weights: pictures show the pipeline working, not image quality",
+    }, indent=2))
+
+
+def tiny_model_path() -> Path:
+    """The cached tiny model folder, built on first use (atomically, safe against concurrent builders)."""
+    folder = boothkit_home() / "models" / TINY_VERSION
+    if (folder / "BOOTHKIT_TINY.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{TINY_VERSION}."))
+    try:
+        build_tiny_model(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first; its folder is identical
+            if not (folder / "BOOTHKIT_TINY.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def is_tiny(spec: str) -> bool:
+    return spec == TINY or Path(spec, "BOOTHKIT_TINY.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def model_path(spec: str) -> str:
+    """What `spec` names, for from_pretrained: 'tiny' becomes its cached folder; others pass through."""
+    return str(tiny_model_path()) if spec == TINY else spec
+
+
+def load_pipeline(spec: str, *, model_config: str | None = None, revision: str | None = None,
+                  dtype: torch.dtype = torch.float32):
+    """Load a StableDiffusionPipeline from 'tiny', a local folder, a single .safetensors file or a hub id."""
+    from diffusers import StableDiffusionPipeline
+
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    path = Path(spec)
+    if spec == TINY or path.is_dir():
+        if spec != TINY and not (path / "model_index.json").is_file():
+            raise ModelError(f"--model {spec}: folder has no model_index.json (not a diffusers model folder)")
+        return StableDiffusionPipeline.from_pretrained(model_path(spec), **common)
+    if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):
+        raise ModelError(f"--model {spec}: pickled checkpoints can run code when loaded; convert it to .safetensors")
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ModelError(f"--model {spec}: file not found")
+        if model_config is not None and not Path(model_config, "model_index.json").is_file():
+            raise ModelError(f"--model-config {model_config}: not a diffusers folder (no model_index.json)")
+        try:
+            return StableDiffusionPipeline.from_single_file(
+                str(path), config=model_config, local_files_only=model_config is not None, **common)
+        except Exception as exc:  # diffusers raises many types; all mean the same to the user
+            hint = "" if model_config else " (offline, pass --model-config <local diffusers folder>)"
+            raise ModelError(f"--model {spec}: cannot load single-file checkpoint{hint}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise ModelError(f"--model {spec}: no such file or folder")
+    try:
+        return StableDiffusionPipeline.from_pretrained(spec, revision=revision, **common)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"--model {spec}: cannot load from the model hub ({first}); "
+                         f"download it elsewhere and pass a local path, or use --model tiny") from None
+
+
+def native_resolution(pipe) -> int:
+    """The image size the model was trained at (unet sample size x VAE scale factor)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
