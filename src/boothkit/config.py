@@ -137,10 +137,15 @@ class TrainConfig:
             raise ConfigError("train.output_dir is required (--output-dir)")
 
 
+# Sampler names `boothkit generate --scheduler` accepts (built by generate.make_scheduler).
+SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", "pndm")
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
-    lora: Optional[str] = opt(None, "boothkit output folder or LoRA .safetensors file.")
-    model: Optional[str] = opt(None, "Base model; default: the one named in the LoRA's metadata.")
+    lora: tuple[str, ...] = opt((), "LoRA as 'PATH[:WEIGHT]': a boothkit output folder or a .safetensors file "
+                                    "(boothkit, diffusers or kohya/A1111 format); the weight multiplies both scales.")
+    model: Optional[str] = opt(None, "Base model; default: the one named in the first LoRA's metadata.")
     model_config: Optional[str] = opt(None, "Local diffusers folder describing a single-file checkpoint.")
     prompt: tuple[str, ...] = opt((), "Prompt (repeatable).")
     negative_prompt: str = opt("", "Negative prompt.")
@@ -149,18 +154,21 @@ class GenerateConfig:
     unet_scale: float = opt(1.0, "LoRA scale on the UNet.")
     text_encoder_scale: float = opt(1.0, "LoRA scale on the text encoder.")
     steps: int = opt(30, "Sampling steps.", min=1)
+    scheduler: Optional[str] = opt(None, "Sampler; default: the model folder's own scheduler.", choices=SCHEDULERS)
     seed: int = opt(0, "Image i uses torch.Generator('cpu').manual_seed(seed + i).")
-    width: int = opt(0, "Width in pixels (0: the model's native size).", min=0)
-    height: int = opt(0, "Height in pixels (0: the model's native size).", min=0)
-    batch_size: int = opt(1, "Images per forward pass.", min=1)
-    mixed_precision: str = opt("no", "Run the pipeline in this precision.", choices=MIXED_PRECISION)
-    out: str = opt("", "Output folder for PNGs and the grid.")
+    width: int = opt(0, "Width in pixels, a multiple of 8 (0: the model's native size).", min=0)
+    height: int = opt(0, "Height in pixels, a multiple of 8 (0: the model's native size).", min=0)
+    batch_size: int = opt(1, "Images per forward pass (does not change the images).", min=1)
+    mixed_precision: str = opt("no", "Run the pipeline in this precision (fp16 needs a GPU).", choices=MIXED_PRECISION)
+    out: str = opt("", "Output folder for PNGs, grids and generate_config.toml.")
 
     def validate(self) -> None:
         if not self.prompt:
             raise ConfigError("generate.prompt is required (--prompt)")
         if not self.out:
             raise ConfigError("generate.out is required (--out)")
+        if not self.lora and not self.model:
+            raise ConfigError("generate: give --lora (its metadata names the base model) or --model")
 
 
 TRAIN_SECTIONS: dict[str, type] = {

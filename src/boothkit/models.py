@@ -16,9 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import torch
 
 from .errors import ModelError
+
+log = logging.getLogger("boothkit")
 
 TINY = "tiny"
 TINY_VERSION = "tiny-v1"
@@ -175,10 +179,11 @@ def load_pipeline(spec: str, *, model_config: str | None = None, revision: str |
         raise ModelError(f"--model {spec}: no such file or folder")
     try:
         return StableDiffusionPipeline.from_pretrained(spec, revision=revision, **common)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"--model {spec}: cannot load from the model hub ({first}); "
-                         f"download it elsewhere and pass a local path, or use --model tiny") from None
+    except Exception as exc:  # hub errors come in many types; the remedy is the same
+        log.debug("hub load of %s failed: %s", spec, exc)
+        raise ModelError(f"--model {spec}: not a local path and not loadable from the model hub (offline, not "
+                         f"cached, or unknown id); pass a local diffusers folder or .safetensors file, "
+                         f"or use --model tiny") from None
 
 
 def native_resolution(pipe) -> int:

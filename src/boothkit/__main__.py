@@ -1,0 +1,4 @@
+"""`python -m boothkit` is the `boothkit` command."""
+from .cli import main
+
+main()

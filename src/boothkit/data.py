@@ -1,0 +1,109 @@
+"""Subject photos and class images: reading any image file into RGB, resizing, cropping, flipping."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DataError
+
+log = logging.getLogger("boothkit")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".mpo")
+FEW_PHOTOS, MANY_PHOTOS = 3, 20
+
+
+def list_images(folder: str | Path, what: str = "--instance-dir") -> list[Path]:
+    """Image files directly in `folder`, sorted by name (hidden and temp files ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder}: no such folder")
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: EXIF orientation applied, transparency composited on white, 16-bit scaled."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image file as RGB (first frame of GIF/MPO); unreadable files raise DataError naming them."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def load_folder(folder: str | Path, *, skip_bad: bool = False, what: str = "--instance-dir") -> list[tuple[Path, Image.Image]]:
+    """All readable images of a subject folder; a bad file stops the run unless `skip_bad`."""
+    out = []
+    for path in list_images(folder, what):
+        try:
+            out.append((path, load_image(path)))
+        except DataError as exc:
+            if not skip_bad:
+                raise DataError(f"{exc} (use --skip-bad-images to skip it)") from None
+            log.warning("skipping %s", exc)
+    if not out:
+        raise DataError(f"{what} {folder}: no readable images ({', '.join(IMAGE_EXTS)})")
+    if len(out) < FEW_PHOTOS or len(out) > MANY_PHOTOS:
+        log.warning("%s %s has %d photos; DreamBooth works best with %d-%d", what, folder, len(out), FEW_PHOTOS, 5)
+    return out
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (Lanczos when shrinking)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return img if new == (w, h) else img.resize(new, Image.Resampling.LANCZOS)
+
+
+def crop_box(img: Image.Image, size: int, random_crop: bool, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    w, h = img.size
+    if random_crop:
+        left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    return left, top, left + size, top + size
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1], the VAE's input range."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def prepare(img: Image.Image, size: int, random_crop: bool = False,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Resize the shorter side, crop a square, return the VAE input tensor."""
+    img = resize_shorter(img, size)
+    return to_tensor(img.crop(crop_box(img, size, random_crop, generator)))
+
+
+def stack_prepared(images: Iterable[Image.Image], size: int) -> torch.Tensor:
+    """Centre-cropped tensors of several images, stacked (N, 3, size, size)."""
+    return torch.stack([prepare(img, size) for img in images])

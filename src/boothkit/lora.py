@@ -1,0 +1,95 @@
+"""LoRA adapters through peft, and the diffusers-format LoRA file boothkit writes and reads.
+
+The file is what diffusers' own training scripts produce: PEFT keys prefixed by component
+(``unet.<module>.lora_A.weight`` / ``text_encoder.<module>.lora_B.weight``) with the adapter's LoraConfig
+under the ``lora_adapter_metadata`` key, so plain ``pipe.load_lora_weights(folder)`` restores rank and alpha.
+boothkit's own facts (base model, token, class noun, ...) sit beside it as ``boothkit.*`` string keys.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .config import atomic_write_bytes
+from .errors import BoothkitError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER = "default"
+COMPONENTS = ("unet", "text_encoder")
+
+
+def lora_config(targets, rank: int, alpha: float, dropout: float = 0.0):
+    """peft LoraConfig for `targets` (module-name suffixes such as 'to_q' or 'to_out.0')."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                      init_lora_weights=True)
+
+
+def add_lora(model: torch.nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0) -> torch.nn.Module:
+    """Inject a trainable LoRA adapter (B = 0, so the model starts unchanged) and freeze everything else."""
+    from peft import inject_adapter_in_model
+
+    model.requires_grad_(False)
+    inject_adapter_in_model(lora_config(targets, rank, alpha, dropout), model, adapter_name=ADAPTER)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise BoothkitError(f"no module of {type(model).__name__} matches the LoRA targets {', '.join(targets)}")
+    return model
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with PEFT key names (adapter name removed)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=ADAPTER)
+
+
+def adapter_metadata(targets, rank: int, alpha: float) -> dict:
+    """The LoraConfig fields diffusers reads back from ``lora_adapter_metadata``."""
+    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0,
+            "init_lora_weights": True, "use_dora": False, "lora_bias": False}
+
+
+def save_lora_file(path: str | Path, layers: Mapping[str, Mapping[str, torch.Tensor]],
+                   adapters: Mapping[str, dict], info: Mapping[str, str]) -> Path:
+    """Write a diffusers-format LoRA .safetensors atomically.
+
+    layers:   component ('unet' / 'text_encoder') -> PEFT state dict
+    adapters: component -> adapter_metadata(...)
+    info:     boothkit facts, stored as ``boothkit.<key>`` string metadata
+    """
+    from safetensors.torch import save
+
+    tensors = {f"{comp}.{k}": v.detach().to("cpu").contiguous() for comp, sd in layers.items() for k, v in sd.items()}
+    packed = {f"{comp}.{k}": v for comp, meta in adapters.items() for k, v in meta.items()}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}
+    metadata.update({f"boothkit.{k}": str(v) for k, v in info.items()})
+    path = Path(path)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return path
+
+
+def lora_file(path: str | Path) -> Path:
+    """Resolve a boothkit output folder or a .safetensors file to the LoRA file it names."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / LORA_FILE
+    if not p.is_file():
+        raise BoothkitError(f"--lora {path}: no LoRA file found (expected a folder with {LORA_FILE} or a .safetensors file)")
+    if p.suffix != ".safetensors":
+        raise BoothkitError(f"--lora {path}: only .safetensors LoRA files are accepted (pickles can run code)")
+    return p
+
+
+def read_lora_info(path: str | Path) -> dict[str, str]:
+    """boothkit.* metadata of a LoRA file (empty for files made by other trainers)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file(path)), "pt") as fh:
+        meta = fh.metadata() or {}
+    return {k[len("boothkit."):]: v for k, v in meta.items() if k.startswith("boothkit.")}

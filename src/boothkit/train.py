@@ -1,0 +1,452 @@
+"""The DreamBooth training loop: LoRA (or full) fine-tuning with the prior-preservation loss, via accelerate.
+
+Every random draw of optimizer step s (which photos, flips, VAE sample, noise, timesteps, dropout) comes
+from a seed derived from (seed, s, micro-batch, process rank). Nothing depends on how many steps ran
+before in this process, so a resumed run repeats an uninterrupted one bit for bit, and cached and
+uncached latents see the same draws.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import checkpoint as ckpt
+from .config import RunConfig, atomic_write_bytes, save_toml
+from .data import load_folder, load_image, prepare, resize_shorter, to_tensor
+from .errors import BoothkitError, ConfigError
+from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
+from .lora import LORA_FILE, adapter_metadata, add_lora, lora_state_dict, save_lora_file
+from .models import is_tiny, load_pipeline, native_resolution
+
+log = logging.getLogger("boothkit")
+LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder_lr")
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """A well-mixed 63-bit seed for one micro-batch of one process."""
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+class LatentBank:
+    """Images of one kind (subject or class) as VAE latents, sampled per step.
+
+    With caching, the VAE's posterior mean and std of every image (and its mirror image when flipping is on)
+    are computed once; without it, images are encoded every step. Both draw the posterior sample from the
+    step's generator, so they produce the same latents.
+    """
+
+    def __init__(self, images, size: int, vae, *, cache: bool, flip: bool, random_crop: bool, device):
+        self.size, self.vae, self.flip, self.random_crop, self.device = size, vae, flip, random_crop, device
+        self.images = [resize_shorter(img, size) for img in images]
+        self.cache = cache and not random_crop  # a random crop differs every step: nothing to cache
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        if self.cache:
+            pixels = torch.stack([to_tensor(img.crop(_center(img, size))) for img in self.images])
+            self.moments = [self._encode(pixels)]
+            if flip:
+                self.moments.append(self._encode(pixels.flip(-1)))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for chunk in pixels.split(8):
+            dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    def sample(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        flips = (torch.rand(len(idx), generator=g) < 0.5) if self.flip else torch.zeros(len(idx), dtype=torch.bool)
+        if self.cache:
+            mean = torch.stack([self.moments[int(f)][0][i] for i, f in zip(idx.tolist(), flips.tolist())])
+            std = torch.stack([self.moments[int(f)][1][i] for i, f in zip(idx.tolist(), flips.tolist())])
+        else:
+            pixels = torch.stack([prepare(self.images[i], self.size, self.random_crop, g) for i in idx.tolist()])
+            pixels = torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+            mean, std = self._encode(pixels)
+        eps = torch.randn(mean.shape, generator=g).to(mean.device)
+        return (mean + std * eps - self.shift) * self.scale
+
+
+def _center(img, size: int) -> tuple[int, int, int, int]:
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return left, top, left + size, top + size
+
+
+class PromptEncoder:
+    """Prompt -> text-encoder hidden states; cached when the text encoder is frozen."""
+
+    def __init__(self, tokenizer, text_encoder, prompts: list[str], cache: bool, device):
+        self.text_encoder, self.device = text_encoder, device
+        self.ids = {p: tokenizer(p, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                 return_tensors="pt").input_ids for p in prompts}
+        self.cached = None
+        if cache:
+            with torch.no_grad():
+                self.cached = {p: self._run(ids) for p, ids in self.ids.items()}
+
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        if self.cached is not None:
+            return torch.cat([self.cached[p] for p in prompts])
+        return self._run(torch.cat([self.ids[p] for p in prompts]))
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    prompts: list[str]
+
+
+def draw_batch(g: torch.Generator, instance: LatentBank, instance_prompt: str, batch_size: int,
+               classes: LatentBank | None, class_prompt: str) -> Batch:
+    """Subject examples, then as many class examples when prior preservation is on."""
+    idx = torch.randint(len(instance), (batch_size,), generator=g)
+    latents, prompts = [instance.sample(idx, g)], [instance_prompt] * batch_size
+    if classes is not None:
+        cidx = torch.randint(len(classes), (batch_size,), generator=g)
+        latents.append(classes.sample(cidx, g))
+        prompts += [class_prompt] * batch_size
+    return Batch(torch.cat(latents), prompts)
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Tensor, prediction_type: str,
+                  prior_weight: float | None, g: torch.Generator):
+    """One forward pass over [subject; class] examples -> (loss, instance_loss, prior_loss)."""
+    latents = batch.latents
+    noise = torch.randn(latents.shape, generator=g).to(latents.device)
+    timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=g).to(latents.device)
+    noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
+    pred = unet(noisy, timesteps, encode(batch.prompts)).sample
+    target = diffusion_target(prediction_type, latents, noise, alphas_cumprod, timesteps)
+    if prior_weight is None:
+        loss = mse(pred, target)
+        return loss, loss, torch.zeros_like(loss)
+    return prior_preservation_loss(pred, target, prior_weight)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _make_optimizer(cfg: RunConfig, groups: list[dict]):
+    t = cfg.train
+    kind = t.optimizer
+    if kind in ("auto", "adamw8bit"):
+        try:
+            import bitsandbytes as bnb  # noqa: F401
+            have_bnb = torch.cuda.is_available()
+        except ImportError:
+            have_bnb = False
+        if kind == "adamw8bit" and not have_bnb:
+            raise ConfigError("train.optimizer adamw8bit needs bitsandbytes and a CUDA GPU")
+        kind = "adamw8bit" if have_bnb else "adamw"
+    cls = torch.optim.AdamW
+    if kind == "adamw8bit":
+        import bitsandbytes as bnb
+        cls = bnb.optim.AdamW8bit
+    opt = cls(groups, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    return opt, kind
+
+
+def _validation_prompts(cfg: RunConfig) -> list[str]:
+    d = cfg.data
+    if cfg.train.validation_prompts:
+        return [p.format(token=d.token, class_noun=d.class_noun) for p in cfg.train.validation_prompts]
+    return [d.prompt, f"{d.prompt} in the snow", cfg.prior.prompt_for(d.class_noun)]
+
+
+def _check_identifier(tokenizer, token: str) -> None:
+    pieces = tokenizer.tokenize(token)
+    if len(pieces) > 1:
+        log.warning("identifier %r splits into %d tokens %s; a single rare token binds the subject best",
+                    token, len(pieces), pieces)
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+def run_training(cfg: RunConfig, progress: bool = True) -> Path:
+    """Train a DreamBooth LoRA (or full fine-tune) as `cfg` says; returns the output folder."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return _run(cfg, progress)
+    finally:
+        # accelerate keeps its settings in a process-wide singleton; reset it so the next run in this
+        # process (benchmarks, the UI, tests) may choose another precision. The process group stays.
+        AcceleratorState._reset_state()
+
+
+def _run(cfg: RunConfig, progress: bool) -> Path:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    t, d, pr, lo = cfg.train, cfg.data, cfg.prior, cfg.lora
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision fp16 needs a GPU (use bf16 on CPU)")
+    out = Path(t.output_dir)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    device, main = accelerator.device, accelerator.is_main_process
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.mixed_precision]
+
+    instance_images = [img for _, img in load_folder(d.instance_dir, skip_bad=d.skip_bad_images)]
+    pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
+    pipe.set_progress_bar_config(disable=True)
+    size = d.resolution or native_resolution(pipe)
+    class_dir = Path(pr.class_dir) if pr.class_dir else out / "class_images"
+    class_prompt = pr.prompt_for(d.class_noun)
+    class_images = []
+    if pr.prior:
+        from .prior import ensure_class_images
+        with accelerator.main_process_first():
+            paths = ensure_class_images(pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
+                                        batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps,
+                                        guidance=pr.class_guidance, resolution=size, model_name=cfg.model.model,
+                                        progress=progress and main)
+        class_images = [load_image(p) for p in paths]
+
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    _check_identifier(tokenizer, d.token)
+    train_te = lo.train_text_encoder
+    vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
+    torch.manual_seed(t.seed)  # LoRA A matrices are drawn from the global RNG
+    if lo.full:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(train_te)
+    else:
+        unet.to(device, weight_dtype)
+        add_lora(unet, lo.unet_targets, lo.rank, lo.alpha, lo.dropout)
+        text_encoder.requires_grad_(False)
+        if train_te:
+            text_encoder.to(device, weight_dtype)
+            add_lora(text_encoder, lo.text_encoder_targets, lo.rank, lo.alpha, lo.dropout)
+    for model in (unet, text_encoder):
+        model.to(device)
+        for p in _trainable(model).values():
+            p.data = p.data.float()  # trainable weights stay fp32; autocast handles the compute
+    if not train_te:
+        text_encoder.to(device, weight_dtype)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+
+    groups = [{"params": list(_trainable(unet).values()), "lr": t.learning_rate}]
+    if train_te:
+        groups.append({"params": list(_trainable(text_encoder).values()), "lr": t.text_encoder_lr})
+    optimizer, opt_kind = _make_optimizer(cfg, groups)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.max_steps)
+    if train_te:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    instance = LatentBank(instance_images, size, vae, cache=d.cache_latents, flip=d.flip,
+                          random_crop=d.crop == "random", device=device)
+    classes = LatentBank(class_images, size, vae, cache=d.cache_latents, flip=d.flip,
+                         random_crop=d.crop == "random", device=device) if pr.prior else None
+    encode = PromptEncoder(tokenizer, text_encoder, [d.prompt, class_prompt], cache=d.cache_latents and not train_te,
+                           device=device)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    acp, pred_type = noise_sched.alphas_cumprod, noise_sched.config.prediction_type
+
+    resolved = cfg.replace("data", resolution=size, instance_prompt=d.prompt) \
+                  .replace("prior", class_dir=str(class_dir), class_prompt=class_prompt).replace("train", optimizer=opt_kind)
+    start, rows = 0, []
+    ckpt.clean_partial(out)
+    if t.resume:
+        found = ckpt.list_checkpoints(out)
+        if found:
+            state = ckpt.load_checkpoint(found[-1][1])
+            _restore(accelerator, unet, text_encoder, state["weights"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+            ckpt.set_rng_states(state["rng"])
+            start = state["step"]
+            rows = _read_log(out / "train_log.csv", start)
+            log.info("resuming from %s (step %d)", found[-1][1], start)
+        else:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt.checkpoint_dir(out))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_toml(out / "config.toml", resolved.to_dict())
+
+    trained = [unet] + ([text_encoder] if train_te else [])
+    params = [p for grp in groups for p in grp["params"]]
+    prior_weight = pr.prior_weight if pr.prior else None
+    n_micro = t.gradient_accumulation_steps
+    for m in trained:
+        m.train()
+    with _progress(progress and main, t.max_steps, start) as bar:
+        for step in range(start, t.max_steps):
+            totals = torch.zeros(3)
+            for micro in range(n_micro):
+                g = torch.Generator().manual_seed(step_seed(t.seed, step, micro, accelerator.process_index))
+                torch.manual_seed(step_seed(t.seed, step, micro, 10_000 + accelerator.process_index))  # dropout
+                sync = micro == n_micro - 1
+                with contextlib.ExitStack() as stack:
+                    if not sync:
+                        for m in trained:
+                            stack.enter_context(accelerator.no_sync(m))
+                    with accelerator.autocast():
+                        batch = draw_batch(g, instance, d.prompt, t.batch_size, classes, class_prompt)
+                        losses = training_step(unet, encode, batch, acp, pred_type, prior_weight, g)
+                    accelerator.backward(losses[0] / n_micro)
+                totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
+            if t.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            lrs = lr_scheduler.get_last_lr()
+            rows.append(dict(zip(LOG_FIELDS, [done, *(f"{x:.6g}" for x in totals.tolist()), f"{lrs[0]:.6g}",
+                                              f"{lrs[1]:.6g}" if len(lrs) > 1 else ""])))
+            bar(done, float(totals[0]))
+            if main and (done % t.log_every == 0 or done == t.max_steps):
+                _write_log(out / "train_log.csv", rows)
+            if main and t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
+                ckpt.save_checkpoint(out, done, _weights(accelerator, unet, text_encoder, train_te), optimizer,
+                                     lr_scheduler, t.checkpoints_keep)
+            if main and t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
+                _validate(cfg, pipe, accelerator, unet, text_encoder, out / "validation" / f"step-{done:07d}")
+    accelerator.wait_for_everyone()
+    if main:
+        _save_outputs(cfg, resolved, out, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), pipe)
+    accelerator.end_training()
+    return out
+
+
+def _weights(accelerator, unet, text_encoder, train_te: bool) -> dict[str, torch.Tensor]:
+    w = {f"unet.{k}": v for k, v in _trainable(accelerator.unwrap_model(unet)).items()}
+    if train_te:
+        w.update({f"text_encoder.{k}": v for k, v in _trainable(accelerator.unwrap_model(text_encoder)).items()})
+    return w
+
+
+def _restore(accelerator, unet, text_encoder, weights: dict[str, torch.Tensor]) -> None:
+    models = {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
+    params = {f"{name}.{k}": p for name, m in models.items() for k, p in _trainable(m).items()}
+    missing = set(params) - set(weights)
+    if missing:
+        raise BoothkitError(f"--resume: checkpoint does not match this config (missing {sorted(missing)[0]})")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k])
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, start: int):
+    """A rich progress bar with ETA; yields update(step, loss)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    cols = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*cols, disable=not enabled) as prog:
+        task = prog.add_task("train", total=total, completed=start, loss=math.nan)
+        yield lambda step, loss: prog.update(task, completed=step, loss=loss)
+
+
+@torch.no_grad()
+def _validate(cfg: RunConfig, pipe, accelerator, unet, text_encoder, folder: Path) -> None:
+    """Fixed-seed samples of the validation prompts with the current weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from .generate import generate_images, make_grid, save_png
+
+    u, te = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    modes = [(m, m.training) for m in (u, te)]
+    val = StableDiffusionPipeline(vae=pipe.vae, text_encoder=te, tokenizer=pipe.tokenizer, unet=u,
+                                  scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                  requires_safety_checker=False)
+    val.set_progress_bar_config(disable=True)
+    images = []
+    try:
+        for m, _ in modes:
+            m.eval()
+        with torch.random.fork_rng(), accelerator.autocast():
+            for i, prompt in enumerate(_validation_prompts(cfg)):
+                imgs = generate_images(val, prompt, num_images=2, seed=0, steps=cfg.train.validation_steps,
+                                       guidance=7.5)
+                for j, img in enumerate(imgs):
+                    save_png(img, folder / f"{i:02d}-{j}.png", f"{prompt}\nSteps: {cfg.train.validation_steps}, "
+                                                                 f"CFG scale: 7.5, Seed: {j}")
+                images += imgs
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+    save_png(make_grid(images, cols=2), folder / "grid.png", "validation grid")
+
+
+def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_encoder, pipe) -> None:
+    """The trained LoRA (diffusers format, with boothkit metadata) or the full model folder."""
+    d, lo = cfg.data, cfg.lora
+    info = {"base_model": _base_model_ref(cfg.model.model), "token": d.token, "class_noun": d.class_noun,
+            "instance_prompt": d.prompt, "class_prompt": cfg.prior.prompt_for(d.class_noun),
+            "prior_preservation": cfg.prior.prior, "rank": lo.rank, "alpha": lo.alpha,
+            "unet_targets": ",".join(lo.unet_targets), "steps": cfg.train.max_steps, "resolution": resolved.data.resolution,
+            "text_encoder_targets": ",".join(lo.text_encoder_targets) if lo.train_text_encoder else "",
+            "version": __version__}
+    if lo.full:
+        pipe.unet, pipe.text_encoder = unet, text_encoder
+        tmp = out / ".model.tmp"
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "boothkit.json").write_text(__import__("json").dumps(info, indent=2))
+        import shutil
+        shutil.rmtree(out / "model", ignore_errors=True)
+        tmp.rename(out / "model")
+        return
+    layers = {"unet": lora_state_dict(unet)}
+    adapters = {"unet": adapter_metadata(lo.unet_targets, lo.rank, lo.alpha)}
+    if lo.train_text_encoder:
+        layers["text_encoder"] = lora_state_dict(text_encoder)
+        adapters["text_encoder"] = adapter_metadata(lo.text_encoder_targets, lo.rank, lo.alpha)
+    save_lora_file(out / LORA_FILE, layers, adapters, info)
+
+
+def _base_model_ref(spec: str) -> str:
+    """How the LoRA metadata names its base model: 'tiny' stays 'tiny'; local paths become absolute."""
+    if is_tiny(spec) and spec == "tiny":
+        return "tiny"
+    p = Path(spec)
+    return str(p.resolve()) if p.exists() else spec

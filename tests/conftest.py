@@ -1,0 +1,44 @@
+"""Shared fixtures. Everything runs on the built-in tiny model on CPU, with data the repo ships."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+import torchvision_shim  # noqa: E402  (test/CI environment only: see its docstring)
+
+torchvision_shim.install_hook()
+os.environ.setdefault("BOOTHKIT_HOME", str(Path.home() / ".cache" / "boothkit"))
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SUBJECT = REPO / "src" / "boothkit" / "assets" / "demo_subject"
+BENCHMARK = REPO.parent / "shared" / "datasets" / "dreambooth"
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    """The built-in tiny model's diffusers folder (built once, cached under BOOTHKIT_HOME)."""
+    from boothkit.models import tiny_model_path
+
+    return tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def demo_subject() -> Path:
+    """The five downscaled photos of one dog that boothkit ships as its demo subject."""
+    return DEMO_SUBJECT
+
+
+@pytest.fixture
+def instance_dir(tmp_path: Path) -> Path:
+    """A writable copy of three demo photos."""
+    import shutil
+
+    d = tmp_path / "instance"
+    d.mkdir()
+    for p in sorted(DEMO_SUBJECT.glob("*.jpg"))[:3]:
+        shutil.copy(p, d / p.name)
+    return d

@@ -1,0 +1,79 @@
+"""Config validation: unknown keys and wrong types name the key; precedence; saved configs round-trip."""
+import pytest
+
+from boothkit import config as C
+from boothkit.errors import ConfigError
+
+BASE = {"data": {"instance_dir": "photos", "class_noun": "dog"}, "train": {"output_dir": "out"}}
+
+
+def resolve(file_values=None, overrides=None):
+    return C.resolve(C.TRAIN_SECTIONS, file_values or BASE, overrides)
+
+
+def test_defaults_and_derived_prompts():
+    cfg = resolve()
+    assert cfg.lora.rank == 8 and cfg.prior.prior is True and cfg.prior.prior_weight == 1.0
+    assert cfg.data.prompt == "a photo of sks dog"
+    assert cfg.prior.prompt_for("dog") == "a photo of dog"
+    assert resolve(overrides={"instance_prompt": "an image of [ktn] girl"}).data.prompt == "an image of [ktn] girl"
+
+
+@pytest.mark.parametrize("values, match", [
+    ({**BASE, "lora": {"rnak": 4}}, "lora.rnak"),
+    ({**BASE, "lora": {"rank": "8"}}, "lora.rank: expected an integer"),
+    ({**BASE, "lora": {"rank": 0}}, "lora.rank: 0 is below the minimum"),
+    ({**BASE, "lora": {"rank": True}}, "lora.rank"),
+    ({**BASE, "train": {"output_dir": "o", "mixed_precision": "fp8"}}, "train.mixed_precision"),
+    ({**BASE, "prior": {"prior": "yes"}}, "prior.prior: expected true or false"),
+    ({**BASE, "optim": {}}, "unknown section 'optim'"),
+    ({"data": {"class_noun": "dog"}, "train": {"output_dir": "o"}}, "data.instance_dir is required"),
+])
+def test_bad_values_name_the_key(values, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(values)
+
+
+def test_cli_overrides_file_and_unknown_override():
+    cfg = resolve({**BASE, "lora": {"rank": 4, "alpha": 2}}, {"rank": 16})
+    assert cfg.lora.rank == 16 and cfg.lora.alpha == 2.0
+    assert isinstance(cfg.lora.alpha, float)
+    with pytest.raises(ConfigError, match="unknown option 'bogus'"):
+        resolve(overrides={"bogus": 1})
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = resolve({**BASE, "lora": {"unet_targets": ["to_q", "to_v"]}})
+    C.save_toml(tmp_path / "config.toml", cfg.to_dict())
+    again = C.resolve(C.TRAIN_SECTIONS, C.load_toml(tmp_path / "config.toml"))
+    assert again == cfg
+    assert again.lora.unet_targets == ("to_q", "to_v")
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        C.load_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lora\nrank = 1")
+    with pytest.raises(ConfigError, match="bad.toml: invalid TOML"):
+        C.load_toml(bad)
+
+
+def test_configs_are_frozen():
+    cfg = resolve()
+    with pytest.raises(Exception):
+        cfg.lora.rank = 3
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(C.os, "replace", boom)
+    with pytest.raises(OSError):
+        C.atomic_write_bytes(target, b"new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

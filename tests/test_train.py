@@ -1,0 +1,201 @@
+"""The training loop on the tiny model: outputs, caching equivalence, kill-and-resume, prediction types."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from boothkit import config as C
+from boothkit.losses import add_noise
+from boothkit.lora import LORA_FILE
+from boothkit.train import Batch, run_training, training_step
+
+
+@pytest.fixture
+def class_dir(tmp_path):
+    """Four class images 'the user put there' (accepted as they are, nothing generated)."""
+    d = tmp_path / "class"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        arr = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(d / f"user_{i}.png")
+    return d
+
+
+def make_cfg(instance_dir, out, class_dir=None, **over):
+    values = {"instance_dir": str(instance_dir), "class_noun": "dog", "output_dir": str(out), "max_steps": 4,
+              "rank": 4, "alpha": 4.0, "learning_rate": 1e-3, "text_encoder_lr": 1e-3}
+    if class_dir is None:
+        values["prior"] = False
+    else:
+        values.update(class_dir=str(class_dir), num_class_images=4, class_batch_size=2)
+    values.update(over)
+    return C.resolve(C.TRAIN_SECTIONS, {}, values)
+
+
+def lora_tensors(out):
+    return load_file(Path(out) / LORA_FILE)
+
+
+def test_outputs_and_metadata(instance_dir, class_dir, tmp_path):
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", class_dir, train_text_encoder=True), progress=False)
+    w = lora_tensors(out)
+    assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in w)
+    assert any(k.startswith("text_encoder.") and k.endswith("lora_B.weight") for k in w)
+    assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k), "training moved the LoRA up-projections"
+    with safe_open(str(out / LORA_FILE), "pt") as fh:
+        meta = fh.metadata()
+    for key in ("base_model", "token", "class_noun", "instance_prompt", "rank", "alpha", "unet_targets", "steps",
+                "version"):
+        assert f"boothkit.{key}" in meta
+    assert meta["boothkit.instance_prompt"] == "a photo of sks dog"
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    assert adapter["unet.r"] == 4 and adapter["text_encoder.lora_alpha"] == 4.0
+    rows = (out / "train_log.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,instance_loss,prior_loss,lr,text_encoder_lr" and len(rows) == 5
+    assert float(rows[1].split(",")[3]) > 0, "prior loss is logged"
+    saved = C.resolve(C.TRAIN_SECTIONS, C.load_toml(out / "config.toml"))
+    assert saved.data.resolution == 64 and saved.prior.class_dir == str(class_dir)
+
+
+def test_plain_diffusers_loads_the_lora(instance_dir, tmp_path, tiny_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", train_text_encoder=True), progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+    base = pipe("a photo of sks dog", **kw).images
+    pipe.load_lora_weights(out)
+    kw["generator"] = torch.Generator("cpu").manual_seed(0)
+    tuned = pipe("a photo of sks dog", **kw).images
+    assert not (base == tuned).all()
+
+
+def test_cached_and_uncached_latents_give_same_weights(instance_dir, class_dir, tmp_path):
+    cached = run_training(make_cfg(instance_dir, tmp_path / "a", class_dir, flip=True), progress=False)
+    uncached = run_training(make_cfg(instance_dir, tmp_path / "b", class_dir, flip=True, cache_latents=False),
+                            progress=False)
+    a, b = lora_tensors(cached), lora_tensors(uncached)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    other_seed = lora_tensors(run_training(make_cfg(instance_dir, tmp_path / "c", class_dir, flip=True, seed=1),
+                                           progress=False))
+    assert any(not torch.allclose(a[k], other_seed[k]) for k in a), "the seed matters"
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "boothkit", "train", *map(str, args)]
+
+
+def test_kill_and_resume_is_bit_identical(instance_dir, class_dir, tmp_path):
+    common = ["--instance-dir", instance_dir, "--class-noun", "dog", "--class-dir", class_dir,
+              "--num-class-images", 4, "--max-steps", 30, "--checkpoint-every", 4, "--checkpoints-keep", 2,
+              "--rank", 4, "--learning-rate", 1e-3, "--train-text-encoder", "--flip", "--dropout", 0.1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = subprocess.run(_cli(*common, "--output-dir", tmp_path / "full"), env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*common, "--output-dir", out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-0000008").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / LORA_FILE).exists()
+    resumed = subprocess.run(_cli(*common, "--output-dir", out, "--resume"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    a, b = lora_tensors(tmp_path / "full"), lora_tensors(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(kept) == 2 and all(p.startswith("step-") for p in kept)
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 31))
+
+
+class ZeroUNet(torch.nn.Module):
+    """Predicts zeros, so the loss is the mean square of the target itself."""
+
+    class Out:
+        def __init__(self, sample):
+            self.sample = sample
+
+    def forward(self, noisy, t, cond):
+        return self.Out(torch.zeros_like(noisy))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_target_follows_prediction_type(prediction_type):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    batch = Batch(latents, ["a", "b"])
+    loss, inst, prior = training_step(ZeroUNet(), lambda p: torch.zeros(len(p), 77, 8), batch, sched.alphas_cumprod,
+                                      prediction_type, None, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)  # replay the step's draws
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    assert loss.item() == pytest.approx((target ** 2).mean().item(), rel=1e-5)
+    assert torch.allclose(add_noise(latents, noise, sched.alphas_cumprod, t), sched.add_noise(latents, noise, t),
+                          atol=1e-6)
+
+
+def test_v_prediction_model_trains(instance_dir, tmp_path, tiny_path):
+    vmodel = tmp_path / "tiny-v"
+    shutil.copytree(tiny_path, vmodel)
+    sched = json.loads((vmodel / "scheduler" / "scheduler_config.json").read_text())
+    sched["prediction_type"] = "v_prediction"
+    (vmodel / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", model=str(vmodel), max_steps=2), progress=False)
+    assert (out / LORA_FILE).is_file()
+    assert json.loads(safe_open(str(out / LORA_FILE), "pt").metadata()["lora_adapter_metadata"])["unet.r"] == 4
+
+
+def test_full_finetune_writes_a_diffusers_model(instance_dir, tmp_path, tiny_path):
+    from diffusers import UNet2DConditionModel
+
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", full=True, max_steps=2, learning_rate=1e-4),
+                       progress=False)
+    tuned = UNet2DConditionModel.from_pretrained(out / "model" / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_path / "unet")
+    diffs = [not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values())]
+    assert any(diffs)
+    assert not (out / LORA_FILE).exists()
+
+
+def test_bf16_accumulation_and_schedule(instance_dir, tmp_path):
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", mixed_precision="bf16", max_steps=3,
+                                gradient_accumulation_steps=2, lr_scheduler="linear", lr_warmup_steps=1,
+                                gradient_checkpointing=True), progress=False)
+    rows = [r.split(",") for r in (out / "train_log.csv").read_text().splitlines()[1:]]
+    assert all(torch.isfinite(torch.tensor(float(r[1]))) for r in rows)
+    lrs = [float(r[4]) for r in rows]
+    assert lrs[0] > lrs[-1] or lrs[0] == pytest.approx(1e-3)  # warm-up then linear decay
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_validation_samples(instance_dir, tmp_path):
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", max_steps=2, validate_every=2, validation_steps=2),
+                       progress=False)
+    folder = out / "validation" / "step-0000002"
+    assert (folder / "grid.png").is_file() and len(list(folder.glob("0*.png"))) == 6
