@@ -89,7 +89,7 @@ def test_cached_and_uncached_latents_give_same_weights(instance_dir, class_dir, 
     a, b = lora_tensors(cached), lora_tensors(uncached)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)  # batched vs per-image VAE convs round differently
     other_seed = lora_tensors(run_training(make_cfg(instance_dir, tmp_path / "c", class_dir, flip=True, seed=1),
                                            progress=False))
     assert any(not torch.allclose(a[k], other_seed[k]) for k in a), "the seed matters"

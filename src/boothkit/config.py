@@ -126,6 +126,7 @@ class TrainConfig:
     checkpoint_every: int = opt(0, "Write a resumable checkpoint every N steps (0: never).", min=0)
     checkpoints_keep: int = opt(2, "Keep the newest K checkpoints.", min=1)
     resume: bool = opt(False, "Continue from the newest complete checkpoint in OUTPUT/checkpoints.")
+    overwrite: bool = opt(False, "Allow training into an output folder that holds an earlier run's weights.")
     validate_every: int = opt(0, "Save fixed-seed validation samples every N steps (0: never).", min=0)
     validation_prompts: tuple[str, ...] = opt((), "Validation prompts ({token} and {class_noun} are filled in); "
                                                   "default: the instance prompt and two scenes.")

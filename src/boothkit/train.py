@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -214,24 +216,68 @@ def run_training(cfg: RunConfig, progress: bool = True) -> Path:
         AcceleratorState._reset_state()
 
 
+@dataclass
+class Trainer:
+    """What the loop needs, set up once: models, optimizer, schedule and the data to draw from."""
+
+    cfg: RunConfig
+    accelerator: object
+    pipe: object
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    params: list
+    instance: LatentBank
+    classes: LatentBank | None
+    encode: PromptEncoder
+    class_prompt: str
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+
+
 def _run(cfg: RunConfig, progress: bool) -> Path:
     from accelerate import Accelerator
+
+    t = cfg.train
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision fp16 needs a GPU (use bf16 on CPU)")
+    out = Path(t.output_dir)
+    earlier = [p for p in (out / LORA_FILE, out / "model", ckpt.checkpoint_dir(out)) if p.exists()]
+    if earlier and not (t.resume or t.overwrite):
+        raise BoothkitError(f"--output-dir {out} holds an earlier run ({earlier[0].name}); pass --resume to "
+                            f"continue it, --overwrite to replace it, or choose another folder")
+    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
+        shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)  # an earlier run's checkpoints must not mix in
+    main = accelerator.is_main_process
+    tr, resolved = _setup(cfg, accelerator, progress and main)
+    start, rows = _maybe_resume(tr, out) if t.resume else (0, [])
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_toml(out / "config.toml", resolved.to_dict())
+    _loop(tr, out, start, rows, progress and main)
+    accelerator.wait_for_everyone()
+    if main:
+        _save_outputs(cfg, resolved, out, accelerator.unwrap_model(tr.unet), accelerator.unwrap_model(tr.text_encoder),
+                      tr.pipe)
+    accelerator.end_training()
+    return out
+
+
+def _setup(cfg: RunConfig, accelerator, progress: bool) -> tuple[Trainer, RunConfig]:
+    """Load the model and photos, make class images, add LoRA, build optimizer, schedule and latent banks."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     t, d, pr, lo = cfg.train, cfg.data, cfg.prior, cfg.lora
-    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision fp16 needs a GPU (use bf16 on CPU)")
-    out = Path(t.output_dir)
-    accelerator = Accelerator(mixed_precision=t.mixed_precision)
-    device, main = accelerator.device, accelerator.is_main_process
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.mixed_precision]
-
+    device = accelerator.device
     instance_images = [img for _, img in load_folder(d.instance_dir, skip_bad=d.skip_bad_images)]
     pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
     pipe.set_progress_bar_config(disable=True)
+    _check_identifier(pipe.tokenizer, d.token)
     size = d.resolution or native_resolution(pipe)
-    class_dir = Path(pr.class_dir) if pr.class_dir else out / "class_images"
+    class_dir = Path(pr.class_dir) if pr.class_dir else Path(t.output_dir) / "class_images"
     class_prompt = pr.prompt_for(d.class_noun)
     class_images = []
     if pr.prior:
@@ -240,13 +286,41 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
             paths = ensure_class_images(pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
                                         batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps,
                                         guidance=pr.class_guidance, resolution=size, model_name=cfg.model.model,
-                                        progress=progress and main)
+                                        progress=progress)
         class_images = [load_image(p) for p in paths]
 
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    _check_identifier(tokenizer, d.token)
-    train_te = lo.train_text_encoder
-    vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
+    groups = _make_trainable(cfg, pipe, device, accelerator.mixed_precision)
+    optimizer, opt_kind = _make_optimizer(cfg, groups)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.max_steps)
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    if lo.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    bank = dict(size=size, vae=pipe.vae, cache=d.cache_latents, flip=d.flip, random_crop=d.crop == "random",
+                device=device)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    tr = Trainer(
+        cfg=cfg, accelerator=accelerator, pipe=pipe, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, params=[p for grp in groups for p in grp["params"]],
+        instance=LatentBank(instance_images, **bank), classes=LatentBank(class_images, **bank) if pr.prior else None,
+        encode=PromptEncoder(pipe.tokenizer, text_encoder, [d.prompt, class_prompt],
+                             cache=d.cache_latents and not lo.train_text_encoder, device=device),
+        class_prompt=class_prompt, alphas_cumprod=noise_sched.alphas_cumprod,
+        prediction_type=noise_sched.config.prediction_type)
+    resolved = cfg.replace("data", resolution=size, instance_prompt=d.prompt) \
+                  .replace("prior", class_dir=str(class_dir), class_prompt=class_prompt).replace("train", optimizer=opt_kind)
+    return tr, resolved
+
+
+def _make_trainable(cfg: RunConfig, pipe, device, mixed_precision: str) -> list[dict]:
+    """Freeze what is not trained, add LoRA adapters (or unfreeze for --full); returns optimizer param groups."""
+    t, lo = cfg.train, cfg.lora
+    unet, text_encoder, train_te = pipe.unet, pipe.text_encoder, lo.train_text_encoder
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    pipe.vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
     torch.manual_seed(t.seed)  # LoRA A matrices are drawn from the global RNG
     if lo.full:
         unet.requires_grad_(True)
@@ -268,93 +342,73 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
         unet.enable_gradient_checkpointing()
         if train_te:
             text_encoder.gradient_checkpointing_enable()
-
     groups = [{"params": list(_trainable(unet).values()), "lr": t.learning_rate}]
     if train_te:
         groups.append({"params": list(_trainable(text_encoder).values()), "lr": t.text_encoder_lr})
-    optimizer, opt_kind = _make_optimizer(cfg, groups)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.max_steps)
-    if train_te:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+    return groups
 
-    instance = LatentBank(instance_images, size, vae, cache=d.cache_latents, flip=d.flip,
-                          random_crop=d.crop == "random", device=device)
-    classes = LatentBank(class_images, size, vae, cache=d.cache_latents, flip=d.flip,
-                         random_crop=d.crop == "random", device=device) if pr.prior else None
-    encode = PromptEncoder(tokenizer, text_encoder, [d.prompt, class_prompt], cache=d.cache_latents and not train_te,
-                           device=device)
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    acp, pred_type = noise_sched.alphas_cumprod, noise_sched.config.prediction_type
 
-    resolved = cfg.replace("data", resolution=size, instance_prompt=d.prompt) \
-                  .replace("prior", class_dir=str(class_dir), class_prompt=class_prompt).replace("train", optimizer=opt_kind)
-    start, rows = 0, []
+def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
+    """Restore the newest complete checkpoint; returns (step, log rows up to it)."""
     ckpt.clean_partial(out)
-    if t.resume:
-        found = ckpt.list_checkpoints(out)
-        if found:
-            state = ckpt.load_checkpoint(found[-1][1])
-            _restore(accelerator, unet, text_encoder, state["weights"])
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-            ckpt.set_rng_states(state["rng"])
-            start = state["step"]
-            rows = _read_log(out / "train_log.csv", start)
-            log.info("resuming from %s (step %d)", found[-1][1], start)
-        else:
-            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt.checkpoint_dir(out))
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_toml(out / "config.toml", resolved.to_dict())
+    found = ckpt.list_checkpoints(out)
+    if not found:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt.checkpoint_dir(out))
+        return 0, []
+    state = ckpt.load_checkpoint(found[-1][1])
+    _restore(tr.accelerator, tr.unet, tr.text_encoder, state["weights"])
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    ckpt.set_rng_states(state["rng"])
+    log.info("resuming from %s (step %d)", found[-1][1], state["step"])
+    return state["step"], _read_log(out / "train_log.csv", state["step"])
 
-    trained = [unet] + ([text_encoder] if train_te else [])
-    params = [p for grp in groups for p in grp["params"]]
-    prior_weight = pr.prior_weight if pr.prior else None
-    n_micro = t.gradient_accumulation_steps
+
+def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) -> None:
+    """Optimizer steps start..max_steps, with logging, checkpoints and validation samples."""
+    cfg, acc = tr.cfg, tr.accelerator
+    t, d = cfg.train, cfg.data
+    trained = [tr.unet] + ([tr.text_encoder] if cfg.lora.train_text_encoder else [])
+    prior_weight = cfg.prior.prior_weight if cfg.prior.prior else None
+    n_micro, rank, main = t.gradient_accumulation_steps, acc.process_index, acc.is_main_process
     for m in trained:
         m.train()
-    with _progress(progress and main, t.max_steps, start) as bar:
+    with _progress(progress, t.max_steps, start) as bar:
         for step in range(start, t.max_steps):
             totals = torch.zeros(3)
             for micro in range(n_micro):
-                g = torch.Generator().manual_seed(step_seed(t.seed, step, micro, accelerator.process_index))
-                torch.manual_seed(step_seed(t.seed, step, micro, 10_000 + accelerator.process_index))  # dropout
-                sync = micro == n_micro - 1
+                g = torch.Generator().manual_seed(step_seed(t.seed, step, micro, rank))
+                torch.manual_seed(step_seed(t.seed, step, micro, 10_000 + rank))  # LoRA dropout
                 with contextlib.ExitStack() as stack:
-                    if not sync:
+                    if micro < n_micro - 1:  # accumulate locally; all-reduce once per optimizer step
                         for m in trained:
-                            stack.enter_context(accelerator.no_sync(m))
-                    with accelerator.autocast():
-                        batch = draw_batch(g, instance, d.prompt, t.batch_size, classes, class_prompt)
-                        losses = training_step(unet, encode, batch, acp, pred_type, prior_weight, g)
-                    accelerator.backward(losses[0] / n_micro)
+                            stack.enter_context(acc.no_sync(m))
+                    with acc.autocast():
+                        batch = draw_batch(g, tr.instance, d.prompt, t.batch_size, tr.classes, tr.class_prompt)
+                        losses = training_step(tr.unet, tr.encode, batch, tr.alphas_cumprod, tr.prediction_type,
+                                               prior_weight, g)
+                    acc.backward(losses[0] / n_micro)
                 totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
             if t.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                acc.clip_grad_norm_(tr.params, t.max_grad_norm)
+            tr.optimizer.step()
+            tr.lr_scheduler.step()
+            tr.optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            lrs = lr_scheduler.get_last_lr()
+            lrs = tr.lr_scheduler.get_last_lr()
             rows.append(dict(zip(LOG_FIELDS, [done, *(f"{x:.6g}" for x in totals.tolist()), f"{lrs[0]:.6g}",
                                               f"{lrs[1]:.6g}" if len(lrs) > 1 else ""])))
             bar(done, float(totals[0]))
-            if main and (done % t.log_every == 0 or done == t.max_steps):
+            if not main:
+                continue
+            if done % t.log_every == 0 or done == t.max_steps:
                 _write_log(out / "train_log.csv", rows)
-            if main and t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
-                ckpt.save_checkpoint(out, done, _weights(accelerator, unet, text_encoder, train_te), optimizer,
-                                     lr_scheduler, t.checkpoints_keep)
-            if main and t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
-                _validate(cfg, pipe, accelerator, unet, text_encoder, out / "validation" / f"step-{done:07d}")
-    accelerator.wait_for_everyone()
-    if main:
-        _save_outputs(cfg, resolved, out, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), pipe)
-    accelerator.end_training()
-    return out
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
+                ckpt.save_checkpoint(out, done, _weights(acc, tr.unet, tr.text_encoder, cfg.lora.train_text_encoder),
+                                     tr.optimizer, tr.lr_scheduler, t.checkpoints_keep)
+            if t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
+                _validate(cfg, tr.pipe, acc, tr.unet, tr.text_encoder, out / "validation" / f"step-{done:07d}")
 
 
 def _weights(accelerator, unet, text_encoder, train_te: bool) -> dict[str, torch.Tensor]:
@@ -430,9 +484,9 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_enc
     if lo.full:
         pipe.unet, pipe.text_encoder = unet, text_encoder
         tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "boothkit.json").write_text(__import__("json").dumps(info, indent=2))
-        import shutil
+        (tmp / "boothkit.json").write_text(json.dumps(info, indent=2))
         shutil.rmtree(out / "model", ignore_errors=True)
         tmp.rename(out / "model")
         return
