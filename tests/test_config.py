@@ -27,11 +27,18 @@ def test_defaults_and_derived_prompts():
     ({**BASE, "train": {"output_dir": "o", "mixed_precision": "fp8"}}, "train.mixed_precision"),
     ({**BASE, "prior": {"prior": "yes"}}, "prior.prior: expected true or false"),
     ({**BASE, "optim": {}}, "unknown section 'optim'"),
-    ({"data": {"class_noun": "dog"}, "train": {"output_dir": "o"}}, "data.instance_dir is required"),
+    ({"data": {"instance_dir": "p"}, "train": {"output_dir": "o"}}, "data.class_noun is required"),
 ])
 def test_bad_values_name_the_key(values, match):
     with pytest.raises(ConfigError, match=match):
         resolve(values)
+
+
+def test_train_needs_instance_dir_but_class_images_does_not():
+    values = {"data": {"class_noun": "dog"}, "train": {"output_dir": "o"}}
+    with pytest.raises(ConfigError, match="data.instance_dir is required"):
+        C.validate_train(resolve(values))
+    assert C.resolve(C.CLASS_IMAGES_SECTIONS, {"data": {"class_noun": "dog"}}).data.instance_dir == ""
 
 
 def test_cli_overrides_file_and_unknown_override():

@@ -71,6 +71,7 @@ def config_command(group: click.Group, name: str, sections: Mapping[str, type], 
         extra_names = [o.name for o in (extra or [])]
 
         def callback(config: str | None, **params: Any) -> None:
+            _quiet_loading_bars()
             extras = {k: params.pop(k) for k in extra_names}
             fn(resolve_from_click(sections, params, config), **extras)
 
@@ -82,6 +83,13 @@ def config_command(group: click.Group, name: str, sections: Mapping[str, type], 
         return fn
 
     return decorate
+
+
+def _quiet_loading_bars() -> None:
+    """diffusers' 'Loading pipeline components' bar ignores the env switches; boothkit shows its own progress."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -161,7 +169,8 @@ def _train(cfg: C.RunConfig) -> None:
 
 
 # --- evaluation (boothkit.metrics, boothkit.bench) ---
-from . import metrics as _metrics  # noqa: E402  (its config dataclasses define the flags)
+from . import bench as _bench  # noqa: E402  (the config dataclasses of these modules define the flags)
+from . import metrics as _metrics  # noqa: E402
 
 
 @config_command(cli, "evaluate", _metrics.EVALUATE_SECTIONS,
@@ -202,5 +211,61 @@ def _generate(cfg: C.RunConfig) -> None:
     click.echo(f"wrote {len(paths)} images to {cfg.generate.out}")
 
 
+
+from .export import EXPORT_SECTIONS as _EXPORT_SECTIONS  # noqa: E402  (torch-free: keeps --help fast)
+
+
+@config_command(cli, "export", _EXPORT_SECTIONS,
+                help="Export a LoRA as diffusers, kohya/A1111 or ComfyUI files, or a merged model (folder or single file).")
+def _export(cfg: C.RunConfig) -> None:
+    from .export import export
+
+    click.echo(f"wrote {export(cfg.export)}")
+
+from .demo import DEMO_SECTIONS  # noqa: E402  (config only: keeps --help fast)
+
+
+@config_command(cli, "demo", DEMO_SECTIONS,
+                help="Run the whole job on the built-in model and the demo subject: class images, LoRA training "
+                     "with prior preservation, generation at guidance 7.5 and 15, and a summary page.")
+def _demo(cfg: C.RunConfig) -> None:
+    from .demo import run_demo
+
+    click.echo(f"summary: {run_demo(cfg)}")
+
+
+
+from .sweep import SWEEP_SECTIONS as _SWEEP_SECTIONS  # noqa: E402
+
+
+@config_command(cli, "sweep", _SWEEP_SECTIONS,
+                help="Generate every combination of guidance, UNet and text-encoder LoRA scales, with contact sheets.")
+def _sweep(cfg: C.RunConfig) -> None:
+    from .sweep import run_sweep
+
+    click.echo(f"sweep written to {run_sweep(cfg)}")
+
+
 if __name__ == "__main__":
     main()
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks: the paper's DreamBench protocol and the prior-preservation effect."""
+
+
+@config_command(bench, "dreambench", _bench.DREAMBENCH_SECTIONS,
+                help="Train, sample and evaluate every subject of a DreamBooth-layout dataset; the paper's table. "
+                     "Spread over processes with `accelerate launch -m boothkit.cli bench dreambench ...`.")
+def _dreambench(cfg: C.RunConfig) -> None:
+    report = _bench.run_dreambench(cfg)
+    if report:
+        click.echo(f"report: {report}")
+
+
+@config_command(bench, "prior-effect", _bench.PRIOR_EFFECT_SECTIONS,
+                help="Train with and without prior preservation (same steps and seed); measure subject fit and "
+                     "class drift against the frozen model. Needs no pretrained weights.")
+def _prior_effect(cfg: C.RunConfig) -> None:
+    _bench.run_prior_effect(cfg)

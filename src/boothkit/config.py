@@ -64,8 +64,6 @@ class DataConfig:
     cache_latents: bool = opt(True, "Encode images with the VAE once (and prompts, when the text encoder is frozen).")
 
     def validate(self) -> None:
-        if not self.instance_dir:
-            raise ConfigError("data.instance_dir is required (--instance-dir)")
         if not self.instance_prompt and not self.class_noun:
             raise ConfigError("data.class_noun is required (--class-noun) unless --instance-prompt is given")
 
@@ -136,6 +134,13 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("train.output_dir is required (--output-dir)")
+
+
+def validate_train(cfg: "RunConfig") -> "RunConfig":
+    """Checks that span sections of a `train` config."""
+    if not cfg.data.instance_dir:
+        raise ConfigError("data.instance_dir is required (--instance-dir)")
+    return cfg
 
 
 # Sampler names `boothkit generate --scheduler` accepts (built by generate.make_scheduler).

@@ -139,6 +139,19 @@ def tiny_model_path() -> Path:
     return folder
 
 
+def model_ref(spec: str) -> str:
+    """A stable name for a model, as metadata and manifests record it: 'tiny' for the built-in model
+    (however it was named), an absolute path for local files and folders, the hub id otherwise."""
+    if spec == TINY:
+        return TINY
+    p = Path(spec).expanduser()
+    if not p.exists():
+        return spec
+    p = p.resolve()
+    home_tiny = (boothkit_home() / "models" / TINY_VERSION).resolve()
+    return TINY if p == home_tiny else str(p)
+
+
 def is_tiny(spec: str) -> bool:
     return spec == TINY or Path(spec, "BOOTHKIT_TINY.json").is_file()
 

@@ -23,12 +23,12 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
-from .config import RunConfig, atomic_write_bytes, save_toml
+from .config import RunConfig, atomic_write_bytes, save_toml, validate_train
 from .data import load_folder, load_image, prepare, resize_shorter, to_tensor
 from .errors import BoothkitError, ConfigError
 from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
 from .lora import LORA_FILE, adapter_metadata, add_lora, lora_state_dict, save_lora_file
-from .models import is_tiny, load_pipeline, native_resolution
+from .models import load_pipeline, model_ref, native_resolution
 
 log = logging.getLogger("boothkit")
 LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder_lr")
@@ -209,7 +209,7 @@ def run_training(cfg: RunConfig, progress: bool = True) -> Path:
     from accelerate.state import AcceleratorState
 
     try:
-        return _run(cfg, progress)
+        return _run(validate_train(cfg), progress)
     finally:
         # accelerate keeps its settings in a process-wide singleton; reset it so the next run in this
         # process (benchmarks, the UI, tests) may choose another precision. The process group stays.
@@ -285,7 +285,7 @@ def _setup(cfg: RunConfig, accelerator, progress: bool) -> tuple[Trainer, RunCon
         with accelerator.main_process_first():
             paths = ensure_class_images(pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
                                         batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps,
-                                        guidance=pr.class_guidance, resolution=size, model_name=cfg.model.model,
+                                        guidance=pr.class_guidance, resolution=size, model_name=model_ref(cfg.model.model),
                                         progress=progress)
         class_images = [load_image(p) for p in paths]
 
@@ -475,7 +475,7 @@ def _validate(cfg: RunConfig, pipe, accelerator, unet, text_encoder, folder: Pat
 def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_encoder, pipe) -> None:
     """The trained LoRA (diffusers format, with boothkit metadata) or the full model folder."""
     d, lo = cfg.data, cfg.lora
-    info = {"base_model": _base_model_ref(cfg.model.model), "token": d.token, "class_noun": d.class_noun,
+    info = {"base_model": model_ref(cfg.model.model), "token": d.token, "class_noun": d.class_noun,
             "instance_prompt": d.prompt, "class_prompt": cfg.prior.prompt_for(d.class_noun),
             "prior_preservation": cfg.prior.prior, "rank": lo.rank, "alpha": lo.alpha,
             "unet_targets": ",".join(lo.unet_targets), "steps": cfg.train.max_steps, "resolution": resolved.data.resolution,
@@ -496,11 +496,3 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_enc
         layers["text_encoder"] = lora_state_dict(text_encoder)
         adapters["text_encoder"] = adapter_metadata(lo.text_encoder_targets, lo.rank, lo.alpha)
     save_lora_file(out / LORA_FILE, layers, adapters, info)
-
-
-def _base_model_ref(spec: str) -> str:
-    """How the LoRA metadata names its base model: 'tiny' stays 'tiny'; local paths become absolute."""
-    if is_tiny(spec) and spec == "tiny":
-        return "tiny"
-    p = Path(spec)
-    return str(p.resolve()) if p.exists() else spec
