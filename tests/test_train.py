@@ -199,3 +199,16 @@ def test_validation_samples(instance_dir, tmp_path):
                        progress=False)
     folder = out / "validation" / "step-0000002"
     assert (folder / "grid.png").is_file() and len(list(folder.glob("0*.png"))) == 6
+
+
+def test_two_processes_under_torchrun(instance_dir, tmp_path):
+    """Data-parallel training on CPU (gloo); on GPUs the same code runs under `accelerate launch`."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "boothkit",
+                           "train", "--instance-dir", str(instance_dir), "--class-noun", "dog", "--no-prior",
+                           "--output-dir", str(out), "--max-steps", "2", "--rank", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training on 2 process(es)" in proc.stderr
+    assert (out / LORA_FILE).is_file() and len((out / "train_log.csv").read_text().splitlines()) == 3

@@ -247,7 +247,7 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     return value
 
 
-def build(cls: type, values: Mapping[str, Any], section: str) -> Any:
+def build(cls: type, values: Mapping[str, Any], section: str, validate: bool = True) -> Any:
     """Build a stage config from a mapping, validating every key and value."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -257,7 +257,7 @@ def build(cls: type, values: Mapping[str, Any], section: str) -> Any:
             raise ConfigError(f"unknown config key '{section}.{key}'")
         kwargs[key] = _check_value(f"{section}.{key}", value, hints[key], fields[key].metadata)
     cfg = cls(**kwargs)
-    if hasattr(cfg, "validate"):
+    if validate and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 
@@ -301,7 +301,12 @@ def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None 
         if key not in owner:
             raise ConfigError(f"unknown option '{key}'")
         per_section[owner[key]][key] = value
-    return RunConfig({name: build(cls, per_section[name], name) for name, cls in sections.items()})
+    # Every key and type first, then the checks across fields: a typo is reported before a missing value.
+    built = {name: build(cls, per_section[name], name, validate=False) for name, cls in sections.items()}
+    for cfg in built.values():
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    return RunConfig(built)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

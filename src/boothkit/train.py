@@ -251,6 +251,9 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
     if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
         shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)  # an earlier run's checkpoints must not mix in
     main = accelerator.is_main_process
+    if main:
+        log.info("training on %d process(es), device %s, mixed precision %s", accelerator.num_processes,
+                 accelerator.device, t.mixed_precision)
     tr, resolved = _setup(cfg, accelerator, progress and main)
     start, rows = _maybe_resume(tr, out) if t.resume else (0, [])
     if main:
@@ -389,6 +392,8 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
                                                prior_weight, g)
                     acc.backward(losses[0] / n_micro)
                 totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
+            if acc.num_processes > 1:  # log the mean over processes, not rank 0's share
+                totals = acc.reduce(totals.to(acc.device), reduction="mean").cpu()
             if t.max_grad_norm > 0:
                 acc.clip_grad_norm_(tr.params, t.max_grad_norm)
             tr.optimizer.step()

@@ -1,0 +1,112 @@
+"""The command line: one-line errors with exit code 2, flags documented, configs that rerun a run exactly."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from boothkit import cli
+from boothkit import config as C
+from boothkit.lora import LORA_FILE
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_train_help_documents_every_config_key(capsys):
+    code, out, _ = run(["train", "--help"], capsys)
+    assert code == 0
+    for section, cls in C.TRAIN_SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in out
+            assert f"{section}.{f.name}" in out
+
+
+def test_top_level_help_lists_commands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for command in ("train", "generate", "class-images", "models", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["train", "--rnak", "4"], ["--rnak", "--rank"]),
+    (["train", "--rank", "four"], ["--rank", "four"]),
+    (["train", "--mixed-precision", "fp8"], ["--mixed-precision"]),
+    (["train", "--class-noun", "dog", "--output-dir", "o"], ["data.instance_dir"]),
+    (["train", "--instance-dir", "/no/such/dir", "--class-noun", "dog", "--output-dir", "o"], ["/no/such/dir"]),
+    (["train", "--config", "/no/such.toml"], ["/no/such.toml"]),
+    (["models", "path", "runwayml/stable-diffusion-v1-5"], ["no local folder"]),
+])
+def test_bad_input_is_one_line(args, needles, capsys):
+    code, _, err = run(args, capsys)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_bad_config_key_and_value(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[lora]\nrank = 4\nranc = 8\n')
+    code, _, err = run(["train", "--config", bad], capsys)
+    assert_one_line_error(code, err, "lora.ranc")
+    bad.write_text('[train]\nmax_steps = "many"\n')
+    code, _, err = run(["train", "--config", bad], capsys)
+    assert_one_line_error(code, err, "train.max_steps")
+
+
+def test_unreadable_photo_named(instance_dir, tmp_path, capsys):
+    (instance_dir / "scan.png").write_bytes(b"\x89PNG broken")
+    code, _, err = run(["train", "--instance-dir", instance_dir, "--class-noun", "dog", "--output-dir",
+                        tmp_path / "o", "--no-prior"], capsys)
+    assert_one_line_error(code, err, "scan.png", "--skip-bad-images")
+
+
+def test_hub_model_unreachable_is_one_line(instance_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(["train", "--instance-dir", instance_dir, "--class-noun", "dog", "--output-dir",
+                        tmp_path / "o", "--no-prior", "--model", "someone/not-cached-model"], capsys)
+    assert_one_line_error(code, err, "someone/not-cached-model", "--model tiny")
+
+
+def test_saved_config_reruns_identically_and_output_is_protected(instance_dir, tmp_path, capsys):
+    first = tmp_path / "first"
+    code, _, err = run(["train", "--instance-dir", instance_dir, "--class-noun", "dog", "--output-dir", first,
+                        "--no-prior", "--max-steps", 3, "--rank", 2, "--learning-rate", 1e-3], capsys)
+    assert code == 0, err
+    # rerunning into the same folder would destroy the first run: refused
+    code, _, err = run(["train", "--config", first / "config.toml"], capsys)
+    assert_one_line_error(code, err, "--output-dir", "--overwrite")
+    second = tmp_path / "second"
+    code, _, err = run(["train", "--config", first / "config.toml", "--output-dir", second], capsys)
+    assert code == 0, err
+    a, b = load_file(first / LORA_FILE), load_file(second / LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_models_path_tiny_is_a_diffusers_folder(capsys, tiny_path):
+    from diffusers import StableDiffusionPipeline
+
+    code, out, _ = run(["models", "path", "tiny"], capsys)
+    assert code == 0 and out.strip() == str(tiny_path)
+    pipe = StableDiffusionPipeline.from_pretrained(out.strip())
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "boothkit", "train", "--rank", "-1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
