@@ -165,7 +165,13 @@ def _train(cfg: C.RunConfig) -> None:
     from .train import run_training
 
     out = run_training(cfg)
-    click.echo(f"done: {out}")
+    if cfg.lora.full:
+        click.echo(f"model: {out / 'model'}\nnext:  boothkit generate --model {out / 'model'} "
+                   f"--prompt '{cfg.data.prompt}' --out {out / 'samples'}")
+    else:
+        click.echo(f"LoRA:  {out / 'pytorch_lora_weights.safetensors'}\nnext:  boothkit generate --lora {out} "
+                   f"--prompt '{cfg.data.prompt} on the moon' --unet-scale 0.8 --text-encoder-scale 0.8 "
+                   f"--out {out / 'samples'}")
 
 
 # --- evaluation (boothkit.metrics, boothkit.bench) ---
