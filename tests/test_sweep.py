@@ -1,0 +1,199 @@
+"""Sweeps: identically seeded cells, resumable runs, sweep.csv, contact sheets and per-cell metrics."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from boothkit import config as C
+from boothkit import generate as G
+from boothkit import sweep as S
+from boothkit.errors import BoothkitError, ConfigError
+from boothkit.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
+
+PROMPT = "a photo of sks dog"
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def sweep_cfg(**values) -> C.RunConfig:
+    return C.resolve(S.SWEEP_SECTIONS, {"metrics": {"clip_model": "tiny"}}, values)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def lora_path(tiny_path, tmp_path_factory) -> Path:
+    """A boothkit LoRA on the tiny model (UNet + text encoder, small random lora_B so it matters)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_path), safety_checker=None, requires_safety_checker=False)
+    gen = torch.Generator().manual_seed(0)
+    layers = {}
+    for comp, model, targets in (("unet", pipe.unet, UNET_TARGETS), ("text_encoder", pipe.text_encoder, TE_TARGETS)):
+        add_lora(model, targets, 4, 4.0)
+        layers[comp] = {k: torch.randn(v.shape, generator=gen) * 0.1 if "lora_B" in k else v
+                        for k, v in lora_state_dict(model).items()}
+    meta = {"unet": adapter_metadata(UNET_TARGETS, 4, 4.0), "text_encoder": adapter_metadata(TE_TARGETS, 4, 4.0)}
+    return save_lora_file(tmp_path_factory.mktemp("lora") / "l.safetensors", layers, meta,
+                          {"base_model": str(tiny_path), "token": "sks", "class_noun": "dog"})
+
+
+@pytest.fixture(scope="module")
+def swept(lora_path, tmp_path_factory):
+    """2 guidance x 2 UNet scales x 1 TE scale, 2 images per cell, one prompt (kept small: CPU tests)."""
+    out = tmp_path_factory.mktemp("sweep")
+    flags = dict(lora=str(lora_path), prompt=[PROMPT], guidance="2,6", unet_scale="0,1", text_encoder_scale="0",
+                 num_images=2, steps=2, out=str(out))
+    S.run_sweep(sweep_cfg(**flags))
+    return out, flags
+
+
+def cell_files(out: Path, g, u, t, n=2, seed=0, prompt=PROMPT, p=0) -> list[Path]:
+    return S.image_paths(out, S.Cell(p, g, u, t), prompt, n, seed)
+
+
+def test_sweep_writes_every_cell_with_parameters_and_csv(swept):
+    out, _ = swept
+    with open(out / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 * 2 * 1  # cells x images x prompts
+    for row in rows:
+        params = G.parse_parameters(Image.open(out / row["file"]).text["parameters"])
+        assert params["prompt"] == row["prompt"] == PROMPT
+        assert (params["CFG scale"], params["UNet scale"], params["TE scale"], params["Seed"]) == (
+            row["guidance"], row["unet_scale"], row["text_encoder_scale"], row["seed"])
+    assert {(r["guidance"], r["unet_scale"], r["text_encoder_scale"]) for r in rows} == {
+        (g, u, "0") for g in ("2", "6") for u in ("0", "1")}
+    assert C.load_toml(out / "sweep_config.toml")["sweep"]["guidance"] == "2,6"
+
+
+def test_cells_are_seeded_identically(swept, tiny_path):
+    out, _ = swept
+    # LoRA at 0/0 is the base model: its cell is exactly what plain diffusers draws from seeds 0 and 1
+    from diffusers import StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(str(tiny_path), safety_checker=None, requires_safety_checker=False)
+    for i, path in enumerate(cell_files(out, 6, 0, 0)):
+        ref = base(PROMPT, num_inference_steps=2, guidance_scale=6,
+                   generator=torch.Generator("cpu").manual_seed(i)).images[0]
+        assert np.array_equal(pixels(path), np.asarray(ref, dtype=np.int16))
+    a0, a1 = cell_files(out, 6, 0, 0)
+    assert np.abs(pixels(a0) - pixels(a1)).max() > 10  # different seeds within a cell
+    # only the swept value changes between neighbouring cells, and each one changes the picture
+    for other in ((6, 1, 0), (2, 0, 0)):
+        assert np.abs(pixels(cell_files(out, *other)[0]) - pixels(a0)).max() > 3, other
+
+
+def test_contact_sheet_layout(swept):
+    out, _ = swept
+    sheets = list(out.glob("sheet-p00-*.png"))
+    assert len(sheets) == 1
+    sheet = pixels(sheets[0])
+    cw, ch = 2 * 64, 64  # a cell is its two 64-px images side by side
+    h, w = sheet.shape[:2]
+    left, top = w - 2 * cw, h - 2 * ch  # columns: guidance 2, 6; rows: (u, t) = (0, 0), (1, 0)
+    assert left > 0 and top > 0
+    assert (sheet[:top] < 128).any() and (sheet[top:, :left] < 128).any()  # labels are drawn
+    for r, (u, t) in enumerate(((0, 0), (1, 0))):
+        for c, g in enumerate((2, 6)):
+            cell = np.asarray(S.cell_image([Image.open(p) for p in cell_files(out, g, u, t)]), dtype=np.int16)
+            assert np.array_equal(sheet[top + r * ch:top + (r + 1) * ch, left + c * cw:left + (c + 1) * cw], cell)
+
+
+def test_rerun_skips_finished_cells_and_resumes_after_interrupt(lora_path, tmp_path, monkeypatch):
+    calls = []
+    real = G.generate_images
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["guidance"])
+        if fail_at and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(G, "generate_images", counting)
+    cfg = sweep_cfg(lora=str(lora_path), prompt=["a dog", "a cat"], guidance="1,3", num_images=1, steps=1,
+                    out=str(tmp_path))
+    fail_at = 3  # interrupted while making the third of four cells
+    with pytest.raises(KeyboardInterrupt):
+        S.run_sweep(cfg)
+    assert len(list(tmp_path.rglob("*.png"))) == 2 and not list(tmp_path.rglob("*.tmp"))
+    fail_at, calls[:] = 0, []
+    S.run_sweep(cfg)
+    assert len(calls) == 2  # only the two unfinished cells
+    pngs = sorted(tmp_path.rglob("cells/**/*.png"))
+    mtimes = [p.stat().st_mtime_ns for p in pngs]
+    calls[:] = []
+    S.run_sweep(cfg)
+    assert calls == [] and [p.stat().st_mtime_ns for p in pngs] == mtimes
+    pngs[-1].unlink()  # a cell with a missing image is unfinished
+    S.run_sweep(cfg)
+    assert len(calls) == 1
+    with open(tmp_path / "sweep.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2 * 1 * 2  # cells x images x prompts
+    assert len(list(tmp_path.glob("sheet-*.png"))) == 2
+    with pytest.raises(BoothkitError, match="steps"):
+        S.run_sweep(sweep_cfg(lora=str(lora_path), prompt=["a dog"], guidance="1,3", num_images=1, steps=5,
+                              out=str(tmp_path)))
+
+
+def test_axis_values_are_validated(tmp_path):
+    base = dict(lora="x", prompt=["p"], out=str(tmp_path))
+    with pytest.raises(ConfigError, match="sweep.guidance"):
+        sweep_cfg(**base, guidance="5,seven")
+    with pytest.raises(ConfigError, match="repeats"):
+        sweep_cfg(**base, unet_scale="1,1")
+    with pytest.raises(ConfigError, match="minimum"):
+        sweep_cfg(**base, guidance="-1")
+    with pytest.raises(ConfigError, match="prompt"):
+        sweep_cfg(lora="x", out=str(tmp_path))
+    assert sweep_cfg(**base, guidance="5, 7.5,15").sweep.axes()["guidance"] == (5.0, 7.5, 15.0)
+    (tmp_path / "p.txt").write_text("# comment\na dog\n\na cat on a roof\n")
+    cfg = sweep_cfg(lora="x", prompt=["first"], prompts_file=str(tmp_path / "p.txt"), out=str(tmp_path))
+    assert S.load_prompts(cfg.sweep) == ["first", "a dog", "a cat on a roof"]
+
+
+def test_metrics_per_cell_and_plot(swept):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from boothkit.metrics import tiny_evaluator_path
+
+    out, flags = swept
+    S.run_sweep(sweep_cfg(**flags, metrics=True))  # every cell is finished: only the metrics are computed
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and (out / "metrics.png").stat().st_size > 1000
+    assert all(0 < float(r["DIV"]) < 1 for r in rows)
+    # CLIP-T of one cell, recomputed with transformers directly
+    row = next(r for r in rows if (r["guidance"], r["unet_scale"], r["text_encoder_scale"]) == ("6", "1", "0"))
+    folder = tiny_evaluator_path("clip")
+    model, proc = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    images = [Image.open(p).convert("RGB") for p in cell_files(out, 6, 1, 0)]
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=proc(images=images, return_tensors="pt")["pixel_values"])
+        txt = model.get_text_features(**proc.tokenizer([PROMPT], padding=True, return_tensors="pt"))
+    img, txt = (x if isinstance(x, torch.Tensor) else x.pooler_output for x in (img, txt))
+    expected = torch.nn.functional.cosine_similarity(img, txt).mean().item()
+    assert float(row["CLIP-T"]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_cli_sweep_on_finished_cells(swept):
+    from boothkit.cli import main
+
+    out, f = swept
+    argv = ["sweep", "--lora", f["lora"], "--prompt", PROMPT, "--guidance", f["guidance"], "--unet-scale",
+            f["unet_scale"], "--text-encoder-scale", f["text_encoder_scale"], "-n", "2", "--steps", "2",
+            "--out", str(out), "--clip-model", "tiny"]
+    before = (out / "sweep.csv").read_text()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0 and (out / "sweep.csv").read_text() == before
+    with pytest.raises(SystemExit) as exc:
+        main(argv[:-4] + ["--out", str(out), "--guidance", "1,x"])
+    assert exc.value.code == 2
