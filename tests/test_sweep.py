@@ -197,3 +197,16 @@ def test_cli_sweep_on_finished_cells(swept):
     with pytest.raises(SystemExit) as exc:
         main(argv[:-4] + ["--out", str(out), "--guidance", "1,x"])
     assert exc.value.code == 2
+
+
+def test_rerun_after_the_lora_changed_is_refused(lora_path, tmp_path):
+    import shutil
+
+    lora = tmp_path / "lora.safetensors"
+    shutil.copy(lora_path if lora_path.is_file() else lora_path / "pytorch_lora_weights.safetensors", lora)
+    cfg = sweep_cfg(lora=str(lora), prompt=["a dog"], guidance="1", num_images=1, steps=1, out=str(tmp_path / "s"))
+    S.run_sweep(cfg)
+    with open(lora, "ab") as fh:  # same path, different file (e.g. retrained): old cells would be stale
+        fh.write(b" ")
+    with pytest.raises(BoothkitError, match="earlier version of --lora"):
+        S.run_sweep(cfg)

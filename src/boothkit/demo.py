@@ -7,6 +7,7 @@ Every stage is the same function the CLI command of that stage calls.
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -54,18 +55,23 @@ def train_config(d: DemoConfig) -> C.RunConfig:
         "checkpoint_every": max(1, d.max_steps // 3), "overwrite": True})
 
 
-def generate_config(d: DemoConfig, guidance: float) -> C.RunConfig:
+def sweep_config(d: DemoConfig) -> C.RunConfig:
+    """The seed experiment as one sweep: guidance 7.5 vs 15 at LoRA scales 0.8 / 0.8, plus the rows with either
+    LoRA part switched off (scale 0), so the sheets also show what each part contributes."""
+    from .sweep import SWEEP_SECTIONS
+
     prompts = [p.format(token=d.token, noun=d.class_noun) for p in DEMO_PROMPTS]
-    return C.resolve(C.GENERATE_SECTIONS, {}, {
-        "lora": [str(Path(d.out) / "lora")], "prompt": prompts, "num_images": d.num_images, "guidance": guidance,
-        "unet_scale": UNET_SCALE, "text_encoder_scale": TEXT_ENCODER_SCALE, "seed": d.seed, "steps": d.steps,
-        "out": str(Path(d.out) / f"guidance-{guidance:g}")})
+    return C.resolve(SWEEP_SECTIONS, {}, {
+        "lora": str(Path(d.out) / "lora"), "prompt": prompts, "num_images": d.num_images,
+        "guidance": ",".join(f"{g:g}" for g in GUIDANCES), "unet_scale": f"0,{UNET_SCALE:g}",
+        "text_encoder_scale": f"0,{TEXT_ENCODER_SCALE:g}", "seed": d.seed, "steps": d.steps,
+        "out": str(Path(d.out) / "sweep")})
 
 
 def run_demo(cfg: C.RunConfig) -> Path:
     """Run every stage; returns the summary page's path."""
-    from .generate import run_generate
     from .prior import run_class_images
+    from .sweep import run_sweep
     from .train import run_training
 
     d = cfg.demo
@@ -81,13 +87,11 @@ def run_demo(cfg: C.RunConfig) -> Path:
     run_training(train_cfg)
     timings.append((f"training ({d.max_steps} steps)", time.perf_counter() - t0))
     t0 = time.perf_counter()
-    folders = {}
-    for guidance in GUIDANCES:
-        gen = generate_config(d, guidance)
-        run_generate(gen)
-        folders[guidance] = Path(gen.generate.out)
-    timings.append(("generation", time.perf_counter() - t0))
-    return write_summary(d, train_cfg, folders, timings)
+    sweep = sweep_config(d)
+    shutil.rmtree(sweep.sweep.out, ignore_errors=True)  # its cells came from the LoRA this run just replaced
+    sweep_dir = run_sweep(sweep)
+    timings.append(("generation (sweep)", time.perf_counter() - t0))
+    return write_summary(d, train_cfg, sweep_dir, timings)
 
 
 def _loss_plot(log_csv: Path) -> bytes | None:
@@ -109,8 +113,7 @@ def _loss_plot(log_csv: Path) -> bytes | None:
     return _figure_png(fig)
 
 
-def write_summary(d: DemoConfig, train_cfg: C.RunConfig, folders: dict[float, Path],
-                  timings: list[tuple[str, float]]) -> Path:
+def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timings: list[tuple[str, float]]) -> Path:
     """The demo's index.html: what ran, how long it took, the pictures, and how to do it for real."""
     from PIL import Image
 
@@ -136,10 +139,10 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, folders: dict[float, Pa
     class_imgs = sorted(Path(train_cfg.prior.class_dir).glob("*.png"))[:8]
     rep.images("class images (frozen model, class prompt)", [Image.open(p) for p in class_imgs])
     rep.heading("Guidance 7.5 vs 15 (higher guidance: closer to the prompt, less diverse)")
-    for guidance, folder in folders.items():
-        for grid in sorted(folder.glob("grid-*.png")):
-            rep.images(f"guidance {guidance:g}: {grid.stem[8:].replace('-', ' ')}  ({folder.name}/{grid.name})",
-                       [Image.open(grid)], size=512)
+    rep.text("Contact sheets: columns are guidance scales, rows are (UNet, text-encoder) LoRA scales; image i of "
+             "every cell uses seed + i, so only the swept value changes between cells.")
+    for sheet in sorted(sweep_dir.glob("sheet-*.png")):
+        rep.images(f"{sweep_dir.name}/{sheet.name}", [Image.open(sheet)], size=1024)
     plot = _loss_plot(out / "lora" / "train_log.csv")
     if plot:
         rep.figure(plot, "training loss (instance + λ·prior)")
@@ -149,8 +152,10 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, folders: dict[float, Pa
                  f"--class-noun dog --train-text-encoder --output-dir my_lora --max-steps 800",
         "generate": f"boothkit generate --lora my_lora --prompt 'an image of sks dog on the moon' -n 4 "
                     f"--guidance 7.5 --unet-scale 0.8 --text-encoder-scale 0.8 --seed 0 --steps 30 --out images",
+        "sweep": "boothkit sweep --lora my_lora --prompt 'an image of sks dog on the moon' --guidance 5,7.5,15 "
+                 "--unet-scale 0.4,0.8,1 --text-encoder-scale 0,0.8 -n 4 --seed 0 --out sweep --metrics",
         "demo": "boothkit demo --model <hub id or local path> --instance-dir my_photos --class-noun dog",
     }, caption="Commands")
     rep.settings({"outputs": {"lora": str(out / "lora"), "class images": train_cfg.prior.class_dir,
-                              **{f"guidance {g:g}": str(f) for g, f in folders.items()}}}, caption="Files")
+                              "sweep (cells, contact sheets, sweep.csv)": str(sweep_dir)}}, caption="Files")
     return rep.write(out / "index.html")

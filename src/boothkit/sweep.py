@@ -136,8 +136,18 @@ def is_finished(paths: Sequence[Path]) -> bool:
     return all(p.is_file() for p in paths)
 
 
-def check_same_sweep(out: Path, s: SweepConfig) -> None:
-    """Refuse to mix cells made with other fixed settings into one folder."""
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_same_sweep(out: Path, s: SweepConfig, lora_sha256: str) -> None:
+    """Refuse to mix cells made with other fixed settings, or another LoRA file at the same path, into one folder."""
     path = out / "sweep_config.toml"
     if not path.is_file():
         return
@@ -146,6 +156,10 @@ def check_same_sweep(out: Path, s: SweepConfig) -> None:
         if old.get(key) != getattr(s, key):
             raise BoothkitError(f"--out {out} holds a sweep made with {key} = {old.get(key)!r} (now "
                                 f"{getattr(s, key)!r}); use another --out or the same settings")
+    stamp = out / "lora.sha256"
+    if stamp.is_file() and stamp.read_text().strip() != lora_sha256:
+        raise BoothkitError(f"--out {out} holds a sweep of an earlier version of --lora {s.lora} (the file changed "
+                            f"since); use another --out")
 
 
 # ------------------------------------------------------------------------------------------- sheets
@@ -264,10 +278,11 @@ def run_sweep(cfg: C.RunConfig) -> Path:
     s = cfg.sweep
     out = Path(s.out)
     prompts, axes = load_prompts(s), s.axes()
-    lora_file(parse_lora_spec(s.lora)[0])  # a wrong path fails now, not after loading the model
-    check_same_sweep(out, s)
+    digest = file_sha256(lora_file(parse_lora_spec(s.lora)[0]))  # a wrong path fails now, not after loading
+    check_same_sweep(out, s, digest)
     out.mkdir(parents=True, exist_ok=True)
     C.save_toml(out / "sweep_config.toml", cfg.to_dict())
+    C.atomic_write_bytes(out / "lora.sha256", (digest + "\n").encode())
     cells = cells_of(prompts, axes)
     todo = [c for c in cells if not is_finished(image_paths(out, c, prompts[c.prompt_index], s.num_images, s.seed))]
     generate_cells(out, s, prompts, todo, len(cells) * s.num_images)
