@@ -21,6 +21,7 @@ demo: install
 	$(VENV)/bin/boothkit demo --out demo-output
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

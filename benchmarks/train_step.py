@@ -66,7 +66,7 @@ def main() -> None:
     n1, n2 = map(int, args.steps.split(","))
     print(f"tiny model, 64 px, batch 1 (+1 class image with prior), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
-    print(f"| configuration | ms / step | peak RSS (MiB) |\n|---|---:|---:|")
+    print("| configuration | ms / step | peak RSS (MiB) |\n|---|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in CONFIGS.items():
             if args.only and args.only not in name:

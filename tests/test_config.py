@@ -68,7 +68,9 @@ def test_config_file_errors(tmp_path):
 
 def test_configs_are_frozen():
     cfg = resolve()
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lora.rank = 3
 
 

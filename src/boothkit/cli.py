@@ -199,6 +199,32 @@ def _lpips_import(sdist: str | None) -> None:
         click.echo(f"wrote {path}")
 
 
+@cli.group()
+def bench() -> None:
+    """Benchmarks: the paper's DreamBench protocol and the prior-preservation effect."""
+
+
+@config_command(bench, "dreambench", _bench.DREAMBENCH_SECTIONS,
+                help="Train, sample and evaluate every subject of a DreamBooth-layout dataset; the paper's table. "
+                     "Spread subjects over processes with `accelerate launch -m boothkit bench dreambench ...` (GPUs) or "
+                     "`torchrun --nproc_per_node N -m boothkit bench dreambench ...` (CPU).")
+def _dreambench(cfg: C.RunConfig) -> None:
+    report = _bench.run_dreambench(cfg)
+    if report:
+        click.echo(f"report: {report}")
+
+
+@config_command(bench, "prior-effect", _bench.PRIOR_EFFECT_SECTIONS,
+                help="Train with and without prior preservation (same steps and seed); measure subject fit and "
+                     "class drift against the frozen model. Needs no pretrained weights.")
+def _prior_effect(cfg: C.RunConfig) -> None:
+    _bench.run_prior_effect(cfg)
+
+
+if __name__ == "__main__":
+    main()
+
+
 @config_command(cli, "class-images", C.CLASS_IMAGES_SECTIONS,
                 help="Generate class images for prior preservation into --class-dir (reuses what is there).")
 def _class_images(cfg: C.RunConfig) -> None:
@@ -252,26 +278,13 @@ def _sweep(cfg: C.RunConfig) -> None:
     click.echo(f"sweep written to {run_sweep(cfg)}")
 
 
-if __name__ == "__main__":
-    main()
+@cli.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on (0.0.0.0: all interfaces).")
+@click.option("--port", type=int, default=7860, show_default=True, help="Port to serve on.")
+@click.option("--share/--no-share", default=False, help="Also serve through a public gradio.live link.")
+def _ui(host: str, port: int, share: bool) -> None:
+    """Web UI (train, generate, export) with the same options as the commands; needs boothkit[ui]."""
+    from .ui import launch
 
-
-@cli.group()
-def bench() -> None:
-    """Benchmarks: the paper's DreamBench protocol and the prior-preservation effect."""
-
-
-@config_command(bench, "dreambench", _bench.DREAMBENCH_SECTIONS,
-                help="Train, sample and evaluate every subject of a DreamBooth-layout dataset; the paper's table. "
-                     "Spread over processes with `accelerate launch -m boothkit.cli bench dreambench ...`.")
-def _dreambench(cfg: C.RunConfig) -> None:
-    report = _bench.run_dreambench(cfg)
-    if report:
-        click.echo(f"report: {report}")
-
-
-@config_command(bench, "prior-effect", _bench.PRIOR_EFFECT_SECTIONS,
-                help="Train with and without prior preservation (same steps and seed); measure subject fit and "
-                     "class drift against the frozen model. Needs no pretrained weights.")
-def _prior_effect(cfg: C.RunConfig) -> None:
-    _bench.run_prior_effect(cfg)
+    _quiet_loading_bars()
+    launch(host, port, share)

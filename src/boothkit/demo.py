@@ -128,8 +128,8 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
                    "end (class images, LoRA training with prior preservation, generation at two guidance scales), "
                    "not image quality. Run the same on a real Stable Diffusion model with --model (see below).")
     rep.heading("What ran").table(
-        [{"stage": name, "seconds": round(sec, 1)} for name, sec in timings] +
-        [{"stage": "total", "seconds": round(sum(s for _, s in timings), 1)}], ["stage", "seconds"])
+        [{"stage": name, "seconds": f"{sec:.1f}"} for name, sec in timings] +
+        [{"stage": "total", "seconds": f"{sum(s for _, s in timings):.1f}"}], ["stage", "seconds"])
     rep.text(f"Subject: {train_cfg.data.instance_dir}; instance prompt '{train_cfg.data.prompt}', class prompt "
              f"'{train_cfg.prior.prompt_for(d.class_noun)}' ({d.num_class_images} class images, λ = "
              f"{train_cfg.prior.prior_weight}); LoRA rank {train_cfg.lora.rank} on UNet and text encoder, "
@@ -142,16 +142,16 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
     rep.text("Contact sheets: columns are guidance scales, rows are (UNet, text-encoder) LoRA scales; image i of "
              "every cell uses seed + i, so only the swept value changes between cells.")
     for sheet in sorted(sweep_dir.glob("sheet-*.png")):
-        rep.images(f"{sweep_dir.name}/{sheet.name}", [Image.open(sheet)], size=1024)
+        rep.figure(sheet.read_bytes(), f"{sweep_dir.name}/{sheet.name}")
     plot = _loss_plot(out / "lora" / "train_log.csv")
     if plot:
         rep.figure(plot, "training loss (instance + λ·prior)")
     rep.heading("The same on a real model")
     rep.settings({
-        "train": f"boothkit train --model runwayml/stable-diffusion-v1-5 --instance-dir my_photos --token sks "
-                 f"--class-noun dog --train-text-encoder --output-dir my_lora --max-steps 800",
-        "generate": f"boothkit generate --lora my_lora --prompt 'an image of sks dog on the moon' -n 4 "
-                    f"--guidance 7.5 --unet-scale 0.8 --text-encoder-scale 0.8 --seed 0 --steps 30 --out images",
+        "train": "boothkit train --model runwayml/stable-diffusion-v1-5 --instance-dir my_photos --token sks "
+                 "--class-noun dog --train-text-encoder --output-dir my_lora --max-steps 800",
+        "generate": "boothkit generate --lora my_lora --prompt 'an image of sks dog on the moon' -n 4 "
+                    "--guidance 7.5 --unet-scale 0.8 --text-encoder-scale 0.8 --seed 0 --steps 30 --out images",
         "sweep": "boothkit sweep --lora my_lora --prompt 'an image of sks dog on the moon' --guidance 5,7.5,15 "
                  "--unet-scale 0.4,0.8,1 --text-encoder-scale 0,0.8 -n 4 --seed 0 --out sweep --metrics",
         "demo": "boothkit demo --model <hub id or local path> --instance-dir my_photos --class-noun dog",

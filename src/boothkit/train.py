@@ -285,11 +285,11 @@ def _setup(cfg: RunConfig, accelerator, progress: bool) -> tuple[Trainer, RunCon
     class_images = []
     if pr.prior:
         from .prior import ensure_class_images
-        with accelerator.main_process_first():
-            paths = ensure_class_images(pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
-                                        batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps,
-                                        guidance=pr.class_guidance, resolution=size, model_name=model_ref(cfg.model.model),
-                                        progress=progress)
+        with accelerator.main_process_first():  # the main process generates; the others find them made
+            paths = ensure_class_images(
+                pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
+                batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps, guidance=pr.class_guidance,
+                resolution=size, model_name=model_ref(cfg.model.model), progress=progress)
         class_images = [load_image(p) for p in paths]
 
     groups = _make_trainable(cfg, pipe, device, accelerator.mixed_precision)
