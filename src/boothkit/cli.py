@@ -221,9 +221,6 @@ def _prior_effect(cfg: C.RunConfig) -> None:
     _bench.run_prior_effect(cfg)
 
 
-if __name__ == "__main__":
-    main()
-
 
 @config_command(cli, "class-images", C.CLASS_IMAGES_SECTIONS,
                 help="Generate class images for prior preservation into --class-dir (reuses what is there).")
@@ -288,3 +285,7 @@ def _ui(host: str, port: int, share: bool) -> None:
 
     _quiet_loading_bars()
     launch(host, port, share)
+
+
+if __name__ == "__main__":
+    main()
