@@ -86,3 +86,14 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         C.atomic_write_bytes(target, b"new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_write_has_normal_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        C.atomic_write_bytes(tmp_path / "out.toml", b"x = 1\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.toml").stat().st_mode & 0o777 == 0o644
