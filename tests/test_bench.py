@@ -159,3 +159,24 @@ def test_prior_effect_ci_size(tmp_path, tiny_path, lpips_weights, demo_subject):
     saved = list(csv.DictReader((tmp_path / "pe" / "prior_effect.csv").open()))
     assert [r["model"] for r in saved] == list(B.VARIANTS)
     assert "subject photos" in (tmp_path / "pe" / "prior_effect.html").read_text()
+
+
+@pytest.mark.slow
+def test_dreambench_spreads_subjects_over_processes(tmp_path, dataset, tiny_path, lpips_weights):
+    """Two processes (gloo on CPU; `accelerate launch` on GPUs): one subject each, the main process aggregates."""
+    import os
+    import subprocess
+    import sys
+
+    train_toml = tmp_path / "lora.toml"
+    train_toml.write_text("[train]\nmax_steps = 2\n[prior]\nprior = false\n")
+    out = tmp_path / "bench"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "boothkit",
+                           *_bench_args(dataset, out, train_toml, "pup,thing")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "process 0: subject 1/1 pup done" in log and "process 1: subject 1/1 thing done" in log
+    rows = list(csv.DictReader((out / "dreambench.csv").open()))
+    assert [r["method"] for r in rows] == ["lora", "real images"] and rows[0]["subjects"] == "2"
