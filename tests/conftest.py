@@ -42,3 +42,15 @@ def instance_dir(tmp_path: Path) -> Path:
     for p in sorted(DEMO_SUBJECT.glob("*.jpg"))[:3]:
         shutil.copy(p, d / p.name)
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the toy model gains nothing from more, and on a shared CPU extra
+    threads spin-wait for each other (a 0.3 s test once took 27 s with two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,14 +19,7 @@ TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the toy model gains nothing from more, and on a shared CPU extra threads
-    spin-wait for each other (a 0.3 s test took 27 s with two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_lora(tiny_path: Path, path: Path, seed: int) -> Path:
     """A boothkit LoRA for the tiny model with small random (nonzero) B matrices on UNet and text encoder."""

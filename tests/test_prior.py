@@ -18,14 +18,7 @@ SETTINGS = dict(prompt="a photo of dog", num_images=6, batch_size=4, seed=10, st
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the toy model gains nothing from more, and on a shared CPU extra threads
-    spin-wait for each other (a 0.3 s test took 27 s with two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 class CountingPipe:
     """The real pipeline, counting how many images it is asked for."""

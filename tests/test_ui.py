@@ -19,13 +19,7 @@ from boothkit.export import EXPORT_SECTIONS  # noqa: E402
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the toy model gains nothing from more, and the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

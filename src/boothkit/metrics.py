@@ -18,7 +18,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -126,28 +125,14 @@ def _build_tiny_dino(folder: Path) -> None:
 
 def tiny_evaluator_path(kind: str) -> Path:
     """Cached folder of the tiny 'clip' or 'dino' evaluator, built deterministically on first use."""
-    import torch
+    from .models import boothkit_home, build_once
 
-    from .models import boothkit_home
+    def build(folder: Path) -> None:
+        {"clip": _build_tiny_clip, "dino": _build_tiny_dino}[kind](folder)
+        (folder / "BOOTHKIT_TINY.json").write_text(json.dumps({"name": f"tiny-{kind}-v1", "seed": TINY_SEED,
+                                                               "note": TINY_NOTE}, indent=2))
 
-    folder = boothkit_home() / "evaluators" / f"tiny-{kind}-v1"
-    if (folder / "BOOTHKIT_TINY.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tiny-{kind}."))
-    try:
-        with torch.random.fork_rng():
-            {"clip": _build_tiny_clip, "dino": _build_tiny_dino}[kind](tmp)
-        (tmp / "BOOTHKIT_TINY.json").write_text(json.dumps({"name": f"tiny-{kind}-v1", "seed": TINY_SEED,
-                                                            "note": TINY_NOTE}, indent=2))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # a concurrent builder won; its folder is identical
-            if not (folder / "BOOTHKIT_TINY.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build_once(boothkit_home() / "evaluators" / f"tiny-{kind}-v1", build)
 
 
 def _resolve_evaluator(spec: str, kind: str, flag: str) -> tuple[str, bool]:

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import logging
 
@@ -120,15 +120,16 @@ def build_tiny_model(folder: Path) -> None:
     }, indent=2))
 
 
-def tiny_model_path() -> Path:
-    """The cached tiny model folder, built on first use (atomically, safe against concurrent builders)."""
-    folder = boothkit_home() / "models" / TINY_VERSION
+def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+    """Build a cached folder on first use: into a temp folder beside it, then one rename, so a killed or
+    concurrent builder never leaves a half-built folder. `build(tmp)` fills it, marker BOOTHKIT_TINY.json included."""
     if (folder / "BOOTHKIT_TINY.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{TINY_VERSION}."))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        build_tiny_model(tmp)
+        with torch.random.fork_rng():
+            build(tmp)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first; its folder is identical
@@ -137,6 +138,11 @@ def tiny_model_path() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def tiny_model_path() -> Path:
+    """The cached tiny model folder, built on first use."""
+    return build_once(boothkit_home() / "models" / TINY_VERSION, build_tiny_model)
 
 
 def model_ref(spec: str) -> str:
