@@ -51,7 +51,8 @@ def test_outputs_and_metadata(instance_dir, class_dir, tmp_path):
     out = run_training(make_cfg(instance_dir, tmp_path / "out", class_dir, train_text_encoder=True), progress=False)
     w = lora_tensors(out)
     assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in w)
-    assert any(k.startswith("text_encoder.") and k.endswith("lora_B.weight") for k in w)
+    te_keys = [k for k in w if k.startswith("text_encoder.")]
+    assert te_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
     assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k), "training moved the LoRA up-projections"
     with safe_open(str(out / LORA_FILE), "pt") as fh:
         meta = fh.metadata()
@@ -77,6 +78,11 @@ def test_plain_diffusers_loads_the_lora(instance_dir, tmp_path, tiny_path):
     kw = dict(num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
     base = pipe("a photo of sks dog", **kw).images
     pipe.load_lora_weights(out)
+    # the text-encoder part is applied, not silently dropped: its weights are the file's
+    saved = lora_tensors(out)
+    q = dict(pipe.text_encoder.named_modules())["encoder.layers.0.self_attn.q_proj"]
+    adapter = next(iter(q.lora_B))
+    assert torch.equal(q.lora_B[adapter].weight, saved["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"])
     kw["generator"] = torch.Generator("cpu").manual_seed(0)
     tuned = pipe("a photo of sks dog", **kw).images
     assert not (base == tuned).all()

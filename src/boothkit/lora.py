@@ -49,6 +49,15 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, adapter_name=ADAPTER)
 
 
+def canonical_text_encoder_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name text-encoder LoRA weights as CLIPTextModel's checkpoints do (``text_model.encoder...``).
+
+    transformers 5 dropped the ``text_model.`` level from CLIPTextModel's module tree but still reads it;
+    LoRA files everywhere else (diffusers with transformers 4, A1111/kohya converters) expect it.
+    """
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
+
+
 def adapter_metadata(targets, rank: int, alpha: float) -> dict:
     """The LoraConfig fields diffusers reads back from ``lora_adapter_metadata``."""
     return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0,

@@ -27,7 +27,7 @@ from .config import RunConfig, atomic_write_bytes, save_toml, validate_train
 from .data import load_folder, load_image, prepare, resize_shorter, to_tensor
 from .errors import BoothkitError, ConfigError
 from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
-from .lora import LORA_FILE, adapter_metadata, add_lora, lora_state_dict, save_lora_file
+from .lora import LORA_FILE, adapter_metadata, add_lora, canonical_text_encoder_keys, lora_state_dict, save_lora_file
 from .models import load_pipeline, model_ref, native_resolution
 
 log = logging.getLogger("boothkit")
@@ -498,6 +498,6 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_enc
     layers = {"unet": lora_state_dict(unet)}
     adapters = {"unet": adapter_metadata(lo.unet_targets, lo.rank, lo.alpha)}
     if lo.train_text_encoder:
-        layers["text_encoder"] = lora_state_dict(text_encoder)
+        layers["text_encoder"] = canonical_text_encoder_keys(lora_state_dict(text_encoder))
         adapters["text_encoder"] = adapter_metadata(lo.text_encoder_targets, lo.rank, lo.alpha)
     save_lora_file(out / LORA_FILE, layers, adapters, info)
