@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -76,11 +77,14 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
 def _quiet_transformers_load_report() -> Iterator[None]:
     # transformers 5 logs a "MISSING ... newly initialized" table whenever diffusers loads a LoRA into the
     # text encoder: it lists the frozen base weights, which are untouched, so it only misleads users.
+    # peft warns "multiple adapters" for every LoRA after the first: that is what --lora A --lora B asks for.
     logger = logging.getLogger("transformers.utils.loading_report")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
     finally:
         logger.setLevel(level)
 
