@@ -503,7 +503,14 @@ def _write_prior_effect(out: Path, result: Mapping[str, Any], measured: Mapping[
         table.add_row(r["model"], *("–" if r[c] is None else f"{r[c]:.4g}" for c in EFFECT_COLUMNS[1:]))
     console = Console()
     console.print(table)
+    from .models import is_tiny
+
     rep = Report("boothkit prior-effect")
+    if is_tiny(result["settings"]["effect"]["model"]):
+        rep.notice("Measured on the built-in tiny model, which has random weights: its samples are noise-like and "
+                   "its text encoder barely tells the class prompt from the identifier prompt, so these numbers "
+                   "show what training moves, not the paper's effect on a pretrained model. LPIPS uses the real "
+                   "pretrained weights. Run with --model <Stable Diffusion folder or hub id> for the real measurement.")
     rep.table([{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows], EFFECT_COLUMNS,
               "Subject fit and class drift, with and without prior preservation (same steps and seed)")
     for key, text in EFFECT_HELP.items():
