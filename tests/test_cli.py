@@ -110,3 +110,10 @@ def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "boothkit", "train", "--rank", "-1"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_help_does_not_import_torch():
+    """`boothkit --help` and flag errors answer at once: heavy libraries load only when a command runs."""
+    code = "import sys, boothkit.cli; print(sorted({'torch', 'diffusers', 'transformers', 'gradio'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
