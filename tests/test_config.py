@@ -97,3 +97,13 @@ def test_atomic_write_has_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.toml").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name", ["sd15-lora.toml", "sd15-full.toml", "tiny-smoke.toml"])
+def test_example_configs_are_valid(name):
+    """The shipped examples stay in step with the config schema (a renamed key would break them)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(path), {"instance_dir": "p", "class_noun": "dog", "output_dir": "o"})
+    assert cfg.data.prompt == "a photo of sks dog"
