@@ -108,7 +108,8 @@ def _cli(*args):
 def test_kill_and_resume_is_bit_identical(instance_dir, class_dir, tmp_path):
     common = ["--instance-dir", instance_dir, "--class-noun", "dog", "--class-dir", class_dir,
               "--num-class-images", 4, "--max-steps", 30, "--checkpoint-every", 4, "--checkpoints-keep", 2,
-              "--rank", 4, "--learning-rate", 1e-3, "--train-text-encoder", "--flip", "--dropout", 0.1]
+              "--rank", 4, "--learning-rate", 1e-3, "--train-text-encoder", "--flip", "--dropout", 0.1,
+              "--log-every", 7]  # the log and checkpoint cadences differ: the resumed log must still be whole
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     full = subprocess.run(_cli(*common, "--output-dir", tmp_path / "full"), env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr

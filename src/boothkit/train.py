@@ -407,9 +407,10 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
             bar(done, float(totals[0]))
             if not main:
                 continue
-            if done % t.log_every == 0 or done == t.max_steps:
+            checkpoint_now = t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps
+            if done % t.log_every == 0 or done == t.max_steps or checkpoint_now:  # a resume reads the log up to here
                 _write_log(out / "train_log.csv", rows)
-            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps:
+            if checkpoint_now:
                 ckpt.save_checkpoint(out, done, _weights(acc, tr.unet, tr.text_encoder, cfg.lora.train_text_encoder),
                                      tr.optimizer, tr.lr_scheduler, t.checkpoints_keep)
             if t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
