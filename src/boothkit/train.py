@@ -66,6 +66,10 @@ class LatentBank:
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(torch.device(self.device).type, enabled=False):  # the VAE always runs in fp32
+            return self._encode_fp32(pixels)
+
+    def _encode_fp32(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
         for chunk in pixels.split(8):
             dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
