@@ -260,26 +260,32 @@ def build_ui():
     with gr.Blocks(title="boothkit", analytics_enabled=False) as app:
         gr.Markdown("# boothkit\nDreamBooth LoRA for Stable Diffusion: the same options as `boothkit train`, "
                     "`generate` and `export`.")
-        with gr.Tab("Train"):
-            photos = gr.File(label="subject photos (3-20; or give instance dir)", file_count="multiple",
-                             file_types=["image"], type="filepath")
-            comps = {"photos": photos, **_form(gr, C.TRAIN_SECTIONS, TRAIN_MAIN)}
-            button = gr.Button("Train", variant="primary")
-            status = gr.Textbox(label="status", lines=3, interactive=False)
-            grid = gr.Image(label="validation grid", type="filepath", interactive=False)
-            result = gr.Textbox(label="LoRA", interactive=False)
+        with gr.Tab("Train"), gr.Row():
+            with gr.Column(scale=3):  # the form on the left, the run and its results beside it
+                photos = gr.File(label="subject photos (3-20; or give instance dir)", file_count="multiple",
+                                 file_types=["image"], type="filepath")
+                comps = {"photos": photos, **_form(gr, C.TRAIN_SECTIONS, TRAIN_MAIN)}
+            with gr.Column(scale=2):
+                button = gr.Button("Train", variant="primary")
+                status = gr.Textbox(label="status", lines=3, interactive=False)
+                grid = gr.Image(label="validation grid", type="filepath", interactive=False)
+                result = gr.Textbox(label="LoRA", interactive=False)
             button.click(_wire(gr, train, comps), inputs=set(comps.values()), outputs=[status, grid, result],
                          api_name="train")
-        with gr.Tab("Generate"):
-            comps = _form(gr, C.GENERATE_SECTIONS, GENERATE_MAIN)
-            button = gr.Button("Generate", variant="primary")
-            gallery = gr.Gallery(label="images", columns=4)
+        with gr.Tab("Generate"), gr.Row():
+            with gr.Column(scale=2):
+                comps = _form(gr, C.GENERATE_SECTIONS, GENERATE_MAIN)
+            with gr.Column(scale=3):
+                button = gr.Button("Generate", variant="primary")
+                gallery = gr.Gallery(label="images", columns=4)
             button.click(_wire(gr, generate, comps), inputs=set(comps.values()), outputs=gallery,
                          api_name="generate")
-        with gr.Tab("Export"):
-            comps = _form(gr, EXPORT_SECTIONS, EXPORT_MAIN)
-            button = gr.Button("Export", variant="primary")
-            written = gr.Textbox(label="written", interactive=False)
+        with gr.Tab("Export"), gr.Row():
+            with gr.Column(scale=3):
+                comps = _form(gr, EXPORT_SECTIONS, EXPORT_MAIN)
+            with gr.Column(scale=2):
+                button = gr.Button("Export", variant="primary")
+                written = gr.Textbox(label="written", interactive=False)
             names = {comp: name for name, comp in comps.items()}
             button.click(lambda data: export({names[c]: v for c, v in data.items()}), inputs=set(comps.values()),
                          outputs=written, api_name="export")
