@@ -62,15 +62,19 @@ def precision_dtype(mixed_precision: str, on: str) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar with count and ETA; yields advance(n)."""
+def progress_bar(description: str, total: int, enabled: bool = True, *, completed: int = 0,
+                 show_loss: bool = False) -> Iterator[Callable[..., None]]:
+    """A rich progress bar with count and ETA (and the loss, for training); yields advance(n=1, **fields)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), disable=not enabled) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    if show_loss:
+        columns.insert(3, TextColumn("loss {task.fields[loss]:.4f}"))
+    with Progress(*columns, disable=not enabled) as bar:
+        task = bar.add_task(description, total=total, completed=completed, loss=math.nan)
+        yield lambda n=1, **fields: bar.update(task, advance=n, **fields)
 
 
 @contextlib.contextmanager

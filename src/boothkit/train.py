@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,7 +379,9 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
     n_micro, rank, main = t.gradient_accumulation_steps, acc.process_index, acc.is_main_process
     for m in trained:
         m.train()
-    with _progress(progress, t.max_steps, start) as bar:
+    from .generate import progress_bar
+
+    with progress_bar("train", t.max_steps, progress, completed=start, show_loss=True) as advance:
         for step in range(start, t.max_steps):
             totals = torch.zeros(3)
             for micro in range(n_micro):
@@ -408,7 +409,7 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
             lrs = tr.lr_scheduler.get_last_lr()
             rows.append(dict(zip(LOG_FIELDS, [done, *(f"{x:.6g}" for x in totals.tolist()), f"{lrs[0]:.6g}",
                                               f"{lrs[1]:.6g}" if len(lrs) > 1 else ""])))
-            bar(done, float(totals[0]))
+            advance(1, loss=float(totals[0]))
             if not main:
                 continue
             checkpoint_now = t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps
@@ -437,18 +438,6 @@ def _restore(accelerator, unet, text_encoder, weights: dict[str, torch.Tensor]) 
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(weights[k])
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, start: int):
-    """A rich progress bar with ETA; yields update(step, loss)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    cols = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*cols, disable=not enabled) as prog:
-        task = prog.add_task("train", total=total, completed=start, loss=math.nan)
-        yield lambda step, loss: prog.update(task, completed=step, loss=loss)
 
 
 @torch.no_grad()
