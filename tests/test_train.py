@@ -180,14 +180,32 @@ def test_v_prediction_model_trains(instance_dir, tmp_path, tiny_path):
 
 def test_full_finetune_writes_a_diffusers_model(instance_dir, tmp_path, tiny_path):
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    out = run_training(make_cfg(instance_dir, tmp_path / "out", full=True, max_steps=2, learning_rate=1e-4),
-                       progress=False)
-    tuned = UNet2DConditionModel.from_pretrained(out / "model" / "unet")
-    base = UNet2DConditionModel.from_pretrained(tiny_path / "unet")
-    diffs = [not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values())]
-    assert any(diffs)
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", full=True, train_text_encoder=True, max_steps=2,
+                                learning_rate=1e-4, text_encoder_lr=1e-4), progress=False)
+
+    def changed(a, b):
+        return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    assert changed(UNet2DConditionModel.from_pretrained(out / "model" / "unet"),
+                   UNet2DConditionModel.from_pretrained(tiny_path / "unet"))
+    assert changed(CLIPTextModel.from_pretrained(out / "model" / "text_encoder"),
+                   CLIPTextModel.from_pretrained(tiny_path / "text_encoder"))
     assert not (out / LORA_FILE).exists()
+
+
+def test_random_crop_trains_without_a_latent_cache(tmp_path):
+    """Random crops differ every step, so nothing is cached; wide photos exercise the crop offsets."""
+    photos = tmp_path / "wide"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (160, 64), (40 * i, 90, 200)).save(photos / f"{i}.png")
+    a = run_training(make_cfg(photos, tmp_path / "a", crop="random", flip=True, max_steps=2), progress=False)
+    b = run_training(make_cfg(photos, tmp_path / "b", crop="random", flip=True, max_steps=2, cache_latents=False),
+                     progress=False)
+    wa, wb = lora_tensors(a), lora_tensors(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "with random crops both settings take the same path"
 
 
 def test_bf16_accumulation_and_schedule(instance_dir, tmp_path):
