@@ -172,7 +172,7 @@ def test_dreambench_spreads_subjects_over_processes(tmp_path, dataset, tiny_path
     train_toml.write_text("[train]\nmax_steps = 2\n[prior]\nprior = false\n")
     out = tmp_path / "bench"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "boothkit",
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "boothkit",
                            *_bench_args(dataset, out, train_toml, "pup,thing")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -230,7 +230,7 @@ def test_two_processes_under_torchrun(instance_dir, tmp_path):
     """Data-parallel training on CPU (gloo); on GPUs the same code runs under `accelerate launch`."""
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "boothkit",
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "boothkit",
                            "train", "--instance-dir", str(instance_dir), "--class-noun", "dog", "--no-prior",
                            "--output-dir", str(out), "--max-steps", "2", "--rank", "2"],
                           env=env, capture_output=True, text=True, timeout=300)
