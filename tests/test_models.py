@@ -59,3 +59,12 @@ def test_model_ref(tiny_path, tmp_path):
     assert model_ref("tiny") == "tiny" == model_ref(str(tiny_path))
     assert model_ref("org/model") == "org/model"
     assert model_ref(str(tmp_path)) == str(tmp_path.resolve())
+
+
+def test_attention_runs_through_sdpa(tiny_path):
+    """diffusers' default processor is torch's scaled_dot_product_attention (no xformers needed)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_path / "unet")
+    assert unet.attn_processors and all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
