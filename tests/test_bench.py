@@ -149,13 +149,14 @@ def test_prior_effect_ci_size(tmp_path, tiny_path, lpips_weights, demo_subject):
         "num_class_images": 2, "samples": 2, "sample_steps": 2, "drift_draws": 2, "out": str(tmp_path / "pe")}})
     result = B.run_prior_effect(cfg, progress=False)
     rows = {r["model"]: r for r in result["table"]}
-    frozen, with_, without = (rows[v] for v in B.VARIANTS)
+    frozen, with_, without, anchored = (rows[v] for v in B.VARIANTS)
     # the frozen model against itself: exactly no drift
     assert frozen["class_unet_mse"] == 0 and frozen["identifier_unet_mse"] == 0
     assert frozen["class_sample_lpips"] == pytest.approx(0, abs=1e-6)
-    for r in (with_, without):
+    for r in (with_, without, anchored):
         assert r["identifier_unet_mse"] > 0 and r["class_unet_mse"] > 0 and r["final_loss"] is not None
     assert with_["class_unet_mse"] != without["class_unet_mse"]  # the prior loss changed training
+    assert anchored["class_unet_mse"] != with_["class_unet_mse"]  # and its target matters
     saved = list(csv.DictReader((tmp_path / "pe" / "prior_effect.csv").open()))
     assert [r["model"] for r in saved] == list(B.VARIANTS)
     assert "subject photos" in (tmp_path / "pe" / "prior_effect.html").read_text()

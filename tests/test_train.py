@@ -237,3 +237,24 @@ def test_two_processes_under_torchrun(instance_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training on 2 process(es)" in proc.stderr
     assert (out / LORA_FILE).is_file() and len((out / "train_log.csv").read_text().splitlines()) == 3
+
+
+def test_frozen_prior_target_anchors_the_class_to_the_frozen_model(instance_dir, class_dir, tmp_path):
+    """With the frozen model's prediction as the class target, step 1's prior loss is 0 up to kernel rounding
+    (LoRA B starts at 0, so the trained and the frozen model agree); it grows only as far as training moves the class."""
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", class_dir, prior_target="frozen", max_steps=4,
+                                train_text_encoder=True), progress=False)
+    rows = [r.split(",") for r in (out / "train_log.csv").read_text().splitlines()[1:]]
+    prior = [float(r[3]) for r in rows]
+    instance = [float(r[2]) for r in rows]
+    assert prior[0] < 1e-10 and instance[0] > 0.1
+    assert 0 < max(prior[1:]) < 0.1 * min(instance)
+    paper = run_training(make_cfg(instance_dir, tmp_path / "paper", class_dir, max_steps=1), progress=False)
+    assert float((paper / "train_log.csv").read_text().splitlines()[1].split(",")[3]) > 0.1
+
+
+def test_frozen_prior_target_needs_lora(instance_dir, tmp_path):
+    from boothkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prior.prior_target frozen needs LoRA"):
+        run_training(make_cfg(instance_dir, tmp_path / "o", tmp_path, prior_target="frozen", full=True))

@@ -360,7 +360,11 @@ class PriorEffectConfig:
 
 
 PRIOR_EFFECT_SECTIONS: dict[str, type] = {"effect": PriorEffectConfig}
-VARIANTS = ("frozen model", "with prior preservation", "without prior preservation")
+VARIANTS = ("frozen model", "with prior preservation", "without prior preservation",
+            "with prior preservation, frozen-model target")
+# trained variant -> (output folder, train overrides)
+TRAINED = {VARIANTS[1]: ("with_prior", {"prior": True}), VARIANTS[2]: ("without_prior", {"prior": False}),
+           VARIANTS[3]: ("with_prior_frozen_target", {"prior": True, "prior_target": "frozen"})}
 EFFECT_COLUMNS = ("model", "subject_fit_lpips", "class_unet_mse", "class_sample_lpips", "identifier_unet_mse",
                   "final_loss")
 
@@ -434,15 +438,14 @@ def run_prior_effect(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     common = dict(instance_dir=e.instance_dir, class_noun=e.class_noun, model=e.model, max_steps=e.max_steps,
                   num_class_images=e.num_class_images, seed=e.seed, class_dir=str(out / "class_images"))
     runs, tcfgs = {}, {}
-    for variant, prior in ((VARIANTS[1], True), (VARIANTS[2], False)):
-        folder = out / ("with_prior" if prior else "without_prior")
+    for variant, (folder, overrides) in TRAINED.items():
         tcfgs[variant] = C.resolve(C.TRAIN_SECTIONS, train_values,
-                                   {**common, "prior": prior, "output_dir": str(folder)}, where="--train-config")
+                                   {**common, **overrides, "output_dir": str(out / folder)}, where="--train-config")
         runs[variant] = run_training(tcfgs[variant], progress=progress)
     tcfg = tcfgs[VARIANTS[1]]
     instance_prompt, class_prompt = tcfg.data.prompt, tcfg.prior.prompt_for(e.class_noun)
 
-    pipe = load_generation_pipeline(e.model, [(str(runs[VARIANTS[1]]), 1.0), (str(runs[VARIANTS[2]]), 1.0)])
+    pipe = load_generation_pipeline(e.model, [(str(runs[v]), 1.0) for v in TRAINED])
     size = native_resolution(pipe)
     lsize = e.lpips_size or size
     photos = [img for _, img in load_folder(e.instance_dir)]
@@ -451,7 +454,7 @@ def run_prior_effect(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     id_drift = drift_inputs(pipe, photos, e.drift_draws, e.seed, size)
     kw = dict(num_images=e.samples, seed=e.seed, steps=e.sample_steps, guidance=e.guidance)
     measured = {}
-    for variant, adapter in zip(VARIANTS, (None, "lora0", "lora1")):
+    for variant, adapter in zip(VARIANTS, [None] + [f"lora{k}" for k in range(len(TRAINED))]):
         _use_adapter(pipe, adapter)
         measured[variant] = dict(id=generate_images(pipe, instance_prompt, **kw),
                                  cls=generate_images(pipe, class_prompt, **kw),

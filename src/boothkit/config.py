@@ -83,6 +83,9 @@ class PriorConfig:
     class_guidance: float = opt(7.5, "Guidance scale for class images.", min=0.0)
     class_seed: int = opt(0, "Seed of class image i is class_seed + i.")
     prior_weight: float = opt(1.0, "Weight λ of the prior-preservation loss.", min=0.0)
+    prior_target: str = opt("images", "Target for the class examples: 'images' (the paper: the noise added to the "
+                                      "frozen model's class images) or 'frozen' (the frozen model's own prediction "
+                                      "on them, a distillation-style anchor; LoRA only).", choices=("images", "frozen"))
 
     def prompt_for(self, class_noun: str) -> str:
         return self.class_prompt or f"a photo of {class_noun}"
@@ -140,6 +143,8 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
     """Checks that span sections of a `train` config."""
     if not cfg.data.instance_dir:
         raise ConfigError("data.instance_dir is required (--instance-dir)")
+    if cfg.prior.prior and cfg.prior.prior_target == "frozen" and cfg.lora.full:
+        raise ConfigError("prior.prior_target frozen needs LoRA: a full fine-tune keeps no frozen copy of the model")
     return cfg
 
 

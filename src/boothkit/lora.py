@@ -7,9 +7,10 @@ boothkit's own facts (base model, token, class noun, ...) sit beside it as ``boo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -40,6 +41,21 @@ def add_lora(model: torch.nn.Module, targets, rank: int, alpha: float, dropout: 
     if not any(p.requires_grad for p in model.parameters()):
         raise BoothkitError(f"no module of {type(model).__name__} matches the LoRA targets {', '.join(targets)}")
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(*models: torch.nn.Module) -> Iterator[None]:
+    """Run `models` as their frozen base (every peft LoRA layer bypassed), then switch the adapters back on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -26,7 +26,8 @@ from .config import RunConfig, atomic_write_bytes, save_toml, validate_train
 from .data import load_folder, load_image, prepare, resize_shorter, to_tensor
 from .errors import BoothkitError, ConfigError
 from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
-from .lora import LORA_FILE, adapter_metadata, add_lora, canonical_text_encoder_keys, lora_state_dict, save_lora_file
+from .lora import (LORA_FILE, adapter_metadata, add_lora, adapters_disabled, canonical_text_encoder_keys,
+                   lora_state_dict, save_lora_file)
 from .models import load_pipeline, model_ref, native_resolution
 
 log = logging.getLogger("boothkit")
@@ -136,14 +137,23 @@ def draw_batch(g: torch.Generator, instance: LatentBank, instance_prompt: str, b
 # ------------------------------------------------------------------------------------------- the step
 
 def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Tensor, prediction_type: str,
-                  prior_weight: float | None, g: torch.Generator):
-    """One forward pass over [subject; class] examples -> (loss, instance_loss, prior_loss)."""
+                  prior_weight: float | None, g: torch.Generator, frozen_predict: Callable | None = None):
+    """One forward pass over [subject; class] examples -> (loss, instance_loss, prior_loss).
+
+    With `frozen_predict` (--prior-target frozen) the class examples' target is the frozen model's own
+    prediction for the same noisy latents and prompt, instead of the noise that was added.
+    """
     latents = batch.latents
     noise = torch.randn(latents.shape, generator=g).to(latents.device)
     timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=g).to(latents.device)
     noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
     pred = unet(noisy, timesteps, encode(batch.prompts)).sample
     target = diffusion_target(prediction_type, latents, noise, alphas_cumprod, timesteps)
+    if prior_weight is not None and frozen_predict is not None:
+        n = latents.shape[0] // 2
+        with torch.no_grad():
+            frozen = frozen_predict(noisy[n:], timesteps[n:], batch.prompts[n:])
+        target = torch.cat([target[:n], frozen.to(target.dtype)])
     if prior_weight is None:
         loss = mse(pred, target)
         return loss, loss, torch.zeros_like(loss)
@@ -376,6 +386,13 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
     t, d = cfg.train, cfg.data
     trained = [tr.unet] + ([tr.text_encoder] if cfg.lora.train_text_encoder else [])
     prior_weight = cfg.prior.prior_weight if cfg.prior.prior else None
+    frozen_predict = None
+    if cfg.prior.prior and cfg.prior.prior_target == "frozen":
+        bare = [acc.unwrap_model(m) for m in (tr.unet, tr.text_encoder)]
+
+        def frozen_predict(noisy, timesteps, prompts):
+            with adapters_disabled(*bare):
+                return bare[0](noisy, timesteps, tr.encode(prompts)).sample
     n_micro, rank, main = t.gradient_accumulation_steps, acc.process_index, acc.is_main_process
     for m in trained:
         m.train()
@@ -394,7 +411,7 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
                     with acc.autocast():
                         batch = draw_batch(g, tr.instance, d.prompt, t.batch_size, tr.classes, tr.class_prompt)
                         losses = training_step(tr.unet, tr.encode, batch, tr.alphas_cumprod, tr.prediction_type,
-                                               prior_weight, g)
+                                               prior_weight, g, frozen_predict)
                     acc.backward(losses[0] / n_micro)
                 totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
             if acc.num_processes > 1:  # log the mean over processes, not rank 0's share
@@ -476,7 +493,7 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_enc
     d, lo = cfg.data, cfg.lora
     info = {"base_model": model_ref(cfg.model.model), "token": d.token, "class_noun": d.class_noun,
             "instance_prompt": d.prompt, "class_prompt": cfg.prior.prompt_for(d.class_noun),
-            "prior_preservation": cfg.prior.prior, "rank": lo.rank, "alpha": lo.alpha,
+            "prior_preservation": cfg.prior.prior, "prior_target": cfg.prior.prior_target, "rank": lo.rank, "alpha": lo.alpha,
             "unet_targets": ",".join(lo.unet_targets), "steps": cfg.train.max_steps, "resolution": resolved.data.resolution,
             "text_encoder_targets": ",".join(lo.text_encoder_targets) if lo.train_text_encoder else "",
             "version": __version__}
