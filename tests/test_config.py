@@ -107,3 +107,13 @@ def test_example_configs_are_valid(name):
     path = Path(__file__).resolve().parents[1] / "examples" / name
     cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(path), {"instance_dir": "p", "class_noun": "dog", "output_dir": "o"})
     assert cfg.data.prompt == "a photo of sks dog"
+
+
+@pytest.mark.parametrize("sections, values, match", [
+    (C.GENERATE_SECTIONS, {"generate": {"out": "o", "model": "tiny"}}, r"generate.prompt is required \(--prompt\)"),
+    (C.GENERATE_SECTIONS, {"generate": {"prompt": ["p"], "model": "tiny"}}, r"generate.out is required \(--out\)"),
+    (C.TRAIN_SECTIONS, {"data": {"class_noun": "dog"}}, r"train.output_dir is required \(--output-dir\)"),
+])
+def test_required_fields_name_key_and_flag(sections, values, match):
+    with pytest.raises(ConfigError, match=match):
+        C.resolve(sections, values)

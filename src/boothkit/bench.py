@@ -163,7 +163,7 @@ def train_subject(train_values: Mapping[str, Any], overrides: Mapping[str, Any],
 
 @dataclass(frozen=True)
 class BenchConfig:
-    dataset: str = opt("", "DreamBooth-layout dataset: subject folders and prompts_and_classes.txt.")
+    dataset: str = opt("", "DreamBooth-layout dataset: subject folders and prompts_and_classes.txt.", required=True)
     train_config: Optional[str] = opt(None, "TOML train config applied to every subject (instance_dir, class_noun "
                                             "and output_dir are filled in per subject).")
     method: str = opt("", "Name of this method's row in the table (default: the train config's file name).")
@@ -175,13 +175,7 @@ class BenchConfig:
     sample_steps: int = opt(50, "Sampling steps.", min=1)
     guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
     sample_seed: int = opt(0, "Seed of the first image of every prompt.")
-    out: str = opt("", "Output folder; several methods can share it (one row each).")
-
-    def validate(self) -> None:
-        if not self.dataset:
-            raise ConfigError("bench.dataset is required (--dataset)")
-        if not self.out:
-            raise ConfigError("bench.out is required (--out)")
+    out: str = opt("", "Output folder; several methods can share it (one row each).", required=True)
 
 
 DREAMBENCH_SECTIONS: dict[str, type] = {"bench": BenchConfig, "metrics": MetricsConfig}
@@ -338,8 +332,8 @@ def write_bench_report(out: Path, cfg: C.RunConfig) -> Path:
 
 @dataclass(frozen=True)
 class PriorEffectConfig:
-    instance_dir: str = opt("", "Photos of the subject (e.g. a DreamBooth benchmark subject folder).")
-    class_noun: str = opt("", "Class noun of the subject, e.g. 'dog'.")
+    instance_dir: str = opt("", "Photos of the subject (e.g. a DreamBooth benchmark subject folder).", required=True)
+    class_noun: str = opt("", "Class noun of the subject, e.g. 'dog'.", required=True)
     model: str = opt("tiny", "Base model of both runs.")
     train_config: Optional[str] = opt(None, "TOML train config for both runs (the flags here override it).")
     max_steps: int = opt(200, "Training steps of each run.", min=1)
@@ -351,12 +345,7 @@ class PriorEffectConfig:
     drift_draws: int = opt(32, "(class image, noise, timestep) draws for the UNet-output drift.", min=1)
     lpips_net: str = opt("alex", "LPIPS trunk (weights from `boothkit lpips import`).", choices=("alex", "vgg"))
     lpips_size: int = opt(0, "Image size for LPIPS (0: the model's native resolution).", min=0)
-    out: str = opt("", "Output folder (runs, class images, prior_effect.json/.csv/.html).")
-
-    def validate(self) -> None:
-        for key in ("instance_dir", "class_noun", "out"):
-            if not getattr(self, key):
-                raise ConfigError(f"effect.{key} is required (--{key.replace('_', '-')})")
+    out: str = opt("", "Output folder (runs, class images, prior_effect.json/.csv/.html).", required=True)
 
 
 PRIOR_EFFECT_SECTIONS: dict[str, type] = {"effect": PriorEffectConfig}

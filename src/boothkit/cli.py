@@ -38,7 +38,8 @@ def _options(sections: Mapping[str, type]) -> list[click.Option]:
             flag = "--" + f.name.replace("_", "-")
             default = f.default
             shown = ", ".join(default) if isinstance(default, tuple) else default
-            help_text = f"{meta.get('help', '')} [{section}.{f.name}; default: {shown}]"
+            where = f"{section}.{f.name}; required" if meta.get("required") else f"{section}.{f.name}; default: {shown}"
+            help_text = f"{meta.get('help', '')} [{where}]"
             if tp is bool:
                 decls = [f"{flag}/--no-{flag[2:]}", f.name]
                 opts.append(click.Option(decls, default=None, help=help_text))

@@ -27,9 +27,12 @@ else:  # pragma: no cover
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, short: str | None = None,
-        min: float | None = None, max: float | None = None) -> Any:
-    """A config field with the help text and limits the CLI and the validator share."""
-    meta = {"help": help, "choices": choices, "short": short, "min": min, "max": max}
+        min: float | None = None, max: float | None = None, required: bool = False) -> Any:
+    """A config field with the help text and limits the CLI and the validator share.
+
+    `required`: an empty value ('' or ()) is an error naming the key and its flag.
+    """
+    meta = {"help": help, "choices": choices, "short": short, "min": min, "max": max, "required": required}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -104,7 +107,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str = opt("", "Output folder for weights, config, logs, checkpoints and samples.")
+    output_dir: str = opt("", "Output folder for weights, config, logs, checkpoints and samples.", required=True)
     max_steps: int = opt(400, "Optimizer steps.", min=1)
     batch_size: int = opt(1, "Instance images per step (as many class images are added with --prior).", min=1)
     learning_rate: float = opt(1e-4, "Learning rate of the UNet parameters.", min=0.0)
@@ -134,9 +137,6 @@ class TrainConfig:
     validation_steps: int = opt(20, "Sampling steps for validation samples.", min=1)
     log_every: int = opt(1, "Write train_log.csv every N steps.", min=1)
 
-    def validate(self) -> None:
-        if not self.output_dir:
-            raise ConfigError("train.output_dir is required (--output-dir)")
 
 
 def validate_train(cfg: "RunConfig") -> "RunConfig":
@@ -158,7 +158,7 @@ class GenerateConfig:
                                     "(boothkit, diffusers or kohya/A1111 format); the weight multiplies both scales.")
     model: Optional[str] = opt(None, "Base model; default: the one named in the first LoRA's metadata.")
     model_config: Optional[str] = opt(None, "Local diffusers folder describing a single-file checkpoint.")
-    prompt: tuple[str, ...] = opt((), "Prompt (repeatable).")
+    prompt: tuple[str, ...] = opt((), "Prompt (repeatable).", required=True)
     negative_prompt: str = opt("", "Negative prompt.")
     num_images: int = opt(4, "Images per prompt.", short="-n", min=1)
     guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
@@ -171,13 +171,9 @@ class GenerateConfig:
     height: int = opt(0, "Height in pixels, a multiple of 8 (0: the model's native size).", min=0)
     batch_size: int = opt(1, "Images per forward pass (does not change the images).", min=1)
     mixed_precision: str = opt("no", "Run the pipeline in this precision (fp16 needs a GPU).", choices=MIXED_PRECISION)
-    out: str = opt("", "Output folder for PNGs, grids and generate_config.toml.")
+    out: str = opt("", "Output folder for PNGs, grids and generate_config.toml.", required=True)
 
     def validate(self) -> None:
-        if not self.prompt:
-            raise ConfigError("generate.prompt is required (--prompt)")
-        if not self.out:
-            raise ConfigError("generate.out is required (--out)")
         if not self.lora and not self.model:
             raise ConfigError("generate: give --lora (its metadata names the base model) or --model")
 
@@ -252,6 +248,16 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     return value
 
 
+def check(cfg: Any, section: str) -> Any:
+    """Required fields present, then the class's own checks across fields (its validate())."""
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("required") and getattr(cfg, f.name) in ("", (), None):
+            raise ConfigError(f"{section}.{f.name} is required (--{f.name.replace('_', '-')})")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
 def build(cls: type, values: Mapping[str, Any], section: str, validate: bool = True) -> Any:
     """Build a stage config from a mapping, validating every key and value."""
     hints = typing.get_type_hints(cls)
@@ -262,9 +268,7 @@ def build(cls: type, values: Mapping[str, Any], section: str, validate: bool = T
             raise ConfigError(f"unknown config key '{section}.{key}'")
         kwargs[key] = _check_value(f"{section}.{key}", value, hints[key], fields[key].metadata)
     cfg = cls(**kwargs)
-    if validate and hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+    return check(cfg, section) if validate else cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -308,9 +312,8 @@ def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None 
         per_section[owner[key]][key] = value
     # Every key and type first, then the checks across fields: a typo is reported before a missing value.
     built = {name: build(cls, per_section[name], name, validate=False) for name, cls in sections.items()}
-    for cfg in built.values():
-        if hasattr(cfg, "validate"):
-            cfg.validate()
+    for name, cfg in built.items():
+        check(cfg, name)
     return RunConfig(built)
 
 

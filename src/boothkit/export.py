@@ -50,9 +50,9 @@ KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 @dataclass(frozen=True)
 class ExportConfig:
-    lora: str = opt("", "boothkit output folder or LoRA .safetensors file.")
+    lora: str = opt("", "boothkit output folder or LoRA .safetensors file.", required=True)
     format: str = opt("kohya", "Target format.", choices=FORMATS)
-    out: str = opt("", "Output .safetensors file (a folder for --format merged).")
+    out: str = opt("", "Output .safetensors file (a folder for --format merged).", required=True)
     model: Optional[str] = opt(None, "Base model for merged formats; default: the one named in the LoRA's metadata.")
     model_config: Optional[str] = opt(None, "Local diffusers folder describing a single-file base model.")
     unet_scale: float = opt(1.0, "LoRA scale fused into the UNet (merged formats).")
@@ -62,10 +62,6 @@ class ExportConfig:
     overwrite: bool = opt(False, "Replace --out if it exists.")
 
     def validate(self) -> None:
-        if not self.lora:
-            raise ConfigError("export.lora is required (--lora)")
-        if not self.out:
-            raise ConfigError("export.out is required (--out)")
         if self.format != "merged" and not self.out.endswith(".safetensors"):
             raise ConfigError(f"export.out: --format {self.format} writes one file; give a .safetensors path")
 

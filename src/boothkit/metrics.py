@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 from .config import atomic_write_bytes, opt
-from .errors import BoothkitError, DataError, ModelError
+from .errors import DataError, ModelError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -64,16 +64,11 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     samples: str = opt("", "Folder of generated images: a `boothkit generate` output (prompts from the PNG metadata) "
-                            "or a folder with samples.json.")
-    real_dir: str = opt("", "Folder of real photos of the subject.")
+                            "or a folder with samples.json.", required=True)
+    real_dir: str = opt("", "Folder of real photos of the subject.", required=True)
     class_samples: Optional[str] = opt(None, "Folder of class-prompt generations ('a photo of a dog'), for PRES.")
     prompt: tuple[str, ...] = opt((), "Prompt of every image in --samples, when the folder has no samples.json.")
-    out: str = opt("", "Output folder for metrics.json, metrics.csv and report.html.")
-
-    def validate(self) -> None:
-        for key in ("samples", "real_dir", "out"):
-            if not getattr(self, key):
-                raise BoothkitError(f"evaluate.{key} is required (--{key.replace('_', '-')})")
+    out: str = opt("", "Output folder for metrics.json, metrics.csv and report.html.", required=True)
 
 
 EVALUATE_SECTIONS: dict[str, type] = {"evaluate": EvaluateConfig, "metrics": MetricsConfig}

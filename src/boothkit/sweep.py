@@ -50,7 +50,7 @@ def parse_values(key: str, text: str, minimum: float | None = None) -> tuple[flo
 
 @dataclass(frozen=True)
 class SweepConfig:
-    lora: str = opt("", "LoRA as 'PATH[:WEIGHT]': a boothkit output folder or a .safetensors file.")
+    lora: str = opt("", "LoRA as 'PATH[:WEIGHT]': a boothkit output folder or a .safetensors file.", required=True)
     model: Optional[str] = opt(None, "Base model; default: the one named in the LoRA's metadata.")
     model_config: Optional[str] = opt(None, "Local diffusers folder describing a single-file checkpoint.")
     prompt: tuple[str, ...] = opt((), "Prompt (repeatable).")
@@ -68,12 +68,9 @@ class SweepConfig:
     batch_size: int = opt(1, "Images per forward pass.", min=1)
     mixed_precision: str = opt("no", "Run the pipeline in this precision.", choices=C.MIXED_PRECISION)
     metrics: bool = opt(False, "Measure CLIP-T and DIV per cell and plot diversity against prompt fidelity.")
-    out: str = opt("", "Output folder.")
+    out: str = opt("", "Output folder.", required=True)
 
     def validate(self) -> None:
-        for key in ("lora", "out"):
-            if not getattr(self, key):
-                raise ConfigError(f"sweep.{key} is required (--{key})")
         if not self.prompt and not self.prompts_file:
             raise ConfigError("sweep.prompt is required (--prompt or --prompts-file)")
         self.axes()
