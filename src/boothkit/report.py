@@ -10,6 +10,7 @@ import html
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -78,11 +79,12 @@ def plot_metric_distributions(per_prompt: Sequence[Mapping[str, Any]],
 
 
 def plot_diversity_vs_fidelity(rows: Sequence[Mapping[str, Any]], fidelity: str = "CLIP-T",
-                               diversity: str = "DIV") -> bytes:
+                               diversity: str = "DIV", note: str = "") -> bytes:
     """PNG: diversity against prompt fidelity, one point per row, annotated with its guidance scale.
 
     rows: dicts with `guidance`, the `fidelity` and `diversity` metrics, and optionally `label` (one line per
     label, points joined in order of guidance) — e.g. one row per (method, guidance) of a sweep.
+    `note` (e.g. that the evaluators are random-weight ones) goes under the title.
     """
     from matplotlib.figure import Figure
 
@@ -98,6 +100,7 @@ def plot_diversity_vs_fidelity(rows: Sequence[Mapping[str, Any]], fidelity: str 
             ax.annotate(f"g={float(r['guidance']):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(f"prompt fidelity ({fidelity})")
     ax.set_ylabel(f"diversity ({diversity})")
+    ax.set_title("\n".join(["Diversity vs prompt fidelity", *textwrap.wrap(note, 70)]), fontsize=9)
     if any(labels):
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -17,7 +17,6 @@ import csv
 import io
 import itertools
 import math
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
@@ -131,16 +130,6 @@ def image_paths(out: Path, cell: Cell, prompt: str, n: int, seed: int) -> list[P
 
 def is_finished(paths: Sequence[Path]) -> bool:
     return all(p.is_file() for p in paths)
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_same_sweep(out: Path, s: SweepConfig, lora_sha256: str) -> None:
@@ -275,7 +264,7 @@ def run_sweep(cfg: C.RunConfig) -> Path:
     s = cfg.sweep
     out = Path(s.out)
     prompts, axes = load_prompts(s), s.axes()
-    digest = file_sha256(lora_file(parse_lora_spec(s.lora)[0]))  # a wrong path fails now, not after loading
+    digest = C.file_sha256(lora_file(parse_lora_spec(s.lora)[0]))  # a wrong path fails now, not after loading
     check_same_sweep(out, s, digest)
     out.mkdir(parents=True, exist_ok=True)
     C.save_toml(out / "sweep_config.toml", cfg.to_dict())
@@ -334,32 +323,17 @@ def write_metrics(out: Path, s: SweepConfig, mcfg, prompts: Sequence[str], cells
 
 
 def plot_metrics(path: Path, cells: Sequence[Cell], values: Sequence[dict], note: str = "") -> Path:
-    """Diversity vs prompt fidelity: one point per (guidance, UNet, TE) averaged over prompts, coloured by guidance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Diversity vs prompt fidelity: one line per (UNet, TE) scale pair through its guidance values, each point
+    averaged over the prompts: the seed experiment's "higher guidance, closer to the prompt, less diverse"."""
+    from .report import plot_diversity_vs_fidelity
 
     groups: dict[tuple[float, float, float], list[dict]] = {}
     for c, v in zip(cells, values):
         groups.setdefault((c.guidance, c.unet_scale, c.text_encoder_scale), []).append(v)
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    for g in dict.fromkeys(k[0] for k in groups):
-        pts = [(k, sum(v["CLIP-T"] for v in vs) / len(vs), [v["DIV"] for v in vs if v["DIV"] is not None])
-               for k, vs in groups.items() if k[0] == g]
-        pts = [(k, x, sum(d) / len(d)) for k, x, d in pts if d]
-        if not pts:
-            continue
-        ax.plot([x for _, x, _ in pts], [y for _, _, y in pts], "o", label=f"CFG {g:g}")
-        for k, x, y in pts:
-            ax.annotate(f"u{k[1]:g}/t{k[2]:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("prompt fidelity (CLIP-T)")
-    ax.set_ylabel("diversity (DIV, mean pairwise LPIPS)")
-    ax.set_title("\n".join(["Diversity vs prompt fidelity", *textwrap.wrap(note, 70)]), fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    C.atomic_write_bytes(path, buf.getvalue())
+    rows = []
+    for (g, u, t), vs in groups.items():
+        divs = [v["DIV"] for v in vs if v["DIV"] is not None]
+        rows.append({"guidance": g, "label": f"UNet {u:g} / TE {t:g}",
+                     "CLIP-T": sum(v["CLIP-T"] for v in vs) / len(vs), "DIV": sum(divs) / len(divs) if divs else None})
+    C.atomic_write_bytes(path, plot_diversity_vs_fidelity(rows, note=note))
     return path
