@@ -107,12 +107,12 @@ def models() -> None:
 @models.command("path")
 @click.argument("name")
 def models_path(name: str) -> None:
-    """Print the local folder of a model ('tiny' is built on first use)."""
+    """Print the local folder of a model ('tiny' and 'mini' are built on first use)."""
     from .models import model_path
 
     path = model_path(name)
     if not Path(path).exists():
-        raise BoothkitError(f"model '{name}' has no local folder (only 'tiny' and local paths do)")
+        raise BoothkitError(f"model '{name}' has no local folder (only 'tiny', 'mini' and local paths do)")
     click.echo(path)
 
 
@@ -274,6 +274,18 @@ def _sweep(cfg: C.RunConfig) -> None:
     from .sweep import run_sweep
 
     click.echo(f"sweep written to {run_sweep(cfg)}")
+
+
+from .pretrain import PRETRAIN_SECTIONS as _PRETRAIN_SECTIONS  # noqa: E402
+
+
+@config_command(cli, "pretrain", _PRETRAIN_SECTIONS,
+                help="Pretrain the built-in 'mini' model and its evaluators on the emoji world, one stage at a time "
+                     "(vae, unet, clip, dino, then ship); every stage resumes from its newest checkpoint.")
+def _pretrain(cfg: C.RunConfig) -> None:
+    from .pretrain import run_pretrain
+
+    click.echo(f"wrote {run_pretrain(cfg)}")
 
 
 @cli.command("ui")

@@ -51,9 +51,9 @@ METRICS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    clip_model: str = opt(DEFAULT_CLIP, "CLIP evaluator for CLIP-I / CLIP-T: hub id, local folder, or 'tiny' "
+    clip_model: str = opt(DEFAULT_CLIP, "CLIP evaluator for CLIP-I / CLIP-T: hub id, local folder, 'mini' (pretrained on emoji) or 'tiny' "
                                         "(random weights, smoke tests only).")
-    dino_model: str = opt(DEFAULT_DINO, "DINO ViT evaluator for DINO / PRES: hub id, local folder, or 'tiny'.")
+    dino_model: str = opt(DEFAULT_DINO, "DINO ViT evaluator for DINO / PRES: hub id, local folder, 'mini' (pretrained on emoji) or 'tiny'.")
     lpips_net: str = opt("alex", "LPIPS trunk for DIV (weights from `boothkit lpips import`).", choices=("alex", "vgg"))
     lpips_size: int = opt(256, "Images are resized and centre-cropped to this size for LPIPS.", min=16)
     eval_batch_size: int = opt(16, "Images per evaluator forward pass.", min=1)
@@ -133,6 +133,10 @@ def _resolve_evaluator(spec: str, kind: str, flag: str) -> tuple[str, bool]:
     """(from_pretrained argument, meaningful?) for an evaluator spec."""
     if spec == TINY:
         return str(tiny_evaluator_path(kind)), False
+    if spec == "mini":
+        from .mini import mini_path
+
+        return str(mini_path(kind)), True
     path = Path(spec).expanduser()
     if path.is_dir():
         return str(path), not (path / "BOOTHKIT_TINY.json").is_file()

@@ -25,6 +25,8 @@ from .errors import ModelError
 log = logging.getLogger("boothkit")
 
 TINY = "tiny"
+MINI = "mini"  # pretrained on the emoji world; see boothkit.mini
+BUILT_IN = (TINY, MINI)
 TINY_VERSION = "tiny-v1"
 TINY_SEED = 20220825  # the DreamBooth paper's arXiv date; any fixed value works
 TINY_RESOLUTION = 64
@@ -120,10 +122,10 @@ def build_tiny_model(folder: Path) -> None:
     }, indent=2))
 
 
-def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+def build_once(folder: Path, build: Callable[[Path], None], marker: str = "BOOTHKIT_TINY.json") -> Path:
     """Build a cached folder on first use: into a temp folder beside it, then one rename, so a killed or
-    concurrent builder never leaves a half-built folder. `build(tmp)` fills it, marker BOOTHKIT_TINY.json included."""
-    if (folder / "BOOTHKIT_TINY.json").is_file():
+    concurrent builder never leaves a half-built folder. `build(tmp)` fills it, `marker` file included."""
+    if (folder / marker).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
@@ -133,7 +135,7 @@ def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first; its folder is identical
-            if not (folder / "BOOTHKIT_TINY.json").is_file():
+            if not (folder / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,16 +148,17 @@ def tiny_model_path() -> Path:
 
 
 def model_ref(spec: str) -> str:
-    """A stable name for a model, as metadata and manifests record it: 'tiny' for the built-in model
-    (however it was named), an absolute path for local files and folders, the hub id otherwise."""
-    if spec == TINY:
-        return TINY
+    """A stable name for a model, as metadata and manifests record it: 'tiny' or 'mini' for the built-in models
+    (however they were named), an absolute path for local files and folders, the hub id otherwise."""
+    if spec in BUILT_IN:
+        return spec
     p = Path(spec).expanduser()
     if not p.exists():
         return spec
     p = p.resolve()
-    home_tiny = (boothkit_home() / "models" / TINY_VERSION).resolve()
-    return TINY if p == home_tiny else str(p)
+    if p == (boothkit_home() / "models" / TINY_VERSION).resolve():
+        return TINY
+    return MINI if (p / "BOOTHKIT_MINI.json").is_file() and p.parent == (boothkit_home() / "models").resolve() else str(p)
 
 
 def is_tiny(spec: str) -> bool:
@@ -165,7 +168,11 @@ def is_tiny(spec: str) -> bool:
 # ----------------------------------------------------------------------------------------------- loading
 
 def model_path(spec: str) -> str:
-    """What `spec` names, for from_pretrained: 'tiny' becomes its cached folder; others pass through."""
+    """What `spec` names, for from_pretrained: 'tiny' and 'mini' become their cached folders; others pass through."""
+    if spec == MINI:
+        from .mini import mini_path
+
+        return str(mini_path("model"))
     return str(tiny_model_path()) if spec == TINY else spec
 
 
@@ -176,8 +183,8 @@ def load_pipeline(spec: str, *, model_config: str | None = None, revision: str |
 
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     path = Path(spec)
-    if spec == TINY or path.is_dir():
-        if spec != TINY and not (path / "model_index.json").is_file():
+    if spec in BUILT_IN or path.is_dir():
+        if spec not in BUILT_IN and not (path / "model_index.json").is_file():
             raise ModelError(f"--model {spec}: folder has no model_index.json (not a diffusers model folder)")
         return StableDiffusionPipeline.from_pretrained(model_path(spec), **common)
     if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):

@@ -1,0 +1,194 @@
+"""Does `mini` draw its world? `boothkit bench mini`: samples for the most frequent nouns, judged twice.
+
+Judges: the nearest real emoji by `mini`'s CLIP image tower, and by real pretrained LPIPS (independent of
+anything trained here). The reference set ships with the weights (assets/mini/reference.npz: the frequent
+nouns' emoji in both training styles, on white), so the check needs no npm. Two-object captions are judged
+on the picture's halves. Chance is 1 / number of reference names.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import opt
+
+PAIR_SUBJECTS = ("girl", "boy", "dog", "cat", "teddy bear")
+PAIR_PROPS = ("soft ice cream", "full moon symbol", "classical building")
+
+
+@dataclass(frozen=True)
+class MiniBenchConfig:
+    out: str = opt("mini-bench", "Output folder (report.html, results.json, grid.png).")
+    model: str = opt("mini", "Model to judge (a diffusers folder trained on the emoji world, or 'mini').")
+    nouns: int = opt(50, "How many of the most frequent nouns to sample.", min=1)
+    seeds: int = opt(4, "Samples per caption (seeds 0..N-1).", min=1)
+    steps: int = opt(25, "DDIM sampling steps.", min=1)
+    guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
+    lpips_net: str = opt("alex", "LPIPS trunk of the independent judge.", choices=("alex", "vgg"))
+
+
+MINI_BENCH_SECTIONS = {"bench": MiniBenchConfig}
+
+
+def reference(names: Sequence[str] | None = None):
+    """(names, styles, RGB images on white) of the shipped reference emoji, optionally only `names`."""
+    import numpy as np
+
+    from .mini import mini_dir
+
+    with np.load(mini_dir() / "reference.npz") as z:
+        rows = [(str(n), str(s), im) for n, s, im in zip(z["names"], z["styles"], z["images"])]
+    if names is not None:
+        rows = [r for r in rows if r[0] in set(names)]
+    return [r[0] for r in rows], [r[1] for r in rows], np.stack([on_white(r[2]) for r in rows])
+
+
+def on_white(rgba):
+    import numpy as np
+
+    a = rgba[..., 3:].astype(np.float32) / 255
+    return np.round(rgba[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
+
+
+def frequent_names() -> list[str]:
+    """The reference's names, most frequent first (the order the ship stage counted them in)."""
+    from .mini import mini_dir
+
+    return json.loads((mini_dir() / "reference.json").read_text())["frequent"]
+
+
+def sample(pipe, prompts: Sequence[str], seeds: int, steps: int, guidance: float, progress=None) -> list:
+    """`seeds` PIL samples per prompt, seed s for the s-th: the same on every run."""
+    import torch
+
+    out = []
+    for prompt in prompts:
+        gens = [torch.Generator("cpu").manual_seed(s) for s in range(seeds)]
+        out += pipe([prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+        if progress:
+            progress()
+    return out
+
+
+def nearest_by_clip(clip, images: Sequence, ref_images: Sequence) -> "Any":
+    """Index of the nearest reference image (cosine of CLIP image embeddings) for each image."""
+    from .metrics import _unit
+
+    a, b = _unit(clip.image_embeds(list(images)).double()), _unit(clip.image_embeds(list(ref_images)).double())
+    return (a @ b.T).argsort(dim=1, descending=True)
+
+
+def nearest_by_lpips(lpips, images: Sequence, ref_images: Sequence, size: int = 64) -> "Any":
+    """Reference indices ordered by LPIPS distance, for each image."""
+    import torch
+
+    from .metrics import lpips_tensor
+
+    x = torch.stack([lpips_tensor(im, size) for im in images])
+    r = torch.stack([lpips_tensor(im, size) for im in ref_images])
+    rows = []
+    with torch.inference_mode():
+        for xi in x:
+            rows.append(lpips(xi.expand_as(r), r).flatten())
+    return torch.stack(rows).argsort(dim=1)
+
+
+def halves(img):
+    """Left and right halves of a picture, each padded back to a square on white."""
+    from PIL import Image
+
+    w, h = img.size
+    out = []
+    for box in ((0, 0, w // 2, h), (w // 2, 0, w, h)):
+        canvas = Image.new("RGB", (w // 2, w // 2) if h <= w // 2 else (h, h), "white")
+        part = img.crop(box)
+        canvas.paste(part, ((canvas.width - part.width) // 2, (canvas.height - part.height) // 2))
+        out.append(canvas.resize((w, h)))
+    return out
+
+
+def recognition(order, sample_names: Sequence[str], ref_names: Sequence[str], k: int = 1) -> float:
+    """Share of samples whose top-k nearest references include one of the right name."""
+    hits = [any(ref_names[j] == want for j in row[:k].tolist()) for row, want in zip(order, sample_names)]
+    return sum(hits) / max(1, len(hits))
+
+
+def run_mini_bench(cfg) -> Path:
+    from PIL import Image
+
+    from .generate import progress_bar
+    from .metrics import ClipEvaluator, load_lpips
+    from .models import load_pipeline
+    from .report import Report
+
+    b: MiniBenchConfig = cfg.bench
+    out = Path(b.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = frequent_names()[: b.nouns]
+    ref_names, ref_styles, ref_arrays = reference(frequent_names())
+    ref_images = [Image.fromarray(a) for a in ref_arrays]
+    pipe = load_pipeline(b.model)
+    pipe.set_progress_bar_config(disable=True)
+    from .scenes import with_article
+
+    prompts = [f"an emoji of {with_article(n)}" for n in names]
+    pairs = [(s, p) for s in PAIR_SUBJECTS for p in PAIR_PROPS if s in ref_names and p in ref_names]
+    pair_prompts = [f"an emoji of {with_article(s)} next to {with_article(p)}" for s, p in pairs]
+    with progress_bar("sampling mini", len(prompts) + len(pair_prompts)) as advance:
+        images = sample(pipe, prompts, b.seeds, b.steps, b.guidance, advance)
+        pair_images = sample(pipe, pair_prompts, b.seeds, b.steps, b.guidance, advance)
+    want = [n for n in names for _ in range(b.seeds)]
+    clip = ClipEvaluator("mini", pipe.device)
+    lpips = load_lpips(b.lpips_net)
+    by_clip = nearest_by_clip(clip, images, ref_images)
+    by_lpips = nearest_by_lpips(lpips, images, ref_images)
+    chance = 1 / len(set(ref_names))
+    single = {"samples": len(images), "reference names": len(set(ref_names)), "chance": chance,
+              "CLIP top-1": recognition(by_clip, want, ref_names), "CLIP top-5": recognition(by_clip, want, ref_names, 5),
+              "LPIPS top-1": recognition(by_lpips, want, ref_names),
+              "LPIPS top-5": recognition(by_lpips, want, ref_names, 5)}
+    # two objects: each must be among the 3 nearest references of one half, the other object of the other half
+    both = []
+    for i, img in enumerate(pair_images):
+        subject, prop = pairs[i // b.seeds]
+        left, right = (nearest_by_clip(clip, halves(img), ref_images)[:, :3].tolist())
+        found = [{ref_names[j] for j in side} for side in (left, right)]
+        both.append((subject in found[0] and prop in found[1]) or (subject in found[1] and prop in found[0]))
+    two = {"samples": len(pair_images), "both objects (CLIP, top-3 per half)": sum(both) / max(1, len(both))}
+    grid = sample_grid(images[: 12 * b.seeds], names[:12], b.seeds, ref_names, ref_styles, ref_images)
+    grid.save(out / "grid.png")
+    pair_grid = sample_grid(pair_images, [f"{s} + {p}" for s, p in pairs], b.seeds, [], [], [])
+    pair_grid.save(out / "pairs.png")
+    result = {"settings": {"model": b.model, "nouns": names, "seeds": b.seeds, "steps": b.steps,
+                           "guidance": b.guidance, "sampler": "ddim", "lpips": b.lpips_net},
+              "single": single, "two_objects": two, "pairs": [list(p) for p in pairs]}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    rep = Report("mini: does it draw its world?")
+    rep.table([{"judge": k, "value": v} for k, v in single.items()], ["judge", "value"], "single-object captions")
+    rep.table([{"judge": k, "value": v} for k, v in two.items()], ["judge", "value"], "two-object captions")
+    rep.figure((out / "grid.png").read_bytes(), "samples (4 seeds) and the real emoji (google, twitter) per row")
+    rep.figure((out / "pairs.png").read_bytes(), "two-object captions")
+    rep.settings(result["settings"])
+    rep.write(out / "report.html")
+    return out
+
+
+def sample_grid(images: Sequence, labels: Sequence[str], per_row: int, ref_names, ref_styles, ref_images,
+                cell: int = 64):
+    """Rows of samples (one row per label) followed by that label's real emoji, with the label at the left."""
+    from PIL import Image, ImageDraw
+
+    label_w = 150
+    refs = {n: [im for rn, im in zip(ref_names, ref_images) if rn == n] for n in labels}
+    width = label_w + cell * (per_row + max([len(v) for v in refs.values()] + [0]) + 1)
+    grid = Image.new("RGB", (width, cell * len(labels)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, label in enumerate(labels):
+        draw.text((4, r * cell + cell // 2 - 6), label[:24], fill="black")
+        for c in range(per_row):
+            grid.paste(images[r * per_row + c].resize((cell, cell)), (label_w + c * cell, r * cell))
+        for c, im in enumerate(refs.get(label, [])):
+            grid.paste(im.resize((cell, cell)), (label_w + (per_row + 1 + c) * cell, r * cell))
+    return grid
