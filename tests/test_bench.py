@@ -40,16 +40,6 @@ prompt_list = [
 """
 
 
-@pytest.fixture(scope="module")
-def lpips_weights():
-    if not M.lpips_weights_path("alex").is_file():
-        try:
-            M.import_lpips_weights(nets=("alex",))
-        except Exception as exc:  # no PyPI here: DIV cannot be measured
-            pytest.skip(f"LPIPS weights not importable: {exc}")
-    return M.lpips_weights_path("alex")
-
-
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     root = tmp_path / "ds"

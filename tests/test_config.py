@@ -99,14 +99,18 @@ def test_atomic_write_has_normal_permissions(tmp_path):
     assert (tmp_path / "out.toml").stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("name", ["sd15-lora.toml", "sd15-full.toml", "tiny-smoke.toml"])
+@pytest.mark.parametrize("name", ["sd15-lora.toml", "sd15-full.toml", "tiny-smoke.toml", "mini-dreambooth.toml",
+                                  "mini-dreambooth-no-prior.toml"])
 def test_example_configs_are_valid(name):
     """The shipped examples stay in step with the config schema (a renamed key would break them)."""
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "examples" / name
     cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(path), {"instance_dir": "p", "class_noun": "dog", "output_dir": "o"})
-    assert cfg.data.prompt == "a photo of sks dog"
+    if name.startswith("mini"):
+        assert cfg.data.prompt == "an emoji of [ktn] dog" and cfg.prior.prompt_for("dog") == "an emoji of a dog"
+    else:
+        assert cfg.data.prompt == "a photo of sks dog"
 
 
 @pytest.mark.parametrize("sections, values, match", [
@@ -117,3 +121,11 @@ def test_example_configs_are_valid(name):
 def test_required_fields_name_key_and_flag(sections, values, match):
     with pytest.raises(ConfigError, match=match):
         C.resolve(sections, values)
+
+
+def test_prompt_templates_fill_only_their_placeholders():
+    cfg = C.resolve(C.TRAIN_SECTIONS, {"data": {"instance_prompt": "{token} {class_noun} {style} {}"},
+                                       "prior": {"class_prompt": "an image of a {class_noun}"}},
+                    {"instance_dir": "p", "class_noun": "girl", "token": "[ktn]", "output_dir": "o"})
+    assert cfg.data.prompt == "[ktn] girl {style} {}"
+    assert cfg.prior.prompt_for("girl") == "an image of a girl"

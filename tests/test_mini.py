@@ -63,3 +63,14 @@ def test_mini_samples_are_recognised(clip, refs, one_thread):
     labels = [n for n in want for _ in range(2)]
     # chance of a top-5 hit is 5 / len(set(names)) < 0.1; noise from a random model scores about that
     assert recognition(order, labels, names, k=5) >= 0.5
+
+
+def test_evaluators_on_the_heldout_style(clip):
+    """Fluent UI emoji (a style neither evaluator saw): CLIP names them, DINO tells the subjects apart."""
+    from boothkit.metrics import DinoEvaluator
+    from boothkit.recognition import evaluator_checks
+
+    checks = evaluator_checks(clip, DinoEvaluator("mini", torch.device("cpu")))
+    assert checks["subjects"] == 13 and checks["photos"] == 65
+    assert checks["CLIP names top-5"] > 5 * (5 * checks["name chance"])
+    assert checks["DINO instance top-1"] > 3 * checks["instance chance"]

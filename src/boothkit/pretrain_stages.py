@@ -293,6 +293,7 @@ def stage_ship(cfg: PretrainConfig, out: Path) -> None:
     (out / "recipe.json").write_text(json.dumps({"seed": cfg.seed, "steps": steps, "recipe": RECIPE,
                                                  "latent_scaling_factor": scale}, indent=2))
     write_reference(cfg, out)
+    (work / "curves.png").write_bytes(plot_curves(work))
 
 
 def write_reference(cfg: PretrainConfig, out: Path, top: int = 60, scenes: int = 20000) -> None:
@@ -312,3 +313,26 @@ def write_reference(cfg: PretrainConfig, out: Path, top: int = 60, scenes: int =
     save_emoji(out / "reference.npz", [e for n in names for e in gen.by_name[n]])
     (out / "reference.json").write_text(json.dumps({"frequent": frequent, "scenes_counted": scenes,
                                                     "counts": dict(counts.most_common(top))}, indent=2))
+
+
+def plot_curves(work: Path) -> bytes:
+    """PNG: the loss curve of every stage that has a log (raw and smoothed over 50 steps)."""
+    from matplotlib.figure import Figure
+
+    from .report import _figure_png
+
+    stages = [s for s in ("vae", "unet", "clip", "dino") if (work / s / "log.csv").is_file()]
+    fig = Figure(figsize=(3.2 * max(1, len(stages)), 2.8))
+    for k, stage in enumerate(stages):
+        with (work / stage / "log.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        steps, loss = [int(r["step"]) for r in rows], np.array([float(r["loss"]) for r in rows])
+        smooth = np.convolve(loss, np.ones(50) / 50, mode="valid") if len(loss) >= 50 else loss
+        ax = fig.add_subplot(1, len(stages), k + 1)
+        ax.plot(steps, loss, lw=0.4, alpha=0.4)
+        ax.plot(steps[len(steps) - len(smooth):], smooth, lw=1.2)
+        ax.set_title(f"{stage}: final {smooth[-1]:.4f}, {float(rows[-1]['seconds']) / 60:.0f} min", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _figure_png(fig)

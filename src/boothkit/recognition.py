@@ -60,13 +60,13 @@ def frequent_names() -> list[str]:
 
 
 def sample(pipe, prompts: Sequence[str], seeds: int, steps: int, guidance: float, progress=None) -> list:
-    """`seeds` PIL samples per prompt, seed s for the s-th: the same on every run."""
-    import torch
+    """`seeds` PIL samples per prompt, seed s for the s-th (boothkit.generate's seeding: the same on every run)."""
+    from .generate import generate_images
 
     out = []
     for prompt in prompts:
-        gens = [torch.Generator("cpu").manual_seed(s) for s in range(seeds)]
-        out += pipe([prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+        out += generate_images(pipe, prompt, num_images=seeds, seed=0, steps=steps, guidance=guidance,
+                               batch_size=seeds)
         if progress:
             progress()
     return out
@@ -115,6 +115,51 @@ def recognition(order, sample_names: Sequence[str], ref_names: Sequence[str], k:
     return sum(hits) / max(1, len(hits))
 
 
+WORLD_NAME = {"backpack": "school satchel", "full moon": "full moon symbol"}  # Fluent name -> emoji.json name
+
+
+def heldout_photos():
+    """(subject, world name of its emoji, PIL photo) of every held-out Fluent subject picture that ships."""
+    from PIL import Image
+
+    from .subjects import SUBJECTS, dataset_dir
+
+    return [(subject, WORLD_NAME.get(name, name), Image.open(p).convert("RGB"))
+            for subject, (name, _) in SUBJECTS.items() for p in sorted((dataset_dir() / subject).glob("*.png"))]
+
+
+def evaluator_checks(clip, dino) -> dict[str, float]:
+    """The evaluators on a style they never saw (Fluent UI subjects):
+    - names: CLIP's nearest reference emoji (Noto/Twemoji) has the subject's name (top-1, top-5);
+    - instances: the nearest other picture, among all subjects' photos and the same-name Noto/Twemoji emoji,
+      is a photo of the same subject: DINO should beat CLIP-I here, as DINO does on the paper's benchmark."""
+    import torch
+    from PIL import Image
+
+    from .metrics import _unit
+
+    ref_names, _, ref_arrays = reference()
+    refs = [Image.fromarray(a) for a in ref_arrays]
+    photos = heldout_photos()
+    known = [(s, n, im) for s, n, im in photos if n in ref_names]
+    order = nearest_by_clip(clip, [im for _, _, im in known], refs)
+    out = {"subjects": len({s for s, _, _ in photos}), "photos": len(photos), "reference names": len(set(ref_names)),
+           "name chance": 1 / len(set(ref_names)),
+           "CLIP names top-1": recognition(order, [n for _, n, _ in known], ref_names),
+           "CLIP names top-5": recognition(order, [n for _, n, _ in known], ref_names, 5)}
+    same_name = [(n, im) for n, im in zip(ref_names, refs) if n in {n for _, n, _ in photos}]
+    gallery = [im for _, _, im in photos] + [im for _, im in same_name]
+    owner = [s for s, _, _ in photos] + [f"reference:{n}" for n, _ in same_name]
+    for label, model in (("DINO", dino), ("CLIP-I", clip)):
+        emb = _unit(model.image_embeds(gallery).double())
+        sim = emb[: len(photos)] @ emb.T
+        sim[torch.arange(len(photos)), torch.arange(len(photos))] = -2.0  # not itself
+        best = sim.argmax(dim=1).tolist()
+        out[f"{label} instance top-1"] = sum(owner[j] == owner[i] for i, j in enumerate(best)) / len(photos)
+    out["instance chance"] = (len(photos) // out["subjects"] - 1) / (len(gallery) - 1)
+    return out
+
+
 def run_mini_bench(cfg) -> Path:
     from PIL import Image
 
@@ -157,17 +202,22 @@ def run_mini_bench(cfg) -> Path:
         found = [{ref_names[j] for j in side} for side in (left, right)]
         both.append((subject in found[0] and prop in found[1]) or (subject in found[1] and prop in found[0]))
     two = {"samples": len(pair_images), "both objects (CLIP, top-3 per half)": sum(both) / max(1, len(both))}
+    from .metrics import DinoEvaluator
+
+    checks = evaluator_checks(clip, DinoEvaluator("mini", pipe.device))
     grid = sample_grid(images[: 12 * b.seeds], names[:12], b.seeds, ref_names, ref_styles, ref_images)
     grid.save(out / "grid.png")
     pair_grid = sample_grid(pair_images, [f"{s} + {p}" for s, p in pairs], b.seeds, [], [], [])
     pair_grid.save(out / "pairs.png")
     result = {"settings": {"model": b.model, "nouns": names, "seeds": b.seeds, "steps": b.steps,
                            "guidance": b.guidance, "sampler": "ddim", "lpips": b.lpips_net},
-              "single": single, "two_objects": two, "pairs": [list(p) for p in pairs]}
+              "single": single, "two_objects": two, "pairs": [list(p) for p in pairs], "evaluators": checks}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     rep = Report("mini: does it draw its world?")
     rep.table([{"judge": k, "value": v} for k, v in single.items()], ["judge", "value"], "single-object captions")
     rep.table([{"judge": k, "value": v} for k, v in two.items()], ["judge", "value"], "two-object captions")
+    rep.table([{"check": k, "value": v} for k, v in checks.items()], ["check", "value"],
+              "the evaluators on the held-out Fluent UI style")
     rep.figure((out / "grid.png").read_bytes(), "samples (4 seeds) and the real emoji (google, twitter) per row")
     rep.figure((out / "pairs.png").read_bytes(), "two-object captions")
     rep.settings(result["settings"])
