@@ -186,7 +186,10 @@ def load_emoji(path: Path) -> list[Emoji]:
 
 def world(styles: Sequence[str] = TRAIN_STYLES) -> list[Emoji]:
     """The pretraining world's emoji in `styles`, cached as an .npz after the first build."""
-    path = cache_dir() / f"world-{'-'.join(styles)}-v1.npz"
+    import hashlib
+
+    selection = hashlib.sha256(json.dumps([sorted(SUBCATEGORIES), PACKS], sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir() / f"world-{'-'.join(styles)}-{selection}.npz"  # a changed selection builds a new file
     if path.is_file():
         return load_emoji(path)
     names = world_names(catalogue(fetch_pack(styles[0])))
