@@ -30,3 +30,23 @@ def test_demo_guidance_must_include_the_seed_values(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--guidance", "5,7.5"])
     assert exc.value.code == 2 and "demo.guidance" in capsys.readouterr().err
+
+
+def test_reading_follows_the_numbers():
+    from boothkit.experiment import reading, summarise
+
+    def row(g, u, dino, clip_t, prop, div, cls=False):
+        return {"prompt": "p", "guidance": g, "unet_scale": u, "text_encoder_scale": u, "class": cls, "DINO": dino,
+                "CLIP-I": 0.1, "CLIP-T": clip_t, "prop": None if cls else prop, "DIV": div}
+
+    rows = [row(7.5, 0.0, 0.40, 0.30, 0.2, 0.40), row(7.5, 0.8, 0.60, 0.35, 0.3, 0.40),
+            row(15.0, 0.0, 0.40, 0.32, 0.2, 0.30), row(15.0, 0.8, 0.61, 0.40, 0.5, 0.30),
+            row(7.5, 0.8, 0.50, 0.2, None, 0.3, cls=True)]
+    table = summarise(rows, (7.5, 15.0), [(0.0, 0.0), (0.8, 0.8)])
+    after = next(r for r in table if r["guidance"] == 7.5 and r["LoRA (UNet / TE)"] == "0.8 / 0.8")
+    assert after["PRES"] == 0.5 and after["DINO"] == 0.6 and after["class DIV"] == 0.3
+    text = reading(table, 7.5, 15.0, "0.8 / 0.8")
+    assert "CLIP-T rose from 0.350 to 0.400" in text and "DIV fell from 0.400 to 0.300" in text
+    assert "conclusion holds" in text and "the subject was learned" in text
+    rows[3]["DIV"] = 0.5  # more diverse at higher guidance: the conclusion must not be claimed
+    assert "does not fully hold" in reading(summarise(rows, (7.5, 15.0), [(0.0, 0.0), (0.8, 0.8)]), 7.5, 15.0, "0.8 / 0.8")

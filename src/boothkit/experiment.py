@@ -81,11 +81,13 @@ def reading(table: Sequence[Mapping[str, Any]], low: float, high: float, after: 
     b = next(r for r in table if r["guidance"] == high and r["LoRA (UNet / TE)"] == after)
     base = next((r for r in table if r["guidance"] == low and r["LoRA (UNet / TE)"] == "0 / 0"), None)
 
-    def move(key: str) -> str:
+    def move(key: str, name: str = "") -> str:
+        name = name or key
         if a[key] is None or b[key] is None:
-            return f"{key} was not measured"
-        word = "rose" if b[key] > a[key] else "fell" if b[key] < a[key] else "stayed"
-        return f"{key} {word} from {a[key]:.3f} to {b[key]:.3f}"
+            return f"{name} was not measured"
+        if abs(b[key] - a[key]) < 5e-4:
+            return f"{name} stayed at {a[key]:.3f}"
+        return f"{name} {'rose' if b[key] > a[key] else 'fell'} from {a[key]:.3f} to {b[key]:.3f}"
 
     fidelity_up = (b["CLIP-T"] or 0) > (a["CLIP-T"] or 0) or (b["prop"] or 0) > (a["prop"] or 0)
     diversity_down = (b["DIV"] or 0) < (a["DIV"] or 0)
@@ -94,7 +96,7 @@ def reading(table: Sequence[Mapping[str, Any]], low: float, high: float, after: 
                "The seed's conclusion does not fully hold here: " +
                ("prompt fidelity did not rise" if not fidelity_up else "diversity did not fall") + ".")
     text = (f"With the LoRA at {after} (UNet / text encoder), going from guidance {low:g} to {high:g}: "
-            f"{move('CLIP-T')}, the scene prop was found in {move('prop').split(' ', 1)[1]} of the pictures, "
+            f"{move('CLIP-T')}, {move('prop', 'the share of pictures showing the scene object')}, "
             f"{move('DIV')} (LPIPS diversity), and subject fidelity {move('DINO')}. {verdict}")
     if base is not None and a["DINO"] is not None and base["DINO"] is not None:
         text += (f" Against the base model at guidance {low:g} (LoRA off), subject fidelity (DINO) went from "
