@@ -50,3 +50,13 @@ def test_reading_follows_the_numbers():
     assert "conclusion holds" in text and "the subject was learned" in text
     rows[3]["DIV"] = 0.5  # more diverse at higher guidance: the conclusion must not be claimed
     assert "does not fully hold" in reading(summarise(rows, (7.5, 15.0), [(0.0, 0.0), (0.8, 0.8)]), 7.5, 15.0, "0.8 / 0.8")
+
+
+def test_demo_on_tiny_uses_the_dog_and_says_the_weights_are_random(tmp_path, one_thread):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--model", "tiny", "--out", str(out), "--max-steps", "3", "--num-class-images", "2",
+              "--num-images", "2", "--steps", "2"])
+    assert exc.value.code == 0
+    page = (out / "index.html").read_text()
+    assert "random weights" in page and "sks dog" in page and not (out / "measures.csv").exists()

@@ -41,9 +41,10 @@ def profile(model: str) -> Profile:
     """`mini` draws emoji: a held-out Fluent girl and the scenes in its captions' words, measured by its
     evaluators over a guidance sweep. Any other model: the DreamBooth dog and the seed's own words."""
     if model == "mini":
-        from .subjects import SEED_SCENES, demo_subject_dir
+        from .subjects import SEED_SCENES
+        from .subjects import demo_subject_dir as emoji_girl
 
-        return Profile(str(demo_subject_dir()), "[ktn]", "girl", "an image of {token} {class_noun}",
+        return Profile(str(emoji_girl()), "[ktn]", "girl", "an image of {token} {class_noun}",
                        "an image of a {class_noun}",
                        {scene: "an image of {token} {class_noun} next to a " + prop for scene, prop in SEED_SCENES.items()},
                        dict(SEED_SCENES), (1.5, 3.0, 5.0, 7.5, 10.0, 15.0), 400, 5e-4, 1e-4)
