@@ -26,7 +26,7 @@ def test_every_stage_runs_and_ships_a_loadable_model(tmp_path, one_thread):
         assert run("--stage", stage, *common) == 0, stage
         rows = list(csv.DictReader(open(tmp_path / "work" / stage / "log.csv")))
         assert [r["step"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
-    # a stage that has finished resumes to "done": no new rows, same weights
+    # a stage that has finished resumes to "done": no new rows
     assert run("--stage", "vae", *common) == 0
     assert len(list(csv.DictReader(open(tmp_path / "work" / "vae" / "log.csv")))) == 2
     ship = tmp_path / "ship"

@@ -273,7 +273,7 @@ def _before_after(rep, d: DemoConfig, sweep_dir: Path) -> None:
     rep.heading("Before and after training (guidance 7.5)")
     for k, prompt in enumerate(prompts):
         for label, scale in (("before (base model)", 0.0), ("after (LoRA 0.8 / 0.8)", UNET_SCALE)):
-            cell = Cell(k, 7.5, scale, scale if scale else 0.0)
+            cell = Cell(k, 7.5, scale, scale)
             paths = image_paths(sweep_dir, cell, prompt, d.num_images, d.seed)
             rep.images(f"{label}: {prompt}", [Image.open(p) for p in paths if p.is_file()])
 

@@ -46,7 +46,7 @@ SUBCATEGORIES = {
 # Plain class nouns DreamBooth users type, for emoji whose names say something else.
 CLASS_NOUNS = {
     "school satchel": "backpack", "automobile": "car", "teacup without handle": "cup", "hot beverage": "cup",
-    "dog face": "dog", "cat face": "cat", "person": "person",
+    "dog face": "dog", "cat face": "cat",
 }
 # The seed experiment's scenes and the props that stand for them.
 SCENE_PROPS = ("soft ice cream", "ice cream", "full moon symbol", "crescent moon", "classical building")

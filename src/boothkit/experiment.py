@@ -21,7 +21,7 @@ def measure_cells(sweep_dir: Path, s, prompts: Sequence[str], props: Mapping[str
     from PIL import Image
 
     from . import metrics as M
-    from .recognition import halves, reference
+    from .recognition import names_in_halves, reference
     from .sweep import cells_of, image_paths
 
     device = M.pick_device(mcfg.device)
@@ -45,9 +45,7 @@ def measure_cells(sweep_dir: Path, s, prompts: Sequence[str], props: Mapping[str
                "DIV": M.mean_pairwise_lpips(lpips, images, mcfg.lpips_size, mcfg.eval_batch_size)
                if len(images) > 1 else None, "prop": None}
         if prompt in props:
-            parts = [h for img in images for h in halves(img)]
-            top = (M._unit(clip.image_embeds(parts).double()) @ ref_emb.T).topk(3, dim=1).indices.tolist()
-            found = [any(ref_names[j] == props[prompt] for j in top[2 * i] + top[2 * i + 1]) for i in range(len(images))]
+            found = [props[prompt] in left | right for left, right in names_in_halves(clip, images, ref_emb, ref_names)]
             row["prop"] = sum(found) / len(found)
         rows.append(row)
     return rows

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import time
@@ -19,7 +20,9 @@ from .pretrain import RECIPE, PretrainConfig
 
 # ------------------------------------------------------------------------------------------------- data
 
+@functools.lru_cache(maxsize=2)
 def scene_generator(cfg: PretrainConfig):
+    """The stage's scenes; cached, so a stage that draws from it twice loads the emoji once."""
     from .emoji import load_emoji, world
     from .scenes import SceneGenerator
 

@@ -72,12 +72,21 @@ def sample(pipe, prompts: Sequence[str], seeds: int, steps: int, guidance: float
     return out
 
 
-def nearest_by_clip(clip, images: Sequence, ref_images: Sequence) -> "Any":
-    """Index of the nearest reference image (cosine of CLIP image embeddings) for each image."""
+def nearest_by_clip(clip, images: Sequence, ref_images: Sequence = (), ref_emb=None) -> "Any":
+    """Reference indices ordered by cosine of CLIP image embeddings, for each image; pass `ref_emb` (unit rows)
+    to reuse the references' embeddings."""
     from .metrics import _unit
 
-    a, b = _unit(clip.image_embeds(list(images)).double()), _unit(clip.image_embeds(list(ref_images)).double())
-    return (a @ b.T).argsort(dim=1, descending=True)
+    if ref_emb is None:
+        ref_emb = _unit(clip.image_embeds(list(ref_images)).double())
+    return (_unit(clip.image_embeds(list(images)).double()) @ ref_emb.T).argsort(dim=1, descending=True)
+
+
+def names_in_halves(clip, images: Sequence, ref_emb, ref_names: Sequence[str], k: int = 3) -> list[tuple[set, set]]:
+    """For each picture, the names of CLIP's k nearest references of its left half and of its right half."""
+    order = nearest_by_clip(clip, [h for img in images for h in halves(img)], ref_emb=ref_emb)[:, :k].tolist()
+    names = [{ref_names[j] for j in row} for row in order]
+    return list(zip(names[0::2], names[1::2]))
 
 
 def nearest_by_lpips(lpips, images: Sequence, ref_images: Sequence, size: int = 64) -> "Any":
@@ -195,12 +204,13 @@ def run_mini_bench(cfg) -> Path:
               "LPIPS top-1": recognition(by_lpips, want, ref_names),
               "LPIPS top-5": recognition(by_lpips, want, ref_names, 5)}
     # two objects: each must be among the 3 nearest references of one half, the other object of the other half
+    from .metrics import _unit
+
+    ref_emb = _unit(clip.image_embeds(ref_images).double())
     both = []
-    for i, img in enumerate(pair_images):
+    for i, (left, right) in enumerate(names_in_halves(clip, pair_images, ref_emb, ref_names)):
         subject, prop = pairs[i // b.seeds]
-        left, right = (nearest_by_clip(clip, halves(img), ref_images)[:, :3].tolist())
-        found = [{ref_names[j] for j in side} for side in (left, right)]
-        both.append((subject in found[0] and prop in found[1]) or (subject in found[1] and prop in found[0]))
+        both.append((subject in left and prop in right) or (subject in right and prop in left))
     two = {"samples": len(pair_images), "both objects (CLIP, top-3 per half)": sum(both) / max(1, len(both))}
     from .metrics import DinoEvaluator
 

@@ -91,7 +91,7 @@ def paste(canvas: np.ndarray, rgba: np.ndarray, x: int, y: int, size: int, angle
 class SceneGenerator:
     """Scene i of a seed is the same on every machine: each draws from its own random.Random((seed, i))."""
 
-    def __init__(self, emoji: Sequence[Emoji], seed: int = 0, *, p_second: float = 0.35,
+    def __init__(self, emoji: Sequence[Emoji], seed: int | str = 0, *, p_second: float = 0.35,
                  p_image_words: float = 0.25, boost: float = 8.0):
         self.emoji, self.seed = list(emoji), seed
         self.p_second, self.p_image_words = p_second, p_image_words

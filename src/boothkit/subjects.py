@@ -63,7 +63,7 @@ def build_dataset(out: Path, seed: int = 0) -> Path:
     emoji = {e.name: e for e in load_fluent([name for name, _ in SUBJECTS.values()])}
     out.mkdir(parents=True, exist_ok=True)
     for folder, (name, _) in SUBJECTS.items():
-        gen = SceneGenerator([emoji[name]], seed=f"{seed}-{folder}")  # type: ignore[arg-type]
+        gen = SceneGenerator([emoji[name]], seed=f"{seed}-{folder}")
         (out / folder).mkdir(exist_ok=True)
         for i in range(PHOTOS):
             Image.fromarray(gen.scene(i, p_second=0.0).image).save(out / folder / f"{i:02d}.png", optimize=True)
