@@ -66,6 +66,26 @@ def test_parse_benchmark_dataset():
         "a sks backpack in the jungle", "a sks backpack in the snow"]
 
 
+def test_class_noun_ablation_nouns_and_prompts(dataset):
+    ds = B.parse_dataset(dataset)
+
+    def bench(**kw):
+        return B.BenchConfig(dataset=str(dataset), out="x", **kw)
+
+    assert B.subject_prompts(ds, "pup", "sks", ("dog",), limit=1, noun="") == ["a sks wearing a red hat"]
+    assert B.subject_prompts(ds, "thing", "sks", (), limit=1, noun="can") == ["a sks can in the jungle"]
+    assert B.trained_noun(bench(), ds, "pup") == "dog"
+    assert B.trained_noun(bench(class_nouns="none"), ds, "pup") == ""
+    wrong = bench(class_nouns="wrong", wrong_nouns=("dog=cup, backpack = can",))
+    assert [B.trained_noun(wrong, ds, s) for s in ("pup", "thing")] == ["cup", "can"]
+    with pytest.raises(ConfigError, match="--wrong-nouns: no wrong noun for class 'backpack' \\(subject thing\\)"):
+        B.trained_noun(bench(class_nouns="wrong", wrong_nouns=("dog=cup",)), ds, "thing")
+    with pytest.raises(ConfigError, match="--wrong-nouns: expected CLASS=NOUN, got 'dog'"):
+        B.parse_wrong_nouns(["dog"])
+    with pytest.raises(ConfigError, match="is the class noun itself"):
+        B.trained_noun(bench(class_nouns="wrong", wrong_nouns=("dog=dog",)), ds, "pup")
+
+
 def test_dataset_errors(tmp_path, dataset):
     with pytest.raises(DataError, match="prompts_and_classes.txt"):
         B.parse_dataset(tmp_path)
@@ -109,6 +129,12 @@ def test_dreambench_end_to_end_and_resumable(tmp_path, dataset, tiny_path, lpips
     assert [e["prompt"] for e in manifest] == ["a sks dog wearing a red hat"] * 2 + ["a sks dog in the snow"] * 2
     assert first["class_prompt"] == "a photo of dog" and first["num_class_images"] == 2
     assert (pup / "model" / "pytorch_lora_weights.safetensors").is_file()
+    learned = first["learned"]
+    assert learned["prompt"] == "a photo of sks dog" and learned["n"] == 2
+    assert all(-1 <= learned[k] <= 1 for k in B.LEARNED_COLUMNS)
+    for when in ("before", "after"):
+        shown = json.loads((pup / f"instance_{when}" / "samples.json").read_text())["samples"]
+        assert [(e["prompt"], e["seed"]) for e in shown] == [("a photo of sks dog", 0), ("a photo of sks dog", 1)]
     mtime = (pup / "results.json").stat().st_mtime_ns
 
     with pytest.raises(SystemExit) as exit_:  # adds one subject; the finished one is not redone
@@ -125,7 +151,32 @@ def test_dreambench_end_to_end_and_resumable(tmp_path, dataset, tiny_path, lpips
     assert float(rows[1]["DINO"]) == pytest.approx(np.mean([first["reference"]["DINO"], thing["reference"]["DINO"]]))
     html = (out / "dreambench.html").read_text()
     assert M.TINY_NOTE in html and "a sks backpack in the jungle" in html
+    assert "a photo of sks dog, before training" in html and "DINO rose for" in html
     assert json.loads((out / "dreambench.json").read_text())["warning"] == M.TINY_NOTE
+
+
+@pytest.mark.slow
+def test_dreambench_without_class_noun(tmp_path, dataset, tiny_path, lpips_weights, capsys):
+    from boothkit.cli import main
+
+    prior_toml = tmp_path / "prior.toml"
+    prior_toml.write_text("[train]\nmax_steps = 2\n[prior]\nprior = true\n")
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exit_:  # no class noun, no class images: refused before any training
+        main(_bench_args(dataset, out, prior_toml, "pup") + ["--class-nouns", "none"])
+    assert exit_.value.code != 0 and not (out / "lora" / "pup").exists()
+    assert "--class-nouns none" in capsys.readouterr().err
+
+    train_toml = tmp_path / "lora.toml"
+    train_toml.write_text("[train]\nmax_steps = 2\n[prior]\nprior = false\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(_bench_args(dataset, out, train_toml, "pup") + ["--class-nouns", "none"])
+    assert exit_.value.code == 0
+    pup = out / "lora" / "pup"
+    res = json.loads((pup / "results.json").read_text())
+    assert res["train"]["data"]["instance_prompt"] == "a photo of {token}"
+    assert [p["prompt"] for p in res["per_prompt"]] == ["a sks wearing a red hat", "a sks in the snow"]
+    assert res["class_prompt"] == "a photo of dog" and res["trained_noun"] == ""  # PRES: the true class
 
 
 @pytest.mark.slow

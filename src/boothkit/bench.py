@@ -29,6 +29,7 @@ from .metrics import METRICS, Evaluators, MetricsConfig
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 RESULTS = "results.json"
+LEARNED_COLUMNS = ("DINO before", "DINO after", "CLIP-I before", "CLIP-I after")
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -72,11 +73,44 @@ def parse_dataset(root: str | Path) -> Dataset:
     return Dataset(root, classes, tuple(lists["object"]), tuple(lists["live"]))
 
 
-def subject_prompts(ds: Dataset, subject: str, token: str, live_classes: Sequence[str], limit: int = 0) -> list[str]:
-    noun = ds.classes[subject]
-    templates = ds.live_prompts if noun in live_classes else ds.object_prompts
+def subject_prompts(ds: Dataset, subject: str, token: str, live_classes: Sequence[str], limit: int = 0,
+                    noun: Optional[str] = None) -> list[str]:
+    """The subject's prompts; `noun` replaces the dataset's class noun (the class-noun ablation; "" for none)."""
+    templates = ds.live_prompts if ds.classes[subject] in live_classes else ds.object_prompts
     templates = templates[:limit] if limit else templates
-    return [t.format(token, noun) for t in templates]
+    noun = ds.classes[subject] if noun is None else noun
+    return [" ".join(t.format(token, noun).split()) for t in templates]
+
+
+CLASS_NOUN_MODES = ("correct", "none", "wrong")
+
+
+def parse_wrong_nouns(pairs: Sequence[str]) -> dict[str, str]:
+    """'dog=cup,cat=car' (repeatable) -> {class noun: wrong noun}."""
+    out: dict[str, str] = {}
+    for item in (s.strip() for p in pairs for s in p.split(",")):
+        if not item:
+            continue
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not key or not value:
+            raise ConfigError(f"--wrong-nouns: expected CLASS=NOUN, got {item!r}")
+        out[key] = value
+    return out
+
+
+def trained_noun(b: "BenchConfig", ds: Dataset, subject: str) -> str:
+    """The noun a subject is trained and prompted with under --class-nouns."""
+    noun = ds.classes[subject]
+    if b.class_nouns == "none":
+        return ""
+    if b.class_nouns == "wrong":
+        wrong = parse_wrong_nouns(b.wrong_nouns)
+        if noun not in wrong:
+            raise ConfigError(f"--wrong-nouns: no wrong noun for class {noun!r} (subject {subject})")
+        if wrong[noun] == noun:
+            raise ConfigError(f"--wrong-nouns: the wrong noun for {noun!r} is the class noun itself")
+        return wrong[noun]
+    return noun
 
 
 def select_subjects(ds: Dataset, wanted: Sequence[str]) -> list[str]:
@@ -176,6 +210,10 @@ class BenchConfig:
     sample_steps: int = opt(50, "Sampling steps.", min=1)
     guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
     sample_seed: int = opt(0, "Seed of the first image of every prompt.")
+    class_nouns: str = opt("correct", "Class-noun ablation (the paper's Table 4): train and prompt with the dataset's "
+                                      "noun, no noun, or a wrong one from --wrong-nouns. PRES always uses the "
+                                      "correct class.", choices=CLASS_NOUN_MODES)
+    wrong_nouns: tuple[str, ...] = opt((), "For --class-nouns wrong: CLASS=NOUN pairs, e.g. backpack=can,dog=cup.")
     out: str = opt("", "Output folder; several methods can share it (one row each).", required=True)
 
 
@@ -196,24 +234,54 @@ def run_subject(cfg: C.RunConfig, ds: Dataset, subject: str, train_values: Mappi
     from .metrics import evaluate_images, real_reference
 
     b = cfg.bench
-    noun = ds.classes[subject]
-    overrides = {"instance_dir": str(ds.root / subject), "class_noun": noun, "output_dir": str(folder / "model")}
+    noun, trained = ds.classes[subject], trained_noun(b, ds, subject)
+    overrides = {"instance_dir": str(ds.root / subject), "class_noun": trained or noun,
+                 "output_dir": str(folder / "model")}
+    if not trained:  # no class noun: the instance prompt is the template without it
+        template = C.resolve(C.TRAIN_SECTIONS, train_values, overrides).data.instance_prompt
+        overrides["instance_prompt"] = " ".join(C.fill(template or "a photo of {token} {class_noun}",
+                                                       class_noun="").split())
     run = train_subject(train_values, overrides, folder / "model", separate_process=separate_process,
                         local_index=local_index)
     tcfg = C.resolve(C.TRAIN_SECTIONS, train_values, overrides)
-    prompts = subject_prompts(ds, subject, tcfg.data.token, b.live_classes, b.prompts_limit)
+    prompts = subject_prompts(ds, subject, tcfg.data.token, b.live_classes, b.prompts_limit, noun=trained)
     pipe = load_generation_pipeline(None, [(str(run), 1.0)])
     kw = dict(seed=b.sample_seed, steps=b.sample_steps, guidance=b.guidance)
     samples = _load_or_generate(pipe, prompts, folder / "samples", num_images=b.images_per_prompt, **kw)
-    class_prompt = tcfg.prior.prompt_for(noun)
+    class_prompt = tcfg.prior.prompt_for(noun)  # PRES: the true class, whatever noun training used
     class_samples = _load_or_generate(pipe, [class_prompt], folder / "class_samples", num_images=b.pres_images, **kw)
+    before, after = instance_before_after(pipe, tcfg.data.prompt, folder, b.pres_images, **kw)
     del pipe
     real = [img for _, img in load_folder(ds.root / subject)]
     result = evaluate_images(ev, samples, real, [img for _, img in class_samples])
-    result.update(subject=subject, class_noun=noun, method=method_name(b), reference=real_reference(ev, real),
-                  evaluators=ev.describe(), class_prompt=class_prompt, train=tcfg.to_dict())
+    result.update(subject=subject, class_noun=noun, trained_noun=trained, method=method_name(b),
+                  reference=real_reference(ev, real), evaluators=ev.describe(), class_prompt=class_prompt,
+                  learned=learned_measures(ev, tcfg.data.prompt, before, after, real), train=tcfg.to_dict())
     atomic_write_bytes(folder / RESULTS, json.dumps(result, indent=2).encode())
     return result
+
+
+def instance_before_after(pipe, prompt: str, folder: Path, num_images: int, **kw) -> tuple[list, list]:
+    """The instance prompt drawn by the base model (LoRA scales 0/0, bit for bit) and the trained one, same seeds."""
+    from .generate import set_lora_scales
+
+    set_lora_scales(pipe, 0.0, 0.0)
+    before = _load_or_generate(pipe, [prompt], folder / "instance_before", num_images=num_images, **kw)
+    set_lora_scales(pipe, 1.0, 1.0)
+    after = _load_or_generate(pipe, [prompt], folder / "instance_after", num_images=num_images, **kw)
+    return [img for _, img in before], [img for _, img in after]
+
+
+def learned_measures(ev: Evaluators, prompt: str, before: Sequence, after: Sequence, real: Sequence) -> dict:
+    """Subject fidelity of the instance prompt before and after training (the paper's simplest 'was it learned')."""
+    from .metrics import mean_pairwise_cosine
+
+    out: dict[str, Any] = {"prompt": prompt, "n": len(after)}
+    for name, tower in (("DINO", ev.dino), ("CLIP-I", ev.clip)):
+        ref = tower.image_embeds(real)
+        out[f"{name} before"] = mean_pairwise_cosine(tower.image_embeds(before), ref)
+        out[f"{name} after"] = mean_pairwise_cosine(tower.image_embeds(after), ref)
+    return out
 
 
 def _fmt_time(seconds: float) -> str:
@@ -233,8 +301,13 @@ def run_dreambench(cfg: C.RunConfig) -> Optional[Path]:
     ds = parse_dataset(b.dataset)
     subjects = select_subjects(ds, b.subjects)
     train_values = C.load_toml(b.train_config) if b.train_config else {}
-    C.resolve(C.TRAIN_SECTIONS, train_values, {"instance_dir": "x", "class_noun": "x", "output_dir": "x"},
-              where=str(b.train_config))  # a bad key fails now, not after the first subject
+    tcfg = C.resolve(C.TRAIN_SECTIONS, train_values, {"instance_dir": "x", "class_noun": "x", "output_dir": "x"},
+                     where=str(b.train_config))  # a bad key fails now, not after the first subject
+    if b.class_nouns == "none" and tcfg.prior.prior:
+        raise ConfigError(f"--class-nouns none: {b.train_config or 'the train config'} has prior preservation on, "
+                          "which needs a class noun; use a config with [prior] prior = false")
+    for subject in subjects:
+        trained_noun(b, ds, subject)  # a missing --wrong-nouns entry fails now too
     # subjects take long: the final barrier must not time out; without a GPU, processes talk over gloo (cpu=True)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=48))
     root = Path(b.out) / method_name(b)
@@ -313,16 +386,29 @@ def write_bench_report(out: Path, cfg: C.RunConfig) -> Path:
     for method, rs in results.items():
         rep.heading(f"{method}: per subject")
         rep.table([{"subject": r["subject"], **r["overall"]} for r in rs], ("subject",) + METRIC_COLUMNS)
+        learned = [{"subject": r["subject"], **{k: v for k, v in r["learned"].items() if k != "prompt"}}
+                   for r in rs if "learned" in r]
+        if learned:
+            rose = sum(x["DINO after"] > x["DINO before"] for x in learned)
+            rep.table(learned, ("subject", "n") + LEARNED_COLUMNS,
+                      f"{method}: the instance prompt before (base model) and after training, same seeds; "
+                      f"DINO rose for {rose} of {len(learned)} subjects")
         rep.figure(plot_metric_distributions([p for r in rs for p in r["per_prompt"]]),
                    f"{method}: per-prompt values over all subjects")
         for r in rs:
             folder = out / method / r["subject"]
-            rep.heading(f"{method} / {r['subject']} ({r['class_noun']})")
+            noun = r.get("trained_noun", r["class_noun"])
+            shown = r["class_noun"] if noun == r["class_noun"] else f"{r['class_noun']}, trained as {noun!r}"
+            rep.heading(f"{method} / {r['subject']} ({shown})")
             rep.prompt_grids(group_by_prompt(load_samples(folder / "samples")),
                              [img for _, img in load_folder(Path(cfg.bench.dataset) / r["subject"])],
                              {p["prompt"]: p for p in r["per_prompt"]})
             rep.images(f"class prompt: {r['class_prompt']} (PRES {r['overall']['PRES']:.3f})",
                        [img for _, img in load_samples(folder / "class_samples")])
+            if "learned" in r:
+                for when in ("before", "after"):
+                    rep.images(f"{r['learned']['prompt']}, {when} training (DINO {r['learned'][f'DINO {when}']:.3f})",
+                               [img for _, img in load_samples(folder / f"instance_{when}")])
     rep.settings(payload["settings"])
     path = rep.write(out / "dreambench.html")
     print_summary({"evaluators": next(iter(results.values()))[0]["evaluators"]}, rows)

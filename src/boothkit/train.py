@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
-from .config import RunConfig, atomic_write_bytes, save_toml, validate_train
+from .config import RunConfig, atomic_write_bytes, fill, save_toml, validate_train
 from .data import load_folder, load_image, prepare, resize_shorter, to_tensor
 from .errors import BoothkitError, ConfigError
 from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
@@ -189,7 +189,7 @@ def _make_optimizer(cfg: RunConfig, groups: list[dict]):
 def _validation_prompts(cfg: RunConfig) -> list[str]:
     d = cfg.data
     if cfg.train.validation_prompts:
-        return [p.format(token=d.token, class_noun=d.class_noun) for p in cfg.train.validation_prompts]
+        return [fill(p, token=d.token, class_noun=d.class_noun) for p in cfg.train.validation_prompts]
     return [d.prompt, f"{d.prompt} in the snow", cfg.prior.prompt_for(d.class_noun)]
 
 
