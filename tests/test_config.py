@@ -101,7 +101,7 @@ def test_atomic_write_has_normal_permissions(tmp_path):
 
 @pytest.mark.parametrize("name", ["sd15-lora.toml", "sd15-full.toml", "tiny-smoke.toml", "mini-dreambooth.toml",
                                   "mini-dreambooth-no-prior.toml", "mini-base-model.toml",
-                                  "mini-dreambooth-frozen-prior.toml"])
+                                  "mini-dreambooth-frozen-prior.toml", "mini-dreambooth-subject-prior.toml"])
 def test_example_configs_are_valid(name):
     """The shipped examples stay in step with the config schema (a renamed key would break them)."""
     from pathlib import Path

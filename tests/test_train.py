@@ -258,3 +258,22 @@ def test_frozen_prior_target_needs_lora(instance_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="prior.prior_target frozen needs LoRA"):
         run_training(make_cfg(instance_dir, tmp_path / "o", tmp_path, prior_target="frozen", full=True))
+
+
+def test_prior_from_subject_pictures_needs_no_class_images(instance_dir, tmp_path):
+    """--prior-images subject: the class prompt on the subject's own latents, anchored to the frozen model's
+    prediction; nothing is generated, and the prior term still moves the weights (unlike no prior at all)."""
+    from boothkit.errors import ConfigError
+
+    out = run_training(make_cfg(instance_dir, tmp_path / "out", tmp_path / "unused", prior=True,
+                                prior_target="frozen", prior_images="subject", max_steps=4), progress=False)
+    assert not (tmp_path / "unused").exists() and not (out / "class_images").exists()
+    prior = [float(r.split(",")[3]) for r in (out / "train_log.csv").read_text().splitlines()[1:]]
+    assert prior[0] < 1e-10 and max(prior[1:]) > 0
+    with safe_open(str(out / LORA_FILE), "pt") as fh:
+        assert fh.metadata()["boothkit.prior_images"] == "subject"
+    plain = run_training(make_cfg(instance_dir, tmp_path / "plain", max_steps=4), progress=False)
+    a, b = lora_tensors(out), lora_tensors(plain)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="prior.prior_images subject needs prior.prior_target frozen"):
+        run_training(make_cfg(instance_dir, tmp_path / "o", tmp_path, prior_images="subject"))

@@ -99,6 +99,10 @@ class PriorConfig:
     prior_target: str = opt("images", "Target for the class examples: 'images' (the paper: the noise added to the "
                                       "frozen model's class images) or 'frozen' (the frozen model's own prediction "
                                       "on them, a distillation-style anchor; LoRA only).", choices=("images", "frozen"))
+    prior_images: str = opt("class", "Pictures under the class examples: 'class' (class images made by the frozen "
+                                     "model, the paper) or 'subject' (the subject's own pictures with the class "
+                                     "prompt: no class images to make; needs --prior-target frozen).",
+                            choices=("class", "subject"))
 
     def prompt_for(self, class_noun: str) -> str:
         return fill(self.class_prompt or "a photo of {class_noun}", class_noun=class_noun)
@@ -155,6 +159,9 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
         raise ConfigError("data.instance_dir is required (--instance-dir)")
     if cfg.prior.prior and cfg.prior.prior_target == "frozen" and cfg.lora.full:
         raise ConfigError("prior.prior_target frozen needs LoRA: a full fine-tune keeps no frozen copy of the model")
+    if cfg.prior.prior and cfg.prior.prior_images == "subject" and cfg.prior.prior_target != "frozen":
+        raise ConfigError("prior.prior_images subject needs prior.prior_target frozen: with the noise as target, "
+                          "the subject's pictures would teach the class prompt to draw the subject")
     return cfg
 
 

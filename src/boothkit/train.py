@@ -296,7 +296,9 @@ def _setup(cfg: RunConfig, accelerator, progress: bool) -> tuple[Trainer, RunCon
     class_dir = Path(pr.class_dir) if pr.class_dir else Path(t.output_dir) / "class_images"
     class_prompt = pr.prompt_for(d.class_noun)
     class_images = []
-    if pr.prior:
+    if pr.prior and pr.prior_images == "subject":  # the frozen model's prediction is the target: no class images
+        class_images = instance_images
+    elif pr.prior:
         from .prior import ensure_class_images
         with accelerator.main_process_first():  # the main process generates; the others find them made
             paths = ensure_class_images(
@@ -493,7 +495,8 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_enc
     d, lo = cfg.data, cfg.lora
     info = {"base_model": model_ref(cfg.model.model), "token": d.token, "class_noun": d.class_noun,
             "instance_prompt": d.prompt, "class_prompt": cfg.prior.prompt_for(d.class_noun),
-            "prior_preservation": cfg.prior.prior, "prior_target": cfg.prior.prior_target, "rank": lo.rank, "alpha": lo.alpha,
+            "prior_preservation": cfg.prior.prior, "prior_target": cfg.prior.prior_target,
+            "prior_images": cfg.prior.prior_images, "rank": lo.rank, "alpha": lo.alpha,
             "unet_targets": ",".join(lo.unet_targets), "steps": cfg.train.max_steps, "resolution": resolved.data.resolution,
             "text_encoder_targets": ",".join(lo.text_encoder_targets) if lo.train_text_encoder else "",
             "version": __version__}
