@@ -12,6 +12,9 @@ import torchvision_shim  # noqa: E402  (test/CI environment only: see its docstr
 
 torchvision_shim.install_hook()
 os.environ.setdefault("BOOTHKIT_HOME", str(Path.home() / ".cache" / "boothkit"))
+# --mixed-precision auto means fp32 in tests: their numbers must not depend on which CPU runs them
+# (bf16 on one with AVX-512 BF16, fp32 on an AVX2-only one). tests/test_precision.py tests auto itself.
+os.environ["BOOTHKIT_AUTO_PRECISION"] = "no"
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SUBJECT = REPO / "src" / "boothkit" / "assets" / "demo_subject"

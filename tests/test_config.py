@@ -3,6 +3,7 @@ import pytest
 
 from boothkit import config as C
 from boothkit.errors import ConfigError
+from boothkit.files import atomic_write_bytes
 
 BASE = {"data": {"instance_dir": "photos", "class_noun": "dog"}, "train": {"output_dir": "out"}}
 
@@ -83,7 +84,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(C.os, "replace", boom)
     with pytest.raises(OSError):
-        C.atomic_write_bytes(target, b"new")
+        atomic_write_bytes(target, b"new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
@@ -93,7 +94,7 @@ def test_atomic_write_has_normal_permissions(tmp_path):
 
     old = os.umask(0o022)
     try:
-        C.atomic_write_bytes(tmp_path / "out.toml", b"x = 1\n")
+        atomic_write_bytes(tmp_path / "out.toml", b"x = 1\n")
     finally:
         os.umask(old)
     assert (tmp_path / "out.toml").stat().st_mode & 0o777 == 0o644

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from boothkit import config as C
 from boothkit.losses import add_noise
+from boothkit.families import Conditioning
 from boothkit.lora import LORA_FILE
 from boothkit.train import Batch, run_training, training_step
 
@@ -144,7 +145,7 @@ class ZeroUNet(torch.nn.Module):
         def __init__(self, sample):
             self.sample = sample
 
-    def forward(self, noisy, t, cond):
+    def forward(self, noisy, t, encoder_hidden_states):
         return self.Out(torch.zeros_like(noisy))
 
 
@@ -156,7 +157,8 @@ def test_target_follows_prediction_type(prediction_type):
                           prediction_type=prediction_type)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     batch = Batch(latents, ["a", "b"])
-    loss, inst, prior = training_step(ZeroUNet(), lambda p: torch.zeros(len(p), 77, 8), batch, sched.alphas_cumprod,
+    loss, inst, prior = training_step(ZeroUNet(), lambda p: Conditioning(torch.zeros(len(p), 77, 8), None), batch,
+                                      sched.alphas_cumprod,
                                       prediction_type, None, torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)  # replay the step's draws
     noise = torch.randn(latents.shape, generator=g)

@@ -23,8 +23,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from . import config as C
-from .config import atomic_write_bytes, opt
+from .config import opt
 from .errors import ConfigError, DataError
+from .files import atomic_write_bytes
 from .metrics import METRICS, Evaluators, MetricsConfig
 
 PROMPTS_FILE = "prompts_and_classes.txt"

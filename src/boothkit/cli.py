@@ -112,7 +112,7 @@ def models_path(name: str) -> None:
 
     path = model_path(name)
     if not Path(path).exists():
-        raise BoothkitError(f"model '{name}' has no local folder (only 'tiny', 'mini' and local paths do)")
+        raise BoothkitError(f"model '{name}' has no local folder (only the built-in models and local paths do)")
     click.echo(path)
 
 
@@ -125,9 +125,20 @@ def _quiet_libraries() -> None:
     for key, value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
                        ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error")):
         os.environ.setdefault(key, value)
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to sys.stderr as it is at each message (tests and the UI swap it; the first one may be closed)."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _value):
+            pass
+
     log = logging.getLogger("boothkit")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)

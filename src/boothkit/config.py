@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
+from .files import atomic_write_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +49,7 @@ def fill(template: str, **values: str) -> str:
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,8 @@ class TrainConfig:
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", min=0.0)
     weight_decay: float = opt(1e-2, "AdamW weight decay.", min=0.0)
     seed: int = opt(0, "Seed for noise, timesteps, dropout and sampling.")
-    mixed_precision: str = opt("no", "Mixed precision through accelerate.", choices=MIXED_PRECISION)
+    mixed_precision: str = opt("auto", "Mixed precision through accelerate; auto: bf16/fp16 on GPUs, bf16 on CPUs "
+                                       "with bf16 instructions, else fp32 (no).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     checkpoint_every: int = opt(0, "Write a resumable checkpoint every N steps (0: never).", min=0)
     checkpoints_keep: int = opt(2, "Keep the newest K checkpoints.", min=1)
@@ -187,7 +188,8 @@ class GenerateConfig:
     width: int = opt(0, "Width in pixels, a multiple of 8 (0: the model's native size).", min=0)
     height: int = opt(0, "Height in pixels, a multiple of 8 (0: the model's native size).", min=0)
     batch_size: int = opt(1, "Images per forward pass (does not change the images).", min=1)
-    mixed_precision: str = opt("no", "Run the pipeline in this precision (fp16 needs a GPU).", choices=MIXED_PRECISION)
+    mixed_precision: str = opt("auto", "Run the pipeline in this precision (fp16 needs a GPU; auto: what the "
+                                       "hardware does best).", choices=MIXED_PRECISION)
     out: str = opt("", "Output folder for PNGs, grids and generate_config.toml.", required=True)
 
     def validate(self) -> None:
@@ -332,40 +334,6 @@ def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None 
     for name, cfg in built.items():
         check(cfg, name)
     return RunConfig(built)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file via a temp file in the same folder and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_toml(path: str | os.PathLike, data: Mapping[str, Any]) -> None:

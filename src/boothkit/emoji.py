@@ -171,7 +171,7 @@ def fluent_names(tgz: Path | None = None) -> list[str]:
 
 def save_emoji(path: Path, emoji: Sequence[Emoji]) -> None:
     """Store emoji as one .npz (names, styles, RGBA stack) so later runs need no npm or SVG renderer."""
-    from .config import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez_compressed(buf, names=np.array([e.name for e in emoji]), styles=np.array([e.style for e in emoji]),

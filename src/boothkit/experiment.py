@@ -128,7 +128,7 @@ def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """rows as CSV, written atomically."""
     import io
 
-    from .config import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, list(rows[0]))

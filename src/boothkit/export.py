@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from . import __version__
-from .config import atomic_write_bytes, build, opt
+from .config import build, opt
+from .files import atomic_write_bytes
 from .errors import BoothkitError, ConfigError, ModelError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `boothkit --help` stays fast
@@ -45,7 +46,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so `boothkit --help` st
 
 FORMATS = ("diffusers", "kohya", "comfyui", "merged", "merged-single-file")
 PRECISIONS = ("fp32", "fp16", "bf16")
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x; SDXL's are in boothkit.families
 
 
 @dataclass(frozen=True)
@@ -97,15 +98,15 @@ def read_lora(path: str | Path) -> LoraWeights:
     """Read a diffusers-format LoRA file (boothkit's, or one from diffusers' training scripts)."""
     from safetensors import safe_open
 
-    from .lora import COMPONENTS, lora_file
+    from .lora import lora_file
 
     file = lora_file(path)
     with safe_open(str(file), "pt") as fh:
         meta = dict(fh.metadata() or {})
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     adapter = json.loads(meta.get("lora_adapter_metadata", "{}"))
-    pattern = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
-    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in COMPONENTS}
+    pattern = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in ("unet", "text_encoder", "text_encoder_2")}
     for key, value in tensors.items():
         m = pattern.match(key)
         if m is None:
@@ -235,17 +236,30 @@ def ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def kohya_name(component: str, module: str) -> str:
-    """kohya/A1111 LoRA module name: diffusers UNet path or transformers-4 CLIP path, dots as underscores."""
-    path = te_original_name(module) if component == "text_encoder" else module
-    return KOHYA_PREFIX[component] + path.replace(".", "_")
+def kohya_name(component: str, module: str, unet_config: Mapping[str, Any] | None = None) -> str:
+    """kohya/A1111 LoRA module name, dots as underscores: for SD 1.x/2.x the diffusers UNet path, for SDXL
+    (a unet_config with text_time conditioning) the original (sgm) UNet path as sd-scripts writes it;
+    text encoders by their transformers-4 CLIP path, SDXL's as lora_te1_ / lora_te2_."""
+    from .families import SD, SDXL
+
+    xl = is_xl(unet_config)
+    if component == "unet":
+        return KOHYA_PREFIX["unet"] + (unet_to_ldm(module, unet_config) if xl else module).replace(".", "_")
+    prefixes = (SDXL if xl else SD).kohya_prefixes
+    if component not in prefixes:
+        raise BoothkitError(f"a {component} LoRA does not fit an {'SDXL' if xl else 'SD 1.x/2.x'} base model")
+    return prefixes[component] + te_original_name(module).replace(".", "_")
+
+
+def is_xl(unet_config: Mapping[str, Any] | None) -> bool:
+    return bool(unet_config) and unet_config.get("addition_embed_type") == "text_time"
 
 
 def comfyui_name(component: str, module: str, unet_config: Mapping[str, Any]) -> str:
-    """ComfyUI's SD1.x LoRA key: the module's path in the original (ldm) UNet, or the CLIP-L kohya name."""
+    """ComfyUI's LoRA key: the module's path in the original (ldm/sgm) UNet, or the kohya CLIP name."""
     if component == "unet":
         return KOHYA_PREFIX["unet"] + unet_to_ldm(module, unet_config).replace(".", "_")
-    return kohya_name(component, module)
+    return kohya_name(component, module, unet_config)
 
 
 # ------------------------------------------------------------------------------------------- writers
@@ -268,8 +282,14 @@ def _unet_config(weights: LoraWeights, cfg: ExportConfig) -> dict[str, Any]:
 
 
 def _base_model_version(unet_config: Mapping[str, Any] | None) -> str:
-    """kohya's ss_base_model_version: SD 2.x has 1024-wide cross-attention (OpenCLIP-H), SD 1.x 768."""
+    """kohya's ss_base_model_version: SDXL's UNet has text_time conditioning; SD 2.x has 1024-wide
+    cross-attention (OpenCLIP-H), SD 1.x 768."""
+    if is_xl(unet_config):
+        return "sdxl_base_v1-0"
     return "sd_v2" if unet_config and unet_config.get("cross_attention_dim") == 1024 else "sd_v1"
+
+
+_ARCHITECTURE = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
 
 
 def _ss_metadata(weights: LoraWeights, cfg: ExportConfig, name: str, version: str) -> dict[str, str]:
@@ -288,7 +308,7 @@ def _ss_metadata(weights: LoraWeights, cfg: ExportConfig, name: str, version: st
         "ss_max_train_steps": info.get("steps", ""),
         "ss_tag_frequency": json.dumps({"boothkit": {p: 1 for p in [info.get("instance_prompt")] if p}}),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"stable-diffusion-{'v2' if version == 'sd_v2' else 'v1'}/lora",
+        "modelspec.architecture": f"{_ARCHITECTURE[version]}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
     }
@@ -336,15 +356,18 @@ def write_lora_export(weights: LoraWeights, cfg: ExportConfig) -> Path:
         tensors = {f"{comp}.{m}.lora_{ab}.weight": t for comp, mods in weights.modules.items()
                    for m, pair in mods.items() for ab, t in zip("AB", pair)}
         return _save_file(out, tensors, {k: v for k, v in weights.metadata.items() if k != "format"}, cfg)
-    unet_config = _unet_config(weights, cfg) if cfg.format == "comfyui" else None
+    unet_config = _unet_config(weights, cfg) if cfg.format == "comfyui" or "text_encoder_2" in weights.modules \
+        else None
     if cfg.format == "comfyui":
         tensors = export_triples(weights, lambda c, m: comfyui_name(c, m, unet_config))
     else:
-        tensors = export_triples(weights, kohya_name)
-        try:
-            unet_config = _unet_config(weights, cfg)
-        except BoothkitError:  # the version tag is informative only; the base may not be local
-            unet_config = None
+        if unet_config is None:
+            try:
+                unet_config = _unet_config(weights, cfg)
+            except BoothkitError:  # an SD 1.x/2.x base needs no config for the names, only for the version tag
+                if weights.info.get("family") == "sdxl":
+                    raise
+        tensors = export_triples(weights, lambda c, m: kohya_name(c, m, unet_config))
     meta = _ss_metadata(weights, cfg, name, _base_model_version(unet_config))
     meta["boothkit.export_format"] = cfg.format
     return _save_file(out, tensors, meta, cfg)
@@ -363,7 +386,8 @@ def fused_pipeline(cfg: ExportConfig, weights: LoraWeights):
     pipe = load_pipeline(base, model_config=cfg.model_config)
     pipe.load_lora_weights(str(lora_file(cfg.lora)), adapter_name="boothkit")
     # one fuse per component: fuse_lora's lora_scale applies to every component it is given
-    for comp, scale in (("unet", cfg.unet_scale), ("text_encoder", cfg.text_encoder_scale)):
+    for comp, scale in (("unet", cfg.unet_scale), ("text_encoder", cfg.text_encoder_scale),
+                        ("text_encoder_2", cfg.text_encoder_scale)):
         if comp in weights.modules:
             pipe.fuse_lora(components=[comp], lora_scale=scale, adapter_names=["boothkit"])
     pipe.unload_lora_weights()
@@ -391,6 +415,9 @@ def write_merged(weights: LoraWeights, cfg: ExportConfig) -> Path:
             "boothkit.unet_scale": f"{cfg.unet_scale:g}", "boothkit.text_encoder_scale": f"{cfg.text_encoder_scale:g}",
             "boothkit.export_format": cfg.format, "boothkit.exported_by": __version__}
     if cfg.format == "merged-single-file":
+        if hasattr(pipe, "text_encoder_2"):
+            raise ModelError("--format merged-single-file: the SDXL checkpoint layout is not written yet; "
+                             "use --format merged (a diffusers folder)")
         tensors = ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
         return _save_file(out, tensors, info, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from . import config as C
 from . import lora as L
 from . import models
 from .errors import BoothkitError, ConfigError
+from .files import atomic_write_bytes
 
 log = logging.getLogger("boothkit")
 
@@ -55,10 +56,12 @@ def device() -> str:
 
 
 def precision_dtype(mixed_precision: str, on: str) -> torch.dtype:
-    """The pipeline dtype for --mixed-precision; fp16 on a CPU is refused (slow and often unsupported)."""
+    """The pipeline dtype for --mixed-precision (auto resolved for this hardware); fp16 on a CPU is refused."""
+    from .precision import resolve
+
     if mixed_precision == "fp16" and on == "cpu":
         raise ConfigError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
-    return PRECISION_DTYPES[mixed_precision]
+    return PRECISION_DTYPES[resolve(mixed_precision, on)]
 
 
 @contextlib.contextmanager
@@ -198,8 +201,9 @@ def set_lora_scales(pipe, unet_scale: float, text_encoder_scale: float) -> None:
         w = {}
         if name in present.get("unet", []):
             w["unet"] = unet_scale * weight
-        if name in present.get("text_encoder", []):
-            w["text_encoder"] = text_encoder_scale * weight
+        for component in ("text_encoder", "text_encoder_2"):  # SDXL: one scale for both text encoders
+            if name in present.get(component, []):
+                w[component] = text_encoder_scale * weight
         names.append(name)
         weights.append(w)
     pipe.set_adapters(names, adapter_weights=weights)
@@ -295,7 +299,7 @@ def save_png(img, path: str | Path, parameters: str) -> Path:
     info.add_text("parameters", parameters)
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
-    C.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
 
@@ -324,6 +328,7 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     for path, _ in loras:
         L.lora_file(path)  # a wrong path fails now, not after loading the model
     dtype = precision_dtype(g.mixed_precision, device())
+    cfg = cfg.replace("generate", mixed_precision={v: k for k, v in PRECISION_DTYPES.items()}[dtype])
     out = Path(g.out)
     pipe = load_generation_pipeline(g.model, loras, model_config=g.model_config, scheduler=g.scheduler, dtype=dtype)
     set_lora_scales(pipe, g.unet_scale, g.text_encoder_scale)

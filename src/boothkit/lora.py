@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .config import atomic_write_bytes
+from .files import atomic_write_bytes
 from .errors import BoothkitError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -33,7 +33,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-from .config import atomic_write_bytes, file_sha256, opt
+from .config import opt
+from .files import atomic_write_bytes, file_sha256
 from .errors import DataError, ModelError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

@@ -26,8 +26,10 @@ log = logging.getLogger("boothkit")
 
 TINY = "tiny"
 MINI = "mini"  # pretrained on the emoji world; see boothkit.mini
-BUILT_IN = (TINY, MINI)
+TINY_XL = "tiny-xl"  # SDXL's architecture at toy size, random weights
+BUILT_IN = (TINY, MINI, TINY_XL)
 TINY_VERSION = "tiny-v1"
+TINY_XL_VERSION = "tiny-xl-v1"
 TINY_SEED = 20220825  # the DreamBooth paper's arXiv date; any fixed value works
 TINY_RESOLUTION = 64
 
@@ -122,6 +124,57 @@ def build_tiny_model(folder: Path) -> None:
     }, indent=2))
 
 
+def _tiny_xl_components(tokenizer_dir: Path) -> dict[str, Any]:
+    """SDXL's component types and wiring (two CLIP text encoders, the second with projection; a UNet with
+    text_time added conditioning) at toy size, like diffusers' own SDXL test model."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(TINY_SEED + 1)
+    te_config = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407,
+                     pad_token_id=49407)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **te_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **te_config))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), norm_num_groups=32, cross_attention_dim=32 + 32,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 32,  # six size/crop numbers + pooled text
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        block_out_channels=(32, 32, 64, 64), sample_size=TINY_RESOLUTION, scaling_factor=0.13025,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    tok = dict(pad_token="<|endoftext|>", model_max_length=77)
+    files = (str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"))
+    # SDXL's noise schedule and its default sampler
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon")
+    # the second tokenizer pads with "!" as SDXL's does
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                tokenizer=CLIPTokenizer(*files, **tok), tokenizer_2=CLIPTokenizer(*files, **{**tok, "pad_token": "!"}),
+                scheduler=scheduler)
+
+
+def build_tiny_xl_model(folder: Path) -> None:
+    """Build tiny-xl deterministically and save it as a diffusers StableDiffusionXLPipeline folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    with tempfile.TemporaryDirectory() as tok_dir, torch.random.fork_rng():
+        write_clip_tokenizer_files(Path(tok_dir))
+        StableDiffusionXLPipeline(**_tiny_xl_components(Path(tok_dir))).save_pretrained(folder, safe_serialization=True)
+    (folder / "BOOTHKIT_TINY.json").write_text(json.dumps({
+        "name": TINY_XL_VERSION, "seed": TINY_SEED + 1, "resolution": TINY_RESOLUTION, "family": "sdxl",
+        "note": "random weights: SDXL's architecture at toy size, for plumbing and tests",
+    }, indent=2))
+
+
 def build_once(folder: Path, build: Callable[[Path], None], marker: str = "BOOTHKIT_TINY.json") -> Path:
     """Build a cached folder on first use: into a temp folder beside it, then one rename, so a killed or
     concurrent builder never leaves a half-built folder. `build(tmp)` fills it, `marker` file included."""
@@ -147,6 +200,11 @@ def tiny_model_path() -> Path:
     return build_once(boothkit_home() / "models" / TINY_VERSION, build_tiny_model)
 
 
+def tiny_xl_model_path() -> Path:
+    """The cached tiny-xl model folder, built on first use."""
+    return build_once(boothkit_home() / "models" / TINY_XL_VERSION, build_tiny_xl_model)
+
+
 def model_ref(spec: str) -> str:
     """A stable name for a model, as metadata and manifests record it: 'tiny' or 'mini' for the built-in models
     (however they were named), an absolute path for local files and folders, the hub id otherwise."""
@@ -156,13 +214,14 @@ def model_ref(spec: str) -> str:
     if not p.exists():
         return spec
     p = p.resolve()
-    if p == (boothkit_home() / "models" / TINY_VERSION).resolve():
-        return TINY
+    for name, version in ((TINY, TINY_VERSION), (TINY_XL, TINY_XL_VERSION)):
+        if p == (boothkit_home() / "models" / version).resolve():
+            return name
     return MINI if (p / "BOOTHKIT_MINI.json").is_file() and p.parent == (boothkit_home() / "models").resolve() else str(p)
 
 
 def is_tiny(spec: str) -> bool:
-    return spec == TINY or Path(spec, "BOOTHKIT_TINY.json").is_file()
+    return spec in (TINY, TINY_XL) or Path(spec, "BOOTHKIT_TINY.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -173,20 +232,23 @@ def model_path(spec: str) -> str:
         from .mini import mini_path
 
         return str(mini_path("model"))
+    if spec == TINY_XL:
+        return str(tiny_xl_model_path())
     return str(tiny_model_path()) if spec == TINY else spec
 
 
 def load_pipeline(spec: str, *, model_config: str | None = None, revision: str | None = None,
                   dtype: torch.dtype = torch.float32):
-    """Load a StableDiffusionPipeline from 'tiny', a local folder, a single .safetensors file or a hub id."""
-    from diffusers import StableDiffusionPipeline
+    """Load an SD 1.x/2.x or SDXL pipeline (its family's class) from a built-in name, a local folder, a single
+    .safetensors file or a hub id."""
+    from .families import SD, family_of, family_of_folder, family_of_single_file
 
-    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     path = Path(spec)
     if spec in BUILT_IN or path.is_dir():
         if spec not in BUILT_IN and not (path / "model_index.json").is_file():
             raise ModelError(f"--model {spec}: folder has no model_index.json (not a diffusers model folder)")
-        return StableDiffusionPipeline.from_pretrained(model_path(spec), **common)
+        family = family_of_folder(model_path(spec))
+        return family.pipeline().from_pretrained(model_path(spec), dtype=dtype, **family.pipeline_kwargs)
     if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):
         raise ModelError(f"--model {spec}: pickled checkpoints can run code when loaded; convert it to .safetensors")
     if path.suffix == ".safetensors":
@@ -195,21 +257,31 @@ def load_pipeline(spec: str, *, model_config: str | None = None, revision: str |
         if model_config is not None and not Path(model_config, "model_index.json").is_file():
             raise ModelError(f"--model-config {model_config}: not a diffusers folder (no model_index.json)")
         try:
-            return StableDiffusionPipeline.from_single_file(
-                str(path), config=model_config, local_files_only=model_config is not None, **common)
-        except Exception as exc:  # diffusers raises many types; all mean the same to the user
+            family = family_of_folder(model_config) if model_config else family_of_single_file(path)
+            return family.pipeline().from_single_file(
+                str(path), config=model_config, local_files_only=model_config is not None, dtype=dtype,
+                **family.pipeline_kwargs)
+        except ModelError:
+            raise
+        except Exception as exc:  # diffusers and safetensors raise many types; all mean the same to the user
             hint = "" if model_config else " (offline, pass --model-config <local diffusers folder>)"
             raise ModelError(f"--model {spec}: cannot load single-file checkpoint{hint}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
         raise ModelError(f"--model {spec}: no such file or folder")
     try:
-        return StableDiffusionPipeline.from_pretrained(spec, revision=revision, **common)
+        from diffusers import DiffusionPipeline
+
+        # diffusers picks the pipeline class from the repo's model_index.json; SD's safety checker is not
+        # loaded (other families ignore the two arguments)
+        pipe = DiffusionPipeline.from_pretrained(spec, revision=revision, dtype=dtype, **SD.pipeline_kwargs)
     except Exception as exc:  # hub errors come in many types; the remedy is the same
         log.debug("hub load of %s failed: %s", spec, exc)
         raise ModelError(f"--model {spec}: not a local path and not loadable from the model hub (offline, not "
                          f"cached, or unknown id); pass a local diffusers folder or .safetensors file, "
                          f"or use --model tiny") from None
+    family_of(pipe)  # another kind of pipeline (SD3, Flux, ...) is refused by name
+    return pipe
 
 
 def native_resolution(pipe) -> int:

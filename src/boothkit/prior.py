@@ -18,6 +18,7 @@ from typing import Iterator
 from . import config as C
 from . import data, models
 from .errors import BoothkitError, ConfigError
+from .files import atomic_write_bytes
 
 log = logging.getLogger("boothkit")
 
@@ -47,7 +48,7 @@ def read_manifest(class_dir: Path) -> dict:
 
 
 def write_manifest(class_dir: Path, manifest: dict) -> None:
-    C.atomic_write_bytes(class_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(class_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def valid_images(class_dir: Path) -> list[Path]:
@@ -134,7 +135,7 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
 def _save_png(img, path: Path) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    C.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .config import atomic_write_bytes
+from .files import atomic_write_bytes
 
 METRIC_COLUMNS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
 

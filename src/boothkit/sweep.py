@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 from . import config as C
 from .config import opt
 from .errors import BoothkitError, ConfigError
+from .files import atomic_write_bytes, file_sha256
 from .metrics import MetricsConfig
 
 AXES = ("guidance", "unet_scale", "text_encoder_scale")
@@ -65,7 +66,8 @@ class SweepConfig:
     width: int = opt(0, "Width in pixels, a multiple of 8 (0: the model's native size).", min=0)
     height: int = opt(0, "Height in pixels, a multiple of 8 (0: the model's native size).", min=0)
     batch_size: int = opt(1, "Images per forward pass.", min=1)
-    mixed_precision: str = opt("no", "Run the pipeline in this precision.", choices=C.MIXED_PRECISION)
+    mixed_precision: str = opt("auto", "Run the pipeline in this precision (auto: what the hardware does best).",
+                               choices=C.MIXED_PRECISION)
     metrics: bool = opt(False, "Measure CLIP-T and DIV per cell and plot diversity against prompt fidelity.")
     out: str = opt("", "Output folder.", required=True)
 
@@ -221,7 +223,7 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    C.atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
     return path
 
 
@@ -258,17 +260,22 @@ def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequ
 
 def run_sweep(cfg: C.RunConfig) -> Path:
     """`boothkit sweep`: generate every unfinished cell, then the contact sheets, sweep.csv and (--metrics) metrics."""
-    from .generate import parse_lora_spec
+    from .generate import device, parse_lora_spec
     from .lora import lora_file
+    from .precision import resolve
 
+    if cfg.sweep.mixed_precision == "fp16" and device() == "cpu":
+        raise ConfigError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
+    # resolved before it is saved and compared: cells made in another precision are other pixels
+    cfg = cfg.replace("sweep", mixed_precision=resolve(cfg.sweep.mixed_precision, device()))
     s = cfg.sweep
     out = Path(s.out)
     prompts, axes = load_prompts(s), s.axes()
-    digest = C.file_sha256(lora_file(parse_lora_spec(s.lora)[0]))  # a wrong path fails now, not after loading
+    digest = file_sha256(lora_file(parse_lora_spec(s.lora)[0]))  # a wrong path fails now, not after loading
     check_same_sweep(out, s, digest)
     out.mkdir(parents=True, exist_ok=True)
     C.save_toml(out / "sweep_config.toml", cfg.to_dict())
-    C.atomic_write_bytes(out / "lora.sha256", (digest + "\n").encode())
+    atomic_write_bytes(out / "lora.sha256", (digest + "\n").encode())
     cells = cells_of(prompts, axes)
     todo = [c for c in cells if not is_finished(image_paths(out, c, prompts[c.prompt_index], s.num_images, s.seed))]
     generate_cells(out, s, prompts, todo, len(cells) * s.num_images)
@@ -335,5 +342,5 @@ def plot_metrics(path: Path, cells: Sequence[Cell], values: Sequence[dict], note
         divs = [v["DIV"] for v in vs if v["DIV"] is not None]
         rows.append({"guidance": g, "label": f"UNet {u:g} / TE {t:g}",
                      "CLIP-T": sum(v["CLIP-T"] for v in vs) / len(vs), "DIV": sum(divs) / len(divs) if divs else None})
-    C.atomic_write_bytes(path, plot_diversity_vs_fidelity(rows, note=note))
+    atomic_write_bytes(path, plot_diversity_vs_fidelity(rows, note=note))
     return path

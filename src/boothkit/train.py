@@ -22,9 +22,11 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
-from .config import RunConfig, atomic_write_bytes, fill, save_toml, validate_train
-from .data import load_folder, load_image, prepare, resize_shorter, to_tensor
+from .config import RunConfig, fill, save_toml, validate_train
+from .data import crop_box, load_folder, load_image, resize_shorter, to_tensor
 from .errors import BoothkitError, ConfigError
+from .files import atomic_write_bytes
+from .families import Conditioning, Family, family_of, micro_conditioning
 from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
 from .lora import (LORA_FILE, adapter_metadata, add_lora, adapters_disabled, canonical_text_encoder_keys,
                    lora_state_dict, save_lora_file)
@@ -46,11 +48,13 @@ class LatentBank:
 
     With caching, the VAE's posterior mean and std of every image (and its mirror image when flipping is on)
     are computed once; without it, images are encoded every step. Both draw the posterior sample from the
-    step's generator, so they produce the same latents.
+    step's generator, so they produce the same latents. Each sample also gets SDXL's micro-conditioning
+    (the picture's original size, the crop's top-left in the resized picture, the target size).
     """
 
     def __init__(self, images, size: int, vae, *, cache: bool, flip: bool, random_crop: bool, device):
         self.size, self.vae, self.flip, self.random_crop, self.device = size, vae, flip, random_crop, device
+        self.original = [(img.height, img.width) for img in images]
         self.images = [resize_shorter(img, size) for img in images]
         self.cache = cache and not random_crop  # a random crop differs every step: nothing to cache
         self.scale = float(vae.config.scaling_factor)
@@ -77,17 +81,24 @@ class LatentBank:
             stds.append(dist.std.float())
         return torch.cat(means), torch.cat(stds)
 
-    def sample(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def sample(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, micro-conditioning time ids) of the pictures `idx`."""
         flips = (torch.rand(len(idx), generator=g) < 0.5) if self.flip else torch.zeros(len(idx), dtype=torch.bool)
         if self.cache:
             mean = torch.stack([self.moments[int(f)][0][i] for i, f in zip(idx.tolist(), flips.tolist())])
             std = torch.stack([self.moments[int(f)][1][i] for i, f in zip(idx.tolist(), flips.tolist())])
+            boxes = [_center(self.images[i], self.size) for i in idx.tolist()]
         else:
-            pixels = torch.stack([prepare(self.images[i], self.size, self.random_crop, g) for i in idx.tolist()])
+            boxes = [crop_box(self.images[i], self.size, self.random_crop, g) for i in idx.tolist()]
+            pixels = torch.stack([to_tensor(self.images[i].crop(b)) for i, b in zip(idx.tolist(), boxes)])
             pixels = torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
             mean, std = self._encode(pixels)
         eps = torch.randn(mean.shape, generator=g).to(mean.device)
-        return (mean + std * eps - self.shift) * self.scale
+        time_ids = []
+        for i, box, flipped in zip(idx.tolist(), boxes, flips.tolist()):
+            left = self.images[i].width - box[2] if flipped else box[0]  # the crop, seen in the mirrored picture
+            time_ids.append(micro_conditioning(self.original[i], (box[1], left), (self.size, self.size)))
+        return (mean + std * eps - self.shift) * self.scale, torch.stack(time_ids)
 
 
 def _center(img, size: int) -> tuple[int, int, int, int]:
@@ -96,42 +107,46 @@ def _center(img, size: int) -> tuple[int, int, int, int]:
 
 
 class PromptEncoder:
-    """Prompt -> text-encoder hidden states; cached when the text encoder is frozen."""
+    """Prompt -> what the UNet is conditioned on (the family's text encoders); cached when they are frozen."""
 
-    def __init__(self, tokenizer, text_encoder, prompts: list[str], cache: bool, device):
-        self.text_encoder, self.device = text_encoder, device
-        self.ids = {p: tokenizer(p, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                                 return_tensors="pt").input_ids for p in prompts}
+    def __init__(self, family: Family, tokenizers, text_encoders, prompts: list[str], cache: bool, device):
+        self.family, self.text_encoders, self.device = family, list(text_encoders), device
+        self.ids = {p: [tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids for tok in tokenizers] for p in prompts}
         self.cached = None
         if cache:
             with torch.no_grad():
                 self.cached = {p: self._run(ids) for p, ids in self.ids.items()}
 
-    def _run(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids.to(self.device))[0]
+    def _run(self, ids: list[torch.Tensor]) -> Conditioning:
+        return self.family.encode(self.text_encoders, [i.to(self.device) for i in ids])
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]) -> Conditioning:
         if self.cached is not None:
-            return torch.cat([self.cached[p] for p in prompts])
-        return self._run(torch.cat([self.ids[p] for p in prompts]))
+            parts = [self.cached[p] for p in prompts]
+            pooled = [c.pooled for c in parts]
+            return Conditioning(torch.cat([c.hidden for c in parts]),
+                                None if pooled[0] is None else torch.cat(pooled))
+        return self._run([torch.cat(ids) for ids in zip(*(self.ids[p] for p in prompts))])
 
 
 @dataclass
 class Batch:
     latents: torch.Tensor
     prompts: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL micro-conditioning, one row per example
 
 
 def draw_batch(g: torch.Generator, instance: LatentBank, instance_prompt: str, batch_size: int,
                classes: LatentBank | None, class_prompt: str) -> Batch:
     """Subject examples, then as many class examples when prior preservation is on."""
     idx = torch.randint(len(instance), (batch_size,), generator=g)
-    latents, prompts = [instance.sample(idx, g)], [instance_prompt] * batch_size
+    drawn, prompts = [instance.sample(idx, g)], [instance_prompt] * batch_size
     if classes is not None:
         cidx = torch.randint(len(classes), (batch_size,), generator=g)
-        latents.append(classes.sample(cidx, g))
+        drawn.append(classes.sample(cidx, g))
         prompts += [class_prompt] * batch_size
-    return Batch(torch.cat(latents), prompts)
+    return Batch(torch.cat([d[0] for d in drawn]), prompts, torch.cat([d[1] for d in drawn]))
 
 
 # ------------------------------------------------------------------------------------------- the step
@@ -147,12 +162,14 @@ def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Te
     noise = torch.randn(latents.shape, generator=g).to(latents.device)
     timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=g).to(latents.device)
     noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
-    pred = unet(noisy, timesteps, encode(batch.prompts)).sample
+    time_ids = None if batch.time_ids is None else batch.time_ids.to(latents.device)
+    pred = unet(noisy, timesteps, **encode(batch.prompts).unet_kwargs(time_ids)).sample
     target = diffusion_target(prediction_type, latents, noise, alphas_cumprod, timesteps)
     if prior_weight is not None and frozen_predict is not None:
         n = latents.shape[0] // 2
         with torch.no_grad():
-            frozen = frozen_predict(noisy[n:], timesteps[n:], batch.prompts[n:])
+            frozen = frozen_predict(noisy[n:], timesteps[n:], batch.prompts[n:],
+                                    None if time_ids is None else time_ids[n:])
         target = torch.cat([target[:n], frozen.to(target.dtype)])
     if prior_weight is None:
         loss = mse(pred, target)
@@ -236,8 +253,9 @@ class Trainer:
     cfg: RunConfig
     accelerator: object
     pipe: object
+    family: Family
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]  # component name -> (prepared) text encoder
     optimizer: object
     lr_scheduler: object
     params: list
@@ -252,9 +270,14 @@ class Trainer:
 def _run(cfg: RunConfig, progress: bool) -> Path:
     from accelerate import Accelerator
 
-    t = cfg.train
-    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+    from .precision import resolve
+
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision fp16 needs a GPU (use bf16 on CPU)")
+    # The saved config names the precision actually used, so a rerun elsewhere repeats it.
+    cfg = cfg.replace("train", mixed_precision=resolve(cfg.train.mixed_precision,
+                                                       "cuda" if torch.cuda.is_available() else "cpu"))
+    t = cfg.train
     out = Path(t.output_dir)
     earlier = [p for p in (out / LORA_FILE, out / "model", ckpt.checkpoint_dir(out)) if p.exists()]
     if earlier and not (t.resume or t.overwrite):
@@ -264,10 +287,10 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
     if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
         shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)  # an earlier run's checkpoints must not mix in
     main = accelerator.is_main_process
-    if main:
+    tr, resolved = _setup(cfg, accelerator, progress and main)
+    if main:  # after set-up: a bad photo, model or class folder is reported alone, on one line
         log.info("training on %d process(es), device %s, mixed precision %s", accelerator.num_processes,
                  accelerator.device, t.mixed_precision)
-    tr, resolved = _setup(cfg, accelerator, progress and main)
     start, rows = _maybe_resume(tr, out) if t.resume else (0, [])
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -275,8 +298,7 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
     _loop(tr, out, start, rows, progress and main)
     accelerator.wait_for_everyone()
     if main:
-        _save_outputs(cfg, resolved, out, accelerator.unwrap_model(tr.unet), accelerator.unwrap_model(tr.text_encoder),
-                      tr.pipe)
+        _save_outputs(cfg, resolved, out, tr)
     accelerator.end_training()
     return out
 
@@ -291,6 +313,7 @@ def _setup(cfg: RunConfig, accelerator, progress: bool) -> tuple[Trainer, RunCon
     instance_images = [img for _, img in load_folder(d.instance_dir, skip_bad=d.skip_bad_images)]
     pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
     pipe.set_progress_bar_config(disable=True)
+    family = family_of(pipe)
     _check_identifier(pipe.tokenizer, d.token)
     size = d.resolution or native_resolution(pipe)
     class_dir = Path(pr.class_dir) if pr.class_dir else Path(t.output_dir) / "class_images"
@@ -300,32 +323,36 @@ def _setup(cfg: RunConfig, accelerator, progress: bool) -> tuple[Trainer, RunCon
         class_images = instance_images
     elif pr.prior:
         from .prior import ensure_class_images
-        with accelerator.main_process_first():  # the main process generates; the others find them made
+        # the main process generates, the others find them made; in the run's precision (autocast)
+        with accelerator.main_process_first(), accelerator.autocast():
             paths = ensure_class_images(
                 pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
                 batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps, guidance=pr.class_guidance,
                 resolution=size, model_name=model_ref(cfg.model.model), progress=progress)
         class_images = [load_image(p) for p in paths]
 
-    groups = _make_trainable(cfg, pipe, device, accelerator.mixed_precision)
+    groups = _make_trainable(cfg, pipe, family, device, accelerator.mixed_precision)
     optimizer, opt_kind = _make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_steps)
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    text_encoders = {name: getattr(pipe, name) for name in family.text_encoders}
     if lo.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        unet, *prepared, optimizer = accelerator.prepare(pipe.unet, *text_encoders.values(), optimizer)
+        text_encoders = dict(zip(text_encoders, prepared))
     else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
 
     bank = dict(size=size, vae=pipe.vae, cache=d.cache_latents, flip=d.flip, random_crop=d.crop == "random",
                 device=device)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     tr = Trainer(
-        cfg=cfg, accelerator=accelerator, pipe=pipe, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
+        cfg=cfg, accelerator=accelerator, pipe=pipe, family=family, unet=unet, text_encoders=text_encoders,
+        optimizer=optimizer,
         lr_scheduler=lr_scheduler, params=[p for grp in groups for p in grp["params"]],
         instance=LatentBank(instance_images, **bank), classes=LatentBank(class_images, **bank) if pr.prior else None,
-        encode=PromptEncoder(pipe.tokenizer, text_encoder, [d.prompt, class_prompt],
-                             cache=d.cache_latents and not lo.train_text_encoder, device=device),
+        encode=PromptEncoder(family, [getattr(pipe, n) for n in family.tokenizers], text_encoders.values(),
+                             [d.prompt, class_prompt], cache=d.cache_latents and not lo.train_text_encoder,
+                             device=device),
         class_prompt=class_prompt, alphas_cumprod=noise_sched.alphas_cumprod,
         prediction_type=noise_sched.config.prediction_type)
     resolved = cfg.replace("data", resolution=size, instance_prompt=d.prompt) \
@@ -333,36 +360,40 @@ def _setup(cfg: RunConfig, accelerator, progress: bool) -> tuple[Trainer, RunCon
     return tr, resolved
 
 
-def _make_trainable(cfg: RunConfig, pipe, device, mixed_precision: str) -> list[dict]:
-    """Freeze what is not trained, add LoRA adapters (or unfreeze for --full); returns optimizer param groups."""
+def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precision: str) -> list[dict]:
+    """Freeze what is not trained, add LoRA adapters (or unfreeze for --full); returns optimizer param groups.
+    --train-text-encoder trains every text encoder of the family (one learning rate for them)."""
     t, lo = cfg.train, cfg.lora
-    unet, text_encoder, train_te = pipe.unet, pipe.text_encoder, lo.train_text_encoder
+    unet, train_te = pipe.unet, lo.train_text_encoder
+    encoders = [getattr(pipe, name) for name in family.text_encoders]
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
     pipe.vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
     torch.manual_seed(t.seed)  # LoRA A matrices are drawn from the global RNG
     if lo.full:
         unet.requires_grad_(True)
-        text_encoder.requires_grad_(train_te)
+        for te in encoders:
+            te.requires_grad_(train_te)
     else:
         unet.to(device, weight_dtype)
         add_lora(unet, lo.unet_targets, lo.rank, lo.alpha, lo.dropout)
-        text_encoder.requires_grad_(False)
-        if train_te:
-            text_encoder.to(device, weight_dtype)
-            add_lora(text_encoder, lo.text_encoder_targets, lo.rank, lo.alpha, lo.dropout)
-    for model in (unet, text_encoder):
+        for te in encoders:
+            te.requires_grad_(False)
+            if train_te:
+                te.to(device, weight_dtype)
+                add_lora(te, lo.text_encoder_targets, lo.rank, lo.alpha, lo.dropout)
+    for model in (unet, *encoders):
         model.to(device)
         for p in _trainable(model).values():
             p.data = p.data.float()  # trainable weights stay fp32; autocast handles the compute
-    if not train_te:
-        text_encoder.to(device, weight_dtype)
+        if not train_te and model is not unet:
+            model.to(device, weight_dtype)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_te:
-            text_encoder.gradient_checkpointing_enable()
+        for te in encoders if train_te else ():
+            te.gradient_checkpointing_enable()
     groups = [{"params": list(_trainable(unet).values()), "lr": t.learning_rate}]
     if train_te:
-        groups.append({"params": list(_trainable(text_encoder).values()), "lr": t.text_encoder_lr})
+        groups.append({"params": [p for te in encoders for p in _trainable(te).values()], "lr": t.text_encoder_lr})
     return groups
 
 
@@ -374,7 +405,7 @@ def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
         log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt.checkpoint_dir(out))
         return 0, []
     state = ckpt.load_checkpoint(found[-1][1])
-    _restore(tr.accelerator, tr.unet, tr.text_encoder, state["weights"])
+    _restore(tr, state["weights"])
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.lr_scheduler.load_state_dict(state["lr_scheduler"])
     ckpt.set_rng_states(state["rng"])
@@ -386,15 +417,15 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
     """Optimizer steps start..max_steps, with logging, checkpoints and validation samples."""
     cfg, acc = tr.cfg, tr.accelerator
     t, d = cfg.train, cfg.data
-    trained = [tr.unet] + ([tr.text_encoder] if cfg.lora.train_text_encoder else [])
+    trained = [tr.unet] + (list(tr.text_encoders.values()) if cfg.lora.train_text_encoder else [])
     prior_weight = cfg.prior.prior_weight if cfg.prior.prior else None
     frozen_predict = None
     if cfg.prior.prior and cfg.prior.prior_target == "frozen":
-        bare = [acc.unwrap_model(m) for m in (tr.unet, tr.text_encoder)]
+        bare = [acc.unwrap_model(m) for m in (tr.unet, *tr.text_encoders.values())]
 
-        def frozen_predict(noisy, timesteps, prompts):
+        def frozen_predict(noisy, timesteps, prompts, time_ids):
             with adapters_disabled(*bare):
-                return bare[0](noisy, timesteps, tr.encode(prompts)).sample
+                return bare[0](noisy, timesteps, **tr.encode(prompts).unet_kwargs(time_ids)).sample
     n_micro, rank, main = t.gradient_accumulation_steps, acc.process_index, acc.is_main_process
     for m in trained:
         m.train()
@@ -435,22 +466,25 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
             if done % t.log_every == 0 or done == t.max_steps or checkpoint_now:  # a resume reads the log up to here
                 _write_log(out / "train_log.csv", rows)
             if checkpoint_now:
-                ckpt.save_checkpoint(out, done, _weights(acc, tr.unet, tr.text_encoder, cfg.lora.train_text_encoder),
-                                     tr.optimizer, tr.lr_scheduler, t.checkpoints_keep)
+                ckpt.save_checkpoint(out, done, _weights(tr), tr.optimizer, tr.lr_scheduler, t.checkpoints_keep)
             if t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
-                _validate(cfg, tr.pipe, acc, tr.unet, tr.text_encoder, out / "validation" / f"step-{done:07d}")
+                _validate(tr, out / "validation" / f"step-{done:07d}")
 
 
-def _weights(accelerator, unet, text_encoder, train_te: bool) -> dict[str, torch.Tensor]:
-    w = {f"unet.{k}": v for k, v in _trainable(accelerator.unwrap_model(unet)).items()}
-    if train_te:
-        w.update({f"text_encoder.{k}": v for k, v in _trainable(accelerator.unwrap_model(text_encoder)).items()})
-    return w
+def _models(tr: Trainer) -> dict[str, torch.nn.Module]:
+    """Component name -> unwrapped model, for every component that trains."""
+    trained = {"unet": tr.unet, **(tr.text_encoders if tr.cfg.lora.train_text_encoder else {})}
+    return {name: tr.accelerator.unwrap_model(m) for name, m in trained.items()}
 
 
-def _restore(accelerator, unet, text_encoder, weights: dict[str, torch.Tensor]) -> None:
-    models = {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
-    params = {f"{name}.{k}": p for name, m in models.items() for k, p in _trainable(m).items()}
+def _weights(tr: Trainer) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for name, m in _models(tr).items() for k, v in _trainable(m).items()}
+
+
+def _restore(tr: Trainer, weights: dict[str, torch.Tensor]) -> None:
+    models = {"unet": tr.unet, **tr.text_encoders}
+    params = {f"{name}.{k}": p for name, m in models.items()
+              for k, p in _trainable(tr.accelerator.unwrap_model(m)).items()}
     missing = set(params) - set(weights)
     if missing:
         raise BoothkitError(f"--resume: checkpoint does not match this config (missing {sorted(missing)[0]})")
@@ -460,18 +494,12 @@ def _restore(accelerator, unet, text_encoder, weights: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def _validate(cfg: RunConfig, pipe, accelerator, unet, text_encoder, folder: Path) -> None:
+def _validate(tr: Trainer, folder: Path) -> None:
     """Fixed-seed samples of the validation prompts with the current weights."""
-    from diffusers import StableDiffusionPipeline
-
     from .generate import generate_images, make_grid, save_png
 
-    u, te = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    modes = [(m, m.training) for m in (u, te)]
-    val = StableDiffusionPipeline(vae=pipe.vae, text_encoder=te, tokenizer=pipe.tokenizer, unet=u,
-                                  scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                  requires_safety_checker=False)
-    val.set_progress_bar_config(disable=True)
+    cfg, accelerator, val = tr.cfg, tr.accelerator, tr.pipe  # its unet and text encoders are the trained modules
+    modes = [(m, m.training) for m in (val.unet, *(getattr(val, n) for n in tr.family.text_encoders))]
     images = []
     try:
         for m, _ in modes:
@@ -490,18 +518,20 @@ def _validate(cfg: RunConfig, pipe, accelerator, unet, text_encoder, folder: Pat
     save_png(make_grid(images, cols=2), folder / "grid.png", "validation grid")
 
 
-def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_encoder, pipe) -> None:
+def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -> None:
     """The trained LoRA (diffusers format, with boothkit metadata) or the full model folder."""
-    d, lo = cfg.data, cfg.lora
+    d, lo, pipe = cfg.data, cfg.lora, tr.pipe
+    trained = _models(tr)
     info = {"base_model": model_ref(cfg.model.model), "token": d.token, "class_noun": d.class_noun,
             "instance_prompt": d.prompt, "class_prompt": cfg.prior.prompt_for(d.class_noun),
             "prior_preservation": cfg.prior.prior, "prior_target": cfg.prior.prior_target,
             "prior_images": cfg.prior.prior_images, "rank": lo.rank, "alpha": lo.alpha,
             "unet_targets": ",".join(lo.unet_targets), "steps": cfg.train.max_steps, "resolution": resolved.data.resolution,
             "text_encoder_targets": ",".join(lo.text_encoder_targets) if lo.train_text_encoder else "",
-            "version": __version__}
+            "family": tr.family.name, "version": __version__}
     if lo.full:
-        pipe.unet, pipe.text_encoder = unet, text_encoder
+        for name, model in trained.items():
+            setattr(pipe, name, model)
         tmp = out / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -509,9 +539,9 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, unet, text_enc
         shutil.rmtree(out / "model", ignore_errors=True)
         tmp.rename(out / "model")
         return
-    layers = {"unet": lora_state_dict(unet)}
+    layers = {"unet": lora_state_dict(trained["unet"])}
     adapters = {"unet": adapter_metadata(lo.unet_targets, lo.rank, lo.alpha)}
-    if lo.train_text_encoder:
-        layers["text_encoder"] = canonical_text_encoder_keys(lora_state_dict(text_encoder))
-        adapters["text_encoder"] = adapter_metadata(lo.text_encoder_targets, lo.rank, lo.alpha)
+    for name in tr.family.text_encoders if lo.train_text_encoder else ():
+        layers[name] = canonical_text_encoder_keys(lora_state_dict(trained[name]))
+        adapters[name] = adapter_metadata(lo.text_encoder_targets, lo.rank, lo.alpha)
     save_lora_file(out / LORA_FILE, layers, adapters, info)
