@@ -2,6 +2,7 @@
 import logging
 
 import pytest
+import torch
 
 from boothkit import precision as P
 
@@ -34,6 +35,27 @@ def test_auto_on_cpu_follows_flags_and_probe(machine):
     assert P.resolve("auto", "cpu") == "bf16" and machine.probes == 1
     assert P.resolve("auto", "cpu") == "bf16" and machine.probes == 1  # cached per machine
     assert "Test CPU|native" in (P.Path(P.os.environ["BOOTHKIT_HOME"]) / "precision.json").read_text()
+
+
+def test_training_asks_the_model_not_the_matmul(machine, tiny_path):
+    """A CPU whose matmul runs 2x faster in bf16 may still train a small model slower under autocast."""
+    from boothkit.models import load_pipeline
+
+    machine.flags, machine.speedup = frozenset({"avx512_bf16"}), 2.0
+    calls = []
+
+    def probe(value):
+        return lambda: calls.append(value) or value
+
+    assert P.resolve("auto", "cpu", probe=probe(0.4), model="small") == "no"
+    assert P.resolve("auto", "cpu", probe=probe(1.7), model="big") == "bf16"
+    assert P.resolve("auto", "cpu", probe=probe(0.1), model="big") == "bf16" and calls == [0.4, 1.7]  # cached
+    machine.flags = frozenset()
+    assert P.resolve("auto", "cpu", probe=probe(9.0), model="other") == "no" and 9.0 not in calls
+    unet = load_pipeline("tiny").unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert P.unet_step_speedup(unet, 64) > 0
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # a probe changes nothing
 
 
 def test_auto_needs_a_measured_gain(machine, monkeypatch):

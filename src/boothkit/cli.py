@@ -107,7 +107,7 @@ def models() -> None:
 @models.command("path")
 @click.argument("name")
 def models_path(name: str) -> None:
-    """Print the local folder of a model ('tiny' and 'mini' are built on first use)."""
+    """Print the local folder of a model (the built-in 'tiny', 'tiny-xl' and 'mini' are built on first use)."""
     from .models import model_path
 
     path = model_path(name)

@@ -1,9 +1,12 @@
 """Which precision fits this machine: `--mixed-precision auto`, and a warning where a choice is emulated.
 
 GPUs: bf16 where the GPU does it natively (Ampere and newer), else fp16. CPUs: bf16 only where the CPU has
-bf16 instructions (AVX-512 BF16 or AMX) *and* a short matmul probe finds bf16 faster than fp32 with this
-torch; elsewhere bf16 is emulated (measured 26x slower than fp32 on an AVX2-only EPYC), so auto means fp32.
-The probe's result is cached per machine in BOOTHKIT_HOME/precision.json.
+bf16 instructions (AVX-512 BF16 or AMX) *and* a measured probe finds bf16 faster; elsewhere bf16 is emulated
+(measured 26x slower than fp32 on an AVX2-only EPYC), so auto means fp32. Training probes the model itself (one
+forward and backward of its UNet, fp32 against bf16 autocast): on an AVX-512 BF16 EPYC a 512x512 matmul runs 2x
+faster in bf16, yet mini's 6.7 M-parameter UNet trains 2.6x slower under autocast (the casts cost more than the
+small layers gain), so a matmul alone cannot decide. Generation (weights in bf16, no casts) uses the matmul
+probe. Results are cached per machine (and model) in BOOTHKIT_HOME/precision.json.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -55,12 +59,12 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
     return sorted(times)[reps // 2]
 
 
-def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of a 512x512 matmul on this CPU (> 1: bf16 is faster), cached per machine."""
+def _cached(what: str, measure: Callable[[], float]) -> float:
+    """A speedup measured once per (CPU, what, torch, threads) and kept in BOOTHKIT_HOME/precision.json."""
     from .models import boothkit_home
 
-    model, flags = cpu_description()
-    key = f"{model}|{'native' if native_cpu_bf16() else 'emulated'}|torch {torch.__version__}|" \
+    name = cpu_description()[0]
+    key = f"{name}|{'native' if native_cpu_bf16() else 'emulated'}|{what}|torch {torch.__version__}|" \
           f"threads {torch.get_num_threads()}"
     path = boothkit_home() / "precision.json"
     try:
@@ -68,8 +72,7 @@ def cpu_bf16_speedup() -> float:
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        with torch.no_grad():
-            cache[key] = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+        cache[key] = float(measure())
         try:
             atomic_write_bytes(path, json.dumps(cache, indent=2).encode())
         except OSError:  # a read-only home only costs the probe again next time
@@ -77,8 +80,44 @@ def cpu_bf16_speedup() -> float:
     return float(cache[key])
 
 
-def resolve(choice: str, device: str) -> str:
-    """The precision a run uses: `choice` itself unless it is 'auto' (then what this hardware does best)."""
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16 time of a 512x512 matmul on this CPU (> 1: bf16 is faster)."""
+    with torch.no_grad():
+        return _cached("matmul 512", lambda: _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16))
+
+
+def unet_step_speedup(unet, resolution: int) -> float:
+    """fp32 time / bf16-autocast time of one forward and backward of `unet` on one latent (at most 32x32, i.e.
+    256 px for SD), gradients flowing to the input as they do to LoRA layers; the weights stay as they are."""
+    cfg = unet.config
+    side = min(resolution // 8, 32)
+    sample = torch.randn(1, cfg.in_channels, side, side)
+    width = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
+    kwargs: dict = {"encoder_hidden_states": torch.randn(1, 77, width)}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text and six size numbers
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.ones(1, 6) * 64}
+    device = next(unet.parameters()).device
+
+    def step(bf16: bool) -> float:
+        x = sample.to(device).requires_grad_(True)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = unet(x, 500, **{k: v.to(device) if torch.is_tensor(v) else
+                                  {a: b.to(device) for a, b in v.items()} for k, v in kwargs.items()}).sample
+        out.float().square().mean().backward()
+        return time.perf_counter() - start
+
+    with torch.random.fork_rng():
+        step(False), step(True)  # warm-up: kernel selection, caches
+        return min(step(False) for _ in range(2)) / min(step(True) for _ in range(2))
+
+
+def resolve(choice: str, device: str, probe: Optional[Callable[[], float]] = None, model: str = "") -> str:
+    """The precision a run uses: `choice` itself unless it is 'auto', then what this hardware does best.
+
+    probe: on a CPU with bf16 instructions, measures the bf16 speedup of this model's training step
+    (cached under `model`); without one, the matmul probe decides (generation)."""
     if choice != AUTO:
         warn_if_emulated(choice, device)
         return choice
@@ -87,9 +126,10 @@ def resolve(choice: str, device: str) -> str:
         return pinned
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if native_cpu_bf16() and cpu_bf16_speedup() >= FASTER:
-        return "bf16"
-    return "no"
+    if not native_cpu_bf16():
+        return "no"
+    speedup = _cached(f"train {model}", probe) if probe is not None else cpu_bf16_speedup()
+    return "bf16" if speedup >= FASTER else "no"
 
 
 def warn_if_emulated(choice: str, device: str) -> None:

@@ -270,24 +270,30 @@ class Trainer:
 def _run(cfg: RunConfig, progress: bool) -> Path:
     from accelerate import Accelerator
 
-    from .precision import resolve
+    from .precision import resolve, unet_step_speedup
 
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision fp16 needs a GPU (use bf16 on CPU)")
-    # The saved config names the precision actually used, so a rerun elsewhere repeats it.
-    cfg = cfg.replace("train", mixed_precision=resolve(cfg.train.mixed_precision,
-                                                       "cuda" if torch.cuda.is_available() else "cpu"))
-    t = cfg.train
-    out = Path(t.output_dir)
+    out = Path(cfg.train.output_dir)
     earlier = [p for p in (out / LORA_FILE, out / "model", ckpt.checkpoint_dir(out)) if p.exists()]
-    if earlier and not (t.resume or t.overwrite):
+    if earlier and not (cfg.train.resume or cfg.train.overwrite):
         raise BoothkitError(f"--output-dir {out} holds an earlier run ({earlier[0].name}); pass --resume to "
                             f"continue it, --overwrite to replace it, or choose another folder")
+    d = cfg.data
+    instance_images = [img for _, img in load_folder(d.instance_dir, skip_bad=d.skip_bad_images)]
+    pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
+    size = d.resolution or native_resolution(pipe)
+    # auto on a CPU: what this model's own forward/backward runs fastest in (probed once, cached). The saved
+    # config names the precision actually used, so a rerun elsewhere repeats it.
+    precision = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu",
+                        probe=lambda: unet_step_speedup(pipe.unet, size), model=model_ref(cfg.model.model))
+    cfg = cfg.replace("train", mixed_precision=precision)
+    t = cfg.train
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
         shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)  # an earlier run's checkpoints must not mix in
     main = accelerator.is_main_process
-    tr, resolved = _setup(cfg, accelerator, progress and main)
+    tr, resolved = _setup(cfg, accelerator, pipe, instance_images, progress and main)
     if main:  # after set-up: a bad photo, model or class folder is reported alone, on one line
         log.info("training on %d process(es), device %s, mixed precision %s", accelerator.num_processes,
                  accelerator.device, t.mixed_precision)
@@ -303,15 +309,13 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
     return out
 
 
-def _setup(cfg: RunConfig, accelerator, progress: bool) -> tuple[Trainer, RunConfig]:
-    """Load the model and photos, make class images, add LoRA, build optimizer, schedule and latent banks."""
+def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: bool) -> tuple[Trainer, RunConfig]:
+    """Make class images, add LoRA, build optimizer, schedule and latent banks for the loaded model and photos."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     t, d, pr, lo = cfg.train, cfg.data, cfg.prior, cfg.lora
     device = accelerator.device
-    instance_images = [img for _, img in load_folder(d.instance_dir, skip_bad=d.skip_bad_images)]
-    pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe)
     _check_identifier(pipe.tokenizer, d.token)
