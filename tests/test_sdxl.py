@@ -185,3 +185,32 @@ def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):
     a, b = load_file(tmp_path / "full" / LORA_FILE), load_file(out / LORA_FILE)
     assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_another_vae_trains_and_generates_with_it(xl_path, demo_subject, tmp_path, capsys):
+    """--vae (e.g. an fp16-fixed SDXL VAE): recorded in the LoRA, used again by generation, as plain diffusers would."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from boothkit.cli import main
+    from boothkit.generate import load_generation_pipeline
+    from boothkit.train import run_training
+
+    vae = AutoencoderKL.from_pretrained(xl_path / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)  # a visibly different decoder
+    vae.save_pretrained(tmp_path / "my_vae")
+    run = run_training(C.resolve(C.TRAIN_SECTIONS, {}, {
+        "model": "tiny-xl", "vae": str(tmp_path / "my_vae"), "instance_dir": str(demo_subject), "class_noun": "dog",
+        "prior": False, "max_steps": 2, "output_dir": str(tmp_path / "run")}), progress=False)
+    ours = images(load_generation_pipeline(None, [(str(run), 1.0)]))
+    plain = StableDiffusionXLPipeline.from_pretrained(xl_path, vae=AutoencoderKL.from_pretrained(tmp_path / "my_vae"))
+    plain.load_lora_weights(str(run))
+    assert all(np.array_equal(a, b) for a, b in zip(ours, plain_images(plain)))
+    default = images(load_generation_pipeline(None, [(str(run), 1.0)], vae=str(xl_path)))  # the model's own VAE
+    assert not np.array_equal(ours[0], default[0])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--lora", str(run), "--vae", str(tmp_path / "nothing"), "--prompt", "x", "--out",
+              str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code != 0 and len(err) == 1 and "--vae" in err[0] and "nothing" in err[0]

@@ -59,6 +59,8 @@ class ModelConfig:
     model_config: Optional[str] = opt(None, "Local diffusers folder whose configs describe a single-file checkpoint "
                                             "(needed offline for .safetensors models).")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of --model.")
+    vae: Optional[str] = opt(None, "Another VAE for --model: a diffusers AutoencoderKL folder or hub id (e.g. an "
+                                   "fp16-fixed SDXL VAE); recorded in the LoRA, so generation uses it too.")
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,8 @@ class GenerateConfig:
     width: int = opt(0, "Width in pixels, a multiple of 8 (0: the model's native size).", min=0)
     height: int = opt(0, "Height in pixels, a multiple of 8 (0: the model's native size).", min=0)
     batch_size: int = opt(1, "Images per forward pass (does not change the images).", min=1)
+    vae: Optional[str] = opt(None, "Another VAE (folder or hub id); default: the one the first LoRA was trained "
+                                   "with, if any.")
     mixed_precision: str = opt("auto", "Run the pipeline in this precision (fp16 needs a GPU; auto: what the "
                                        "hardware does best).", choices=MIXED_PRECISION)
     out: str = opt("", "Output folder for PNGs, grids and generate_config.toml.", required=True)

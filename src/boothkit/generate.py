@@ -151,10 +151,11 @@ def base_model_of(lora_path: str | Path) -> str:
 
 
 def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], *, model_config: str | None = None,
-                             scheduler: str | None = None, dtype: torch.dtype = torch.float32):
+                             scheduler: str | None = None, dtype: torch.dtype = torch.float32,
+                             vae: str | None = None):
     """Base pipeline with every LoRA loaded as its own adapter, on the GPU when there is one.
 
-    model None takes the base model from the first LoRA's metadata. The pipeline remembers its LoRAs
+    model None takes the base model from the first LoRA's metadata; vae None its training VAE, if it had one. The pipeline remembers its LoRAs
     (``pipe.boothkit_loras``: adapter name, path, weight) for set_lora_scales, and starts at scales 1/1.
     """
     files = [(L.lora_file(path), path, float(weight)) for path, weight in loras]  # fail before the slow load
@@ -162,9 +163,11 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
         if not files:
             raise ConfigError("generate: give --lora (its metadata names the base model) or --model")
         model = base_model_of(files[0][0])
+    if vae is None and files:
+        vae = L.read_lora_info(files[0][0]).get("vae") or None
     if scheduler is not None and scheduler not in SCHEDULER_SPECS:
         raise ConfigError(f"--scheduler {scheduler!r} is not one of {', '.join(SCHEDULER_SPECS)}")
-    pipe = models.load_pipeline(model, model_config=model_config, dtype=dtype)
+    pipe = models.load_pipeline(model, model_config=model_config, dtype=dtype, vae=vae)
     pipe.set_progress_bar_config(disable=True)  # boothkit shows one bar over all images instead
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -181,6 +184,7 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
             raise BoothkitError(f"--lora {given}: none of its layers matches {model} (LoRA for another model?)")
         adapters.append((name, str(given), weight))
     pipe.boothkit_model = model
+    pipe.boothkit_vae = vae
     pipe.boothkit_loras = adapters
     set_lora_scales(pipe, 1.0, 1.0)
     return pipe.to(device())
@@ -330,11 +334,12 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     dtype = precision_dtype(g.mixed_precision, device())
     cfg = cfg.replace("generate", mixed_precision={v: k for k, v in PRECISION_DTYPES.items()}[dtype])
     out = Path(g.out)
-    pipe = load_generation_pipeline(g.model, loras, model_config=g.model_config, scheduler=g.scheduler, dtype=dtype)
+    pipe = load_generation_pipeline(g.model, loras, model_config=g.model_config, scheduler=g.scheduler, dtype=dtype,
+                                    vae=g.vae)
     set_lora_scales(pipe, g.unet_scale, g.text_encoder_scale)
     width, height = image_size(pipe, g.width, g.height)
     # Record the base model actually used, so the saved config repeats the run even if --model was implied.
-    resolved = cfg.replace("generate", model=g.model or pipe.boothkit_model)
+    resolved = cfg.replace("generate", model=g.model or pipe.boothkit_model, vae=g.vae or pipe.boothkit_vae)
     out.mkdir(parents=True, exist_ok=True)
     C.save_toml(out / "generate_config.toml", resolved.to_dict())
     params = functools.partial(parameters_text, negative_prompt=g.negative_prompt, steps=g.steps,

@@ -220,6 +220,11 @@ def model_ref(spec: str) -> str:
     return MINI if (p / "BOOTHKIT_MINI.json").is_file() and p.parent == (boothkit_home() / "models").resolve() else str(p)
 
 
+def model_name(model: str, vae: str | None = None) -> str:
+    """model_ref, with the replacement VAE when there is one (class images made with it are other pictures)."""
+    return f"{model_ref(model)} + vae {model_ref(vae)}" if vae else model_ref(model)
+
+
 def is_tiny(spec: str) -> bool:
     return spec in (TINY, TINY_XL) or Path(spec, "BOOTHKIT_TINY.json").is_file()
 
@@ -238,9 +243,32 @@ def model_path(spec: str) -> str:
 
 
 def load_pipeline(spec: str, *, model_config: str | None = None, revision: str | None = None,
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, vae: str | None = None):
     """Load an SD 1.x/2.x or SDXL pipeline (its family's class) from a built-in name, a local folder, a single
-    .safetensors file or a hub id."""
+    .safetensors file or a hub id; `vae` replaces its VAE."""
+    other = load_vae(vae, dtype) if vae else None  # first: a wrong --vae fails before the slow model load
+    pipe = _load_pipeline(spec, model_config=model_config, revision=revision, dtype=dtype)
+    if other is not None:
+        pipe.vae = other
+    return pipe
+
+
+def load_vae(spec: str, dtype: torch.dtype = torch.float32):
+    """An AutoencoderKL from a VAE folder, a model folder's vae/ subfolder, or a hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(spec)
+    local = path.is_dir()
+    if local and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    try:
+        return AutoencoderKL.from_pretrained(str(path) if local else spec, dtype=dtype)
+    except Exception as exc:  # diffusers and the hub raise many types; the remedy is the same
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"--vae {spec}: not a loadable AutoencoderKL folder or hub id ({first})") from None
+
+
+def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None, dtype: torch.dtype):
     from .families import SD, family_of, family_of_folder, family_of_single_file
 
     path = Path(spec)

@@ -161,8 +161,8 @@ def run_class_images(cfg: C.RunConfig) -> list[Path]:
     prompt = prior.prompt_for(cfg.data.class_noun)
     if Path(prior.class_dir).is_dir():  # a folder of another class fails now, not after loading the model
         check_settings(Path(prior.class_dir), read_manifest(Path(prior.class_dir)),
-                       {"model": models.model_ref(cfg.model.model), "prompt": prompt})
-    pipe = models.load_pipeline(cfg.model.model, model_config=cfg.model.model_config,
+                       {"model": models.model_name(cfg.model.model, cfg.model.vae), "prompt": prompt})
+    pipe = models.load_pipeline(cfg.model.model, model_config=cfg.model.model_config, vae=cfg.model.vae,
                                 revision=cfg.model.revision).to(device())
     resolution = cfg.data.resolution or models.native_resolution(pipe)
     return ensure_class_images(

@@ -30,7 +30,7 @@ from .families import Conditioning, Family, family_of, micro_conditioning
 from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
 from .lora import (LORA_FILE, adapter_metadata, add_lora, adapters_disabled, canonical_text_encoder_keys,
                    lora_state_dict, save_lora_file)
-from .models import load_pipeline, model_ref, native_resolution
+from .models import load_pipeline, model_name, model_ref, native_resolution
 
 log = logging.getLogger("boothkit")
 LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder_lr")
@@ -281,7 +281,8 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
                             f"continue it, --overwrite to replace it, or choose another folder")
     d = cfg.data
     instance_images = [img for _, img in load_folder(d.instance_dir, skip_bad=d.skip_bad_images)]
-    pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
+    pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision,
+                         vae=cfg.model.vae)
     size = d.resolution or native_resolution(pipe)
     # auto on a CPU: what this model's own forward/backward runs fastest in (probed once, cached). The saved
     # config names the precision actually used, so a rerun elsewhere repeats it.
@@ -332,7 +333,7 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
             paths = ensure_class_images(
                 pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
                 batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps, guidance=pr.class_guidance,
-                resolution=size, model_name=model_ref(cfg.model.model), progress=progress)
+                resolution=size, model_name=model_name(cfg.model.model, cfg.model.vae), progress=progress)
         class_images = [load_image(p) for p in paths]
 
     groups = _make_trainable(cfg, pipe, family, device, accelerator.mixed_precision)
@@ -532,7 +533,8 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -
             "prior_images": cfg.prior.prior_images, "rank": lo.rank, "alpha": lo.alpha,
             "unet_targets": ",".join(lo.unet_targets), "steps": cfg.train.max_steps, "resolution": resolved.data.resolution,
             "text_encoder_targets": ",".join(lo.text_encoder_targets) if lo.train_text_encoder else "",
-            "family": tr.family.name, "version": __version__}
+            "family": tr.family.name, "vae": model_ref(cfg.model.vae) if cfg.model.vae else "",
+            "version": __version__}
     if lo.full:
         for name, model in trained.items():
             setattr(pipe, name, model)
