@@ -70,3 +70,4 @@ def lpips_weights():
         except Exception as exc:  # no PyPI here: DIV cannot be measured
             pytest.skip(f"LPIPS weights not importable: {exc}")
     return M.lpips_weights_path("alex")
+

@@ -2,10 +2,8 @@
 training, generation equal to plain diffusers, exports through diffusers' own converters, micro-conditioning,
 and kill-and-resume."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from safetensors.torch import load_file
 
 from boothkit import config as C
 from boothkit.lora import LORA_FILE
+from processes import kill_at
 
 PROMPT = "a photo of sks dog"
 
@@ -172,14 +171,7 @@ def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):
     full = subprocess.run(cli(*common, "--output-dir", tmp_path / "full"), env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(*common, "--output-dir", out), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (out / "checkpoints" / "step-0000008").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at(cli(*common, "--output-dir", out), out / "checkpoints" / "step-0000008", env)
     resumed = subprocess.run(cli(*common, "--output-dir", out, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr
     a, b = load_file(tmp_path / "full" / LORA_FILE), load_file(out / LORA_FILE)

@@ -2,10 +2,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from boothkit.losses import add_noise
 from boothkit.families import Conditioning
 from boothkit.lora import LORA_FILE
 from boothkit.train import Batch, run_training, training_step
+from processes import kill_at
 
 
 @pytest.fixture
@@ -116,15 +115,7 @@ def test_kill_and_resume_is_bit_identical(instance_dir, class_dir, tmp_path):
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*common, "--output-dir", out), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-0000008").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_at(_cli(*common, "--output-dir", out), out / "checkpoints" / "step-0000008", env)
     assert not (out / LORA_FILE).exists()
     resumed = subprocess.run(_cli(*common, "--output-dir", out, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
