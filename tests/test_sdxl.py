@@ -83,6 +83,8 @@ def test_generation_equals_plain_diffusers_and_zero_scales_the_base(xl_run, xl_p
     ours_base = images(pipe)
     set_lora_scales(pipe, 1.0, 0.0)  # the text-encoder scale reaches both text encoders
     unet_only = images(pipe)
+    set_lora_scales(pipe, 1.0, 1.0, 0.0)  # unless the second has its own
+    te2_off = images(pipe)
     plain = StableDiffusionXLPipeline.from_pretrained(xl_path)
     base = plain_images(plain)
     plain.load_lora_weights(str(xl_run))
@@ -90,16 +92,20 @@ def test_generation_equals_plain_diffusers_and_zero_scales_the_base(xl_run, xl_p
     plain.set_adapters(plain.get_list_adapters()["unet"], adapter_weights=[
         {"unet": 1.0, "text_encoder": 0.0, "text_encoder_2": 0.0}])
     plain_unet_only = plain_images(plain)
+    plain.set_adapters(plain.get_list_adapters()["unet"], adapter_weights=[
+        {"unet": 1.0, "text_encoder": 1.0, "text_encoder_2": 0.0}])
+    plain_te2_off = plain_images(plain)
     assert all(np.array_equal(a, b) for a, b in zip(ours, trained))
     assert all(np.array_equal(a, b) for a, b in zip(ours_base, base))
     assert all(np.array_equal(a, b) for a, b in zip(unet_only, plain_unet_only))
+    assert all(np.array_equal(a, b) for a, b in zip(te2_off, plain_te2_off))
+    assert not np.array_equal(te2_off[0], ours[0]) and not np.array_equal(te2_off[0], unet_only[0])
     assert not np.array_equal(ours[0], base[0]) and not np.array_equal(unet_only[0], ours[0])
 
 
-def test_exports_reproduce_the_native_images(xl_run, tmp_path):
+def test_exports_reproduce_the_native_images(xl_run, xl_path, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from boothkit.errors import ModelError
     from boothkit.export import export, export_config
     from boothkit.generate import load_generation_pipeline
 
@@ -116,8 +122,19 @@ def test_exports_reproduce_the_native_images(xl_run, tmp_path):
     merged = export(export_config(lora=str(xl_run), format="merged", out=str(tmp_path / "m")))
     fused = plain_images(StableDiffusionXLPipeline.from_pretrained(merged))
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(native, fused))
-    with pytest.raises(ModelError, match="merged-single-file"):
-        export(export_config(lora=str(xl_run), format="merged-single-file", out=str(tmp_path / "s.safetensors")))
+    single = export(export_config(lora=str(xl_run), format="merged-single-file", out=str(tmp_path / "s.safetensors")))
+    with safe_open(str(single), "pt") as fh:  # the sgm layout: CLIP-L and an OpenCLIP-style second encoder
+        keys = set(fh.keys())
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    # diffusers' own single-file loader (offline: configs from the tiny-xl folder)
+    loaded = StableDiffusionXLPipeline.from_single_file(str(single), config=str(xl_path), local_files_only=True)
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(native, plain_images(loaded)))
+    from boothkit.families import SDXL, family_of
+    from boothkit.models import load_pipeline
+
+    assert family_of(load_pipeline(str(single), model_config=str(xl_path))) is SDXL
 
 
 def test_micro_conditioning_follows_each_pictures_size_and_crop():
@@ -154,10 +171,10 @@ def test_training_step_passes_the_conditioning_to_the_unet():
 
     ids = torch.tensor([[80., 101, 0, 8, 64, 64], [64, 64, 0, 0, 64, 64]])
     batch = Batch(torch.randn(2, 4, 8, 8), ["a", "b"], ids)
-    encode = lambda p: Conditioning(torch.ones(len(p), 77, 64), torch.full((len(p), 32), 2.0))  # noqa: E731
+    encode = lambda p: Conditioning(torch.ones(len(p), 77, 96), torch.full((len(p), 64), 2.0))  # noqa: E731
     training_step(Unet(), encode, batch, torch.linspace(0.99, 0.01, 1000), "epsilon", None,
                   torch.Generator().manual_seed(0))
-    assert torch.equal(seen["time_ids"], ids) and seen["text_embeds"].shape == (2, 32)
+    assert torch.equal(seen["time_ids"], ids) and seen["text_embeds"].shape == (2, 64)
 
 
 def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):

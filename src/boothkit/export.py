@@ -143,7 +143,9 @@ def te_original_name(module: str) -> str:
 _RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                   "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _UNET_TOP_TO_LDM = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+                    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+                    # SDXL's size/pooled-text embedding
+                    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def _resnet_tail(tail: str) -> str:
@@ -217,8 +219,9 @@ def vae_to_ldm(key: str, num_blocks: int) -> str:
     return f"{side}.{_VAE_TOP_TO_LDM.get(head, head)}.{tail}"
 
 
-def ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The three models' weights in the original SD single-file layout."""
+def ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The models' weights in the original single-file layout: SD 1.x (ldm), or SDXL (sgm: CLIP-L under
+    conditioner.embedders.0, the OpenCLIP-style second encoder under conditioner.embedders.1)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in unet.state_dict().items():
         out["model.diffusion_model." + unet_to_ldm(k, unet.config)] = v
@@ -229,10 +232,50 @@ def ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
         if ".mid.attn_1." in name and name.endswith(".weight") and v.ndim == 2 and ".norm." not in name:
             v = v[:, :, None, None]
         out[name] = v
+    first = "cond_stage_model.transformer." if text_encoder_2 is None else "conditioner.embedders.0.transformer."
     for k, v in text_encoder.state_dict().items():
-        if k.endswith("position_ids"):
-            continue
-        out["cond_stage_model.transformer." + te_original_name(k)] = v
+        if not k.endswith("position_ids"):
+            out[first + te_original_name(k)] = v
+    if text_encoder_2 is not None:
+        out.update(open_clip_state_dict(text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    return out
+
+
+_OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_model.final_layer_norm.weight": "ln_final.weight",
+                  "text_model.final_layer_norm.bias": "ln_final.bias"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def open_clip_state_dict(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP's layout (inverse of diffusers'
+    ``convert_open_clip_checkpoint``): q/k/v stacked into in_proj, the projection transposed."""
+    import torch
+
+    state = {te_original_name(k) if not k.startswith("text_projection") else k: v for k, v in state.items()
+             if not k.endswith("position_ids")}
+    out: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        if k in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[k]] = v
+        elif k == "text_projection.weight":
+            out[prefix + "text_projection"] = v.T.contiguous()
+        elif m := re.match(r"^text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", k):
+            block, module, kind = m.groups()
+            base = f"{prefix}transformer.resblocks.{block}."
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                layers.setdefault(f"{base}attn.in_proj_{kind}", {})[module[-6]] = v
+            elif module in _OPEN_CLIP_LAYER:
+                out[f"{base}{_OPEN_CLIP_LAYER[module]}.{kind}"] = v
+            else:
+                raise ModelError(f"text encoder 2 parameter '{k}' has no place in the OpenCLIP layout")
+        else:
+            raise ModelError(f"text encoder 2 parameter '{k}' has no place in the OpenCLIP layout")
+    for name, qkv in layers.items():
+        out[name] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
     return out
 
 
@@ -415,10 +458,7 @@ def write_merged(weights: LoraWeights, cfg: ExportConfig) -> Path:
             "boothkit.unet_scale": f"{cfg.unet_scale:g}", "boothkit.text_encoder_scale": f"{cfg.text_encoder_scale:g}",
             "boothkit.export_format": cfg.format, "boothkit.exported_by": __version__}
     if cfg.format == "merged-single-file":
-        if hasattr(pipe, "text_encoder_2"):
-            raise ModelError("--format merged-single-file: the SDXL checkpoint layout is not written yet; "
-                             "use --format merged (a diffusers folder)")
-        tensors = ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+        tensors = ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
         return _save_file(out, tensors, info, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

@@ -190,8 +190,10 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
     return pipe.to(device())
 
 
-def set_lora_scales(pipe, unet_scale: float, text_encoder_scale: float) -> None:
-    """Scale every loaded LoRA (times its own weight) on the UNet and the text encoder; no reload.
+def set_lora_scales(pipe, unet_scale: float, text_encoder_scale: float,
+                    text_encoder_2_scale: float | None = None) -> None:
+    """Scale every loaded LoRA (times its own weight) on the UNet and the text encoder(s); no reload.
+    SDXL's second text encoder takes `text_encoder_2_scale`, or the text-encoder scale when it is None.
 
     Only the components an adapter actually has get a weight (diffusers warns otherwise). Scale 0 adds
     exactly zero in peft's LoRA layers, so 0/0 reproduces the base model bit for bit.
@@ -205,9 +207,10 @@ def set_lora_scales(pipe, unet_scale: float, text_encoder_scale: float) -> None:
         w = {}
         if name in present.get("unet", []):
             w["unet"] = unet_scale * weight
-        for component in ("text_encoder", "text_encoder_2"):  # SDXL: one scale for both text encoders
+        te2 = text_encoder_scale if text_encoder_2_scale is None else text_encoder_2_scale
+        for component, scale in (("text_encoder", text_encoder_scale), ("text_encoder_2", te2)):
             if name in present.get(component, []):
-                w[component] = text_encoder_scale * weight
+                w[component] = scale * weight
         names.append(name)
         weights.append(w)
     pipe.set_adapters(names, adapter_weights=weights)
@@ -262,7 +265,7 @@ def _quote(value: str) -> str:
 
 def parameters_text(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance: float, seed: int,
                     width: int, height: int, model: str, loras: Sequence[tuple[str, float]],
-                    unet_scale: float, text_encoder_scale: float) -> str:
+                    unet_scale: float, text_encoder_scale: float, text_encoder_2_scale: float | None = None) -> str:
     """AUTOMATIC1111-style generation parameters: prompt, negative prompt, then one 'Key: value' line."""
     from . import __version__
 
@@ -271,6 +274,7 @@ def parameters_text(prompt: str, negative_prompt: str, *, steps: int, sampler: s
         "Size": f"{width}x{height}", "Model": model,
         "Lora": ", ".join(f"{path}:{weight:g}" for path, weight in loras),
         "UNet scale": f"{unet_scale:g}", "TE scale": f"{text_encoder_scale:g}",
+        "TE2 scale": "" if text_encoder_2_scale is None else f"{text_encoder_2_scale:g}",
         "Version": f"boothkit {__version__}",
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v != "")
@@ -336,7 +340,7 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     out = Path(g.out)
     pipe = load_generation_pipeline(g.model, loras, model_config=g.model_config, scheduler=g.scheduler, dtype=dtype,
                                     vae=g.vae)
-    set_lora_scales(pipe, g.unet_scale, g.text_encoder_scale)
+    set_lora_scales(pipe, g.unet_scale, g.text_encoder_scale, g.text_encoder_2_scale)
     width, height = image_size(pipe, g.width, g.height)
     # Record the base model actually used, so the saved config repeats the run even if --model was implied.
     resolved = cfg.replace("generate", model=g.model or pipe.boothkit_model, vae=g.vae or pipe.boothkit_vae)
@@ -345,7 +349,8 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     params = functools.partial(parameters_text, negative_prompt=g.negative_prompt, steps=g.steps,
                                sampler=sampler_label(pipe.scheduler), guidance=g.guidance, width=width,
                                height=height, model=pipe.boothkit_model, loras=loras, unet_scale=g.unet_scale,
-                               text_encoder_scale=g.text_encoder_scale)
+                               text_encoder_scale=g.text_encoder_scale,
+                               text_encoder_2_scale=g.text_encoder_2_scale)
     written: list[Path] = []
     with progress_bar("generating", len(g.prompt) * g.num_images) as advance:
         for p, prompt in enumerate(g.prompt):

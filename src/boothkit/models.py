@@ -134,16 +134,17 @@ def _tiny_xl_components(tokenizer_dir: Path) -> dict[str, Any]:
     te_config = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407,
                      pad_token_id=49407)
+    # the two encoders differ in width, as SDXL's do (768 / 1280): single-file loaders tell them apart by it
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **te_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **te_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=64, projection_dim=64, **te_config))
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
-        transformer_layers_per_block=(1, 2), norm_num_groups=32, cross_attention_dim=32 + 32,
+        transformer_layers_per_block=(1, 2), norm_num_groups=32, cross_attention_dim=32 + 64,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + 32,  # six size/crop numbers + pooled text
+        projection_class_embeddings_input_dim=6 * time_dim + 64,  # six size/crop numbers + pooled text
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
