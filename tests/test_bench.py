@@ -222,3 +222,20 @@ def test_dreambench_spreads_subjects_over_processes(tmp_path, dataset, tiny_path
     assert "process 0: subject 1/1 pup done" in log and "process 1: subject 1/1 thing done" in log
     rows = list(csv.DictReader((out / "dreambench.csv").open()))
     assert [r["method"] for r in rows] == ["lora", "real images"] and rows[0]["subjects"] == "2"
+
+
+@pytest.mark.slow
+def test_dreambench_runs_sdxl_unchanged(tmp_path, dataset, lpips_weights):
+    """The benchmark goes through the family seam: an SDXL base model (tiny-xl) needs no other flag."""
+    from boothkit.cli import main
+
+    train_toml = tmp_path / "xl.toml"
+    train_toml.write_text('[model]\nmodel = "tiny-xl"\n[train]\nmax_steps = 2\n[prior]\nnum_class_images = 2\n'
+                          'class_steps = 2\n')
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exit_:
+        main(_bench_args(dataset, out, train_toml, "thing"))
+    assert exit_.value.code == 0
+    res = json.loads((out / "lora" / "thing" / "results.json").read_text())
+    assert res["train"]["model"]["model"] == "tiny-xl" and res["num_class_images"] == 2
+    assert all(-1 <= res["overall"][k] <= 1 for k in ("DINO", "CLIP-I", "CLIP-T", "PRES"))
