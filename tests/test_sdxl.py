@@ -119,6 +119,8 @@ def test_exports_reproduce_the_native_images(xl_run, xl_path, tmp_path):
     # through diffusers' own kohya converter
     assert all(np.array_equal(a, b) for a, b in zip(native, images(load_generation_pipeline("tiny-xl",
                                                                                             [(str(kohya), 1.0)]))))
+    comfy = export(export_config(lora=str(xl_run), format="comfyui", out=str(tmp_path / "c.safetensors")))
+    assert load_file(comfy).keys() == load_file(kohya).keys()  # ComfyUI reads SDXL LoRAs in sd-scripts' names
     merged = export(export_config(lora=str(xl_run), format="merged", out=str(tmp_path / "m")))
     fused = plain_images(StableDiffusionXLPipeline.from_pretrained(merged))
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(native, fused))
