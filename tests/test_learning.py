@@ -22,7 +22,7 @@ def train(tmp_path, name: str, prior: bool, steps: int):
     cfg = C.resolve(C.TRAIN_SECTIONS, {}, {
         "model": "mini", "instance_dir": str(demo_subject_dir()), "token": "[ktn]", "class_noun": "girl",
         "instance_prompt": "an image of {token} {class_noun}", "class_prompt": "an image of a {class_noun}",
-        "prior": prior, "num_class_images": 8, "class_steps": 20, "class_dir": str(tmp_path / "class"),
+        "prior": prior, "num_class_images": 8, "class_steps": 20, "class_scheduler": "model", "class_dir": str(tmp_path / "class"),
         "train_text_encoder": True, "max_steps": steps, "learning_rate": 5e-4, "text_encoder_lr": 1e-4,
         "output_dir": str(tmp_path / name), "seed": 0})
     return run_training(cfg, progress=False)

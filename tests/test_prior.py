@@ -83,9 +83,28 @@ def test_manifest_records_the_settings(made, base):
     manifest = json.loads((folder / prior.MANIFEST).read_text())
     assert (manifest["model"], manifest["prompt"], manifest["resolution"]) == ("tiny", "a photo of dog", 64)
     assert sorted(manifest["images"]) == [f"class-{i:05d}.png" for i in range(6)]
-    assert manifest["images"]["class-00004.png"] == {
-        "seed": 14, "steps": 2, "guidance": 7.5, "scheduler": type(base.scheduler).__name__}
+    assert manifest["images"]["class-00004.png"] == {"seed": 14, "steps": 2, "guidance": 7.5, "scheduler": "DDIM"}
     assert not list(folder.glob(".*"))  # no temp files left
+
+
+def test_class_images_with_another_sampler(base, tmp_path):
+    """--class-scheduler: the images are plain diffusers' with that sampler; the pipeline keeps its own."""
+    from boothkit.generate import make_scheduler
+
+    own = base.scheduler
+    paths = prior.ensure_class_images(base, tmp_path / "c", **{**SETTINGS, "num_images": 2, "steps": 3},
+                                      scheduler="dpm++2m-karras")
+    assert base.scheduler is own
+    manifest = json.loads((tmp_path / "c" / prior.MANIFEST).read_text())
+    assert {r["scheduler"] for r in manifest["images"].values()} == {"DPM++ 2M Karras"}
+    base.scheduler = make_scheduler("dpm++2m-karras", own.config)
+    try:
+        img = base("a photo of dog", num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
+                   generator=torch.Generator("cpu").manual_seed(11)).images[0]
+    finally:
+        base.scheduler = own
+    assert int(np.abs(np.asarray(img, dtype=np.int16) - pixels(paths[1])).max()) <= 1
+    assert C.PriorConfig().class_scheduler == "dpm++2m-karras" and C.PriorConfig().class_steps == 20  # the defaults
 
 
 def test_rerun_generates_only_the_missing_images(made, pipe, tmp_path):

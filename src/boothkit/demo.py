@@ -104,6 +104,7 @@ def train_config(d: DemoConfig) -> C.RunConfig:
         "instance_prompt": p.instance_prompt, "class_prompt": p.class_prompt,
         "output_dir": str(out / "lora"), "class_dir": str(out / "class_images"),
         "num_class_images": d.num_class_images, "class_steps": d.steps, "class_batch_size": 8, "class_seed": d.seed,
+        "class_scheduler": "model",  # the model's own sampler, as when the demo's numbers were measured
         "train_text_encoder": True, "rank": 8, "alpha": 8.0, "max_steps": steps, "learning_rate": p.learning_rate,
         "text_encoder_lr": p.text_encoder_lr, "seed": d.seed, "validate_every": max(1, steps // 2),
         "validation_steps": 20, "checkpoint_every": max(1, steps // 3), "overwrite": True,

@@ -89,8 +89,10 @@ def missing_indices(valid_names: set[str], count: int) -> list[int]:
 
 
 def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_size: int, seed: int, steps: int,
-                        guidance: float, resolution: int, model_name: str, progress: bool = True) -> list[Path]:
-    """Make sure `class_dir` holds num_images readable class images; generate only the missing ones.
+                        guidance: float, resolution: int, model_name: str, progress: bool = True,
+                        scheduler: str = "model") -> list[Path]:
+    """Make sure `class_dir` holds num_images readable class images; generate only the missing ones, with the
+    sampler `scheduler` (a boothkit sampler name, or 'model' for the pipeline's own).
 
     Returns the first num_images valid images, sorted by name.
     """
@@ -112,8 +114,8 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
     todo = missing_indices({p.name for p in images}, num_images - len(images))
     if todo:
         log.info("generating %d class images in %s", len(todo), class_dir)
-        scheduler = type(pipe.scheduler).__name__
-        with progress_bar("class images", len(todo), enabled=progress) as advance, _pipeline_bar_off(pipe):
+        with progress_bar("class images", len(todo), enabled=progress) as advance, _pipeline_bar_off(pipe), \
+                _sampler(pipe, scheduler) as sampler:
             done = 0
             for batch in iter_batches(pipe, prompt, [seed + k for k in todo], steps=steps, guidance=guidance,
                                       width=resolution, height=resolution, batch_size=batch_size):
@@ -121,7 +123,7 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
                     k = todo[done]
                     _save_png(img, class_dir / class_image_name(k))
                     records[class_image_name(k)] = dict(seed=seed + k, steps=steps, guidance=guidance,
-                                                        scheduler=scheduler)
+                                                        scheduler=sampler)
                     done += 1
                 manifest["images"] = dict(sorted(records.items()))
                 write_manifest(class_dir, manifest)  # after every batch: a killed run keeps its records
@@ -130,6 +132,20 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
     elif not (class_dir / MANIFEST).is_file() or read_manifest(class_dir) != manifest:
         write_manifest(class_dir, manifest)
     return images[:num_images]
+
+
+@contextlib.contextmanager
+def _sampler(pipe, name: str) -> Iterator[str]:
+    """Sample with scheduler `name` for a while (the pipeline's own for 'model'); yields the sampler's label."""
+    from .generate import make_scheduler, sampler_label
+
+    own = pipe.scheduler
+    if name != "model":
+        pipe.scheduler = make_scheduler(name, own.config)
+    try:
+        yield sampler_label(pipe.scheduler)
+    finally:
+        pipe.scheduler = own
 
 
 def _save_png(img, path: Path) -> None:
@@ -168,4 +184,5 @@ def run_class_images(cfg: C.RunConfig) -> list[Path]:
     return ensure_class_images(
         pipe, prior.class_dir, prompt=prompt, num_images=prior.num_class_images,
         batch_size=prior.class_batch_size, seed=prior.class_seed, steps=prior.class_steps,
+        scheduler=prior.class_scheduler,
         guidance=prior.class_guidance, resolution=resolution, model_name=models.model_ref(cfg.model.model))

@@ -333,6 +333,7 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
             paths = ensure_class_images(
                 pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
                 batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps, guidance=pr.class_guidance,
+                scheduler=pr.class_scheduler,
                 resolution=size, model_name=model_name(cfg.model.model, cfg.model.vae), progress=progress)
         class_images = [load_image(p) for p in paths]
 
