@@ -234,6 +234,18 @@ def _prior_effect(cfg: C.RunConfig) -> None:
 
 
 
+from .speed import SPEED_SECTIONS as _SPEED_SECTIONS  # noqa: E402
+
+
+@config_command(bench, "speed", _SPEED_SECTIONS,
+                help="Training-step time, peak memory and FLOPs per configuration (precision, text encoder, "
+                     "checkpointing, prior), class images per second and time to subject, on this machine.")
+def _speed(cfg: C.RunConfig) -> None:
+    from .speed import run_speed
+
+    click.echo(f"tables: {run_speed(cfg) / 'speed.md'}")
+
+
 from .recognition import MINI_BENCH_SECTIONS as _MINI_BENCH_SECTIONS  # noqa: E402
 
 

@@ -27,7 +27,8 @@ log = logging.getLogger("boothkit")
 TINY = "tiny"
 MINI = "mini"  # pretrained on the emoji world; see boothkit.mini
 TINY_XL = "tiny-xl"  # SDXL's architecture at toy size, random weights
-BUILT_IN = (TINY, MINI, TINY_XL)
+SD15_SHAPE = "sd15-shape"  # SD 1.5's architecture, random weights: speed and memory only (boothkit.shapes)
+BUILT_IN = (TINY, MINI, TINY_XL, SD15_SHAPE)
 TINY_VERSION = "tiny-v1"
 TINY_XL_VERSION = "tiny-xl-v1"
 TINY_SEED = 20220825  # the DreamBooth paper's arXiv date; any fixed value works
@@ -240,6 +241,10 @@ def model_path(spec: str) -> str:
         return str(mini_path("model"))
     if spec == TINY_XL:
         return str(tiny_xl_model_path())
+    if spec == SD15_SHAPE:
+        from .shapes import sd15_shape_path
+
+        return str(sd15_shape_path())
     return str(tiny_model_path()) if spec == TINY else spec
 
 
