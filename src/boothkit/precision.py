@@ -10,6 +10,7 @@ probe. Results are cached per machine (and model) in BOOTHKIT_HOME/precision.jso
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -98,13 +99,17 @@ def unet_step_speedup(unet, resolution: int) -> float:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.ones(1, 6) * 64}
     device = next(unet.parameters()).device
+    # as training holds it: frozen weights in bf16 under autocast (with fp32 weights, autocast would re-cast every
+    # weight at every op, and the probe would measure that instead); a copy, so `unet` keeps its own precision
+    fast = copy.deepcopy(unet).to(torch.bfloat16)
 
     def step(bf16: bool) -> float:
         x = sample.to(device).requires_grad_(True)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = unet(x, 500, **{k: v.to(device) if torch.is_tensor(v) else
-                                  {a: b.to(device) for a, b in v.items()} for k, v in kwargs.items()}).sample
+            out = (fast if bf16 else unet)(x, 500, **{k: v.to(device) if torch.is_tensor(v) else
+                                                      {a: b.to(device) for a, b in v.items()}
+                                                      for k, v in kwargs.items()}).sample
         out.float().square().mean().backward()
         return time.perf_counter() - start
 
