@@ -270,3 +270,26 @@ def test_prior_from_subject_pictures_needs_no_class_images(instance_dir, tmp_pat
     assert any(not torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="prior.prior_images subject needs prior.prior_target frozen"):
         run_training(make_cfg(instance_dir, tmp_path / "o", tmp_path, prior_images="subject"))
+
+
+def test_nan_loss_stops_at_once_and_keeps_the_checkpoint(instance_dir, tmp_path, monkeypatch):
+    """A non-finite loss ends the run with a message naming the step, before the optimizer steps on it; the
+    checkpoint written before stays, and --resume finishes the run from it."""
+    from boothkit import train as T
+    from boothkit.errors import BoothkitError
+
+    real, calls = T.training_step, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss, inst, prior = real(*args, **kwargs)
+        return (loss * float("nan"), inst, prior) if len(calls) == 3 else (loss, inst, prior)
+
+    monkeypatch.setattr(T, "training_step", poisoned)
+    cfg = make_cfg(instance_dir, tmp_path / "out", max_steps=6, checkpoint_every=2)
+    with pytest.raises(BoothkitError, match=r"step 3: the loss is nan .* checkpoint at step 2 is kept"):
+        run_training(cfg, progress=False)
+    assert not (tmp_path / "out" / LORA_FILE).exists()
+    monkeypatch.setattr(T, "training_step", real)
+    out = run_training(cfg.replace("train", resume=True), progress=False)
+    assert all(torch.isfinite(v).all() for v in lora_tensors(out).values())

@@ -455,6 +455,8 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
                 totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
             if acc.num_processes > 1:  # log the mean over processes, not rank 0's share
                 totals = acc.reduce(totals.to(acc.device), reduction="mean").cpu()
+            if not torch.isfinite(totals[0]):  # before the optimizer step: the weights stay finite
+                _stop_on_nonfinite(out, step + 1, float(totals[0]), t.mixed_precision)
             if t.max_grad_norm > 0:
                 acc.clip_grad_norm_(tr.params, t.max_grad_norm)
             tr.optimizer.step()
@@ -481,6 +483,16 @@ def _models(tr: Trainer) -> dict[str, torch.nn.Module]:
     """Component name -> unwrapped model, for every component that trains."""
     trained = {"unet": tr.unet, **(tr.text_encoders if tr.cfg.lora.train_text_encoder else {})}
     return {name: tr.accelerator.unwrap_model(m) for name, m in trained.items()}
+
+
+def _stop_on_nonfinite(out: Path, step: int, loss: float, precision: str) -> None:
+    """A NaN or inf loss ends the run at once with what to try; the checkpoints already written stay."""
+    found = ckpt.list_checkpoints(out)
+    kept = f"the checkpoint at step {found[-1][0]} is kept (--resume continues from it)" if found else \
+        "no checkpoint was written (--checkpoint-every N keeps some)"
+    fp16 = "; bf16 instead of fp16" if precision == "fp16" else ""
+    raise BoothkitError(f"step {step}: the loss is {loss} (not finite); try a lower --learning-rate or "
+                        f"--max-grad-norm{fp16}; {kept}")
 
 
 def _weights(tr: Trainer) -> dict[str, torch.Tensor]:
