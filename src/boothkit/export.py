@@ -98,6 +98,7 @@ def read_lora(path: str | Path) -> LoraWeights:
     """Read a diffusers-format LoRA file (boothkit's, or one from diffusers' training scripts)."""
     from safetensors import safe_open
 
+    from .families import LORA_COMPONENTS
     from .lora import lora_file
 
     file = lora_file(path)
@@ -105,8 +106,8 @@ def read_lora(path: str | Path) -> LoraWeights:
         meta = dict(fh.metadata() or {})
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     adapter = json.loads(meta.get("lora_adapter_metadata", "{}"))
-    pattern = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
-    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in ("unet", "text_encoder", "text_encoder_2")}
+    pattern = re.compile(rf"^({'|'.join(LORA_COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in LORA_COMPONENTS}
     for key, value in tensors.items():
         m = pattern.match(key)
         if m is None:
@@ -420,6 +421,7 @@ def write_lora_export(weights: LoraWeights, cfg: ExportConfig) -> Path:
 
 def fused_pipeline(cfg: ExportConfig, weights: LoraWeights):
     """Base pipeline with the LoRA fused at the configured scales and the adapter layers removed."""
+    from .families import family_of
     from .lora import lora_file
     from .models import load_pipeline
 
@@ -429,8 +431,8 @@ def fused_pipeline(cfg: ExportConfig, weights: LoraWeights):
     pipe = load_pipeline(base, model_config=cfg.model_config)
     pipe.load_lora_weights(str(lora_file(cfg.lora)), adapter_name="boothkit")
     # one fuse per component: fuse_lora's lora_scale applies to every component it is given
-    for comp, scale in (("unet", cfg.unet_scale), ("text_encoder", cfg.text_encoder_scale),
-                        ("text_encoder_2", cfg.text_encoder_scale)):
+    for comp in family_of(pipe).components:
+        scale = cfg.unet_scale if comp == "unet" else cfg.text_encoder_scale
         if comp in weights.modules:
             pipe.fuse_lora(components=[comp], lora_scale=scale, adapter_names=["boothkit"])
     pipe.unload_lora_weights()

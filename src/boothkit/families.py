@@ -72,6 +72,8 @@ SD = Family("sd", "StableDiffusionPipeline", ("text_encoder",), ("tokenizer",), 
 SDXL = Family("sdxl", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
               {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}, micro_conditioned=True)
 FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
+# every LoRA component any family has, in file order: what a LoRA file may hold
+LORA_COMPONENTS = tuple(dict.fromkeys(c for f in FAMILIES.values() for c in f.components))
 
 
 def family_of(pipe) -> Family:

@@ -155,8 +155,9 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
                              vae: str | None = None):
     """Base pipeline with every LoRA loaded as its own adapter, on the GPU when there is one.
 
-    model None takes the base model from the first LoRA's metadata; vae None its training VAE, if it had one. The pipeline remembers its LoRAs
-    (``pipe.boothkit_loras``: adapter name, path, weight) for set_lora_scales, and starts at scales 1/1.
+    model None takes the base model from the first LoRA's metadata; vae None its training VAE, if it had one.
+    The pipeline remembers its LoRAs (``pipe.boothkit_loras``: adapter name, path, weight) for set_lora_scales,
+    and starts at scales 1/1.
     """
     files = [(L.lora_file(path), path, float(weight)) for path, weight in loras]  # fail before the slow load
     if model is None:
@@ -201,14 +202,16 @@ def set_lora_scales(pipe, unet_scale: float, text_encoder_scale: float,
     adapters = getattr(pipe, "boothkit_loras", [])
     if not adapters:
         return
-    present = pipe.get_list_adapters()
+    from .families import family_of
+
+    present, encoders = pipe.get_list_adapters(), family_of(pipe).text_encoders
     names, weights = [], []
     for name, _, weight in adapters:
         w = {}
         if name in present.get("unet", []):
             w["unet"] = unet_scale * weight
-        te2 = text_encoder_scale if text_encoder_2_scale is None else text_encoder_2_scale
-        for component, scale in (("text_encoder", text_encoder_scale), ("text_encoder_2", te2)):
+        for k, component in enumerate(encoders):  # the first, or every one unless the second has its own
+            scale = text_encoder_2_scale if k and text_encoder_2_scale is not None else text_encoder_scale
             if name in present.get(component, []):
                 w[component] = scale * weight
         names.append(name)

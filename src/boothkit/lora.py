@@ -19,7 +19,6 @@ from .errors import BoothkitError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "default"
-COMPONENTS = ("unet", "text_encoder")
 
 
 def lora_config(targets, rank: int, alpha: float, dropout: float = 0.0):
