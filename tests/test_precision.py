@@ -81,6 +81,18 @@ def test_explicit_choices_pass_through_and_emulated_bf16_warns_once(machine, cap
     assert not caplog.records  # native bf16: nothing to warn about
 
 
+def test_explicit_fp32_warns_where_this_models_probe_found_bf16_twice_as_fast(machine, caplog):
+    machine.flags = frozenset({"avx512_bf16"})
+    with caplog.at_level(logging.WARNING, logger="boothkit"):
+        assert P.resolve("no", "cpu", probe=lambda: 2.3, model="big") == "no"
+        assert not caplog.records  # an explicit choice never waits for a probe: nothing known yet
+        assert P.resolve("auto", "cpu", probe=lambda: 2.3, model="big") == "bf16"
+        assert P.resolve("auto", "cpu", probe=lambda: 1.5, model="mid") == "bf16"
+        assert P.resolve("no", "cpu", probe=lambda: 0.0, model="mid") == "no" and not caplog.records  # < 2x
+        assert P.resolve("no", "cpu", probe=lambda: 0.0, model="big") == "no"
+    assert len(caplog.records) == 1 and "big trains 2.3x faster in bf16" in caplog.text
+
+
 def test_this_machine_is_described():
     name, flags = P.cpu_description()
     assert name and isinstance(flags, frozenset)

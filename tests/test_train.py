@@ -293,3 +293,39 @@ def test_nan_loss_stops_at_once_and_keeps_the_checkpoint(instance_dir, tmp_path,
     monkeypatch.setattr(T, "training_step", real)
     out = run_training(cfg.replace("train", resume=True), progress=False)
     assert all(torch.isfinite(v).all() for v in lora_tensors(out).values())
+
+
+@pytest.mark.parametrize("over, released", [
+    ({}, {"vae", "text_encoder"}),  # latents and prompts cached: neither is needed again
+    ({"validate_every": 2}, set()),  # validation samples need both
+    ({"train_text_encoder": True}, {"vae"}),  # the text encoder trains
+    ({"cache_latents": False}, set()),  # pictures and prompts are encoded every step
+])
+def test_lora_loads_frozen_weights_in_the_run_precision_and_releases_what_it_no_longer_needs(
+        instance_dir, class_dir, tmp_path, monkeypatch, over, released):
+    import boothkit.train as T
+
+    seen = {}
+    release = T._release_frozen
+    monkeypatch.setattr(T, "_release_frozen", lambda tr: (seen.update(
+        unet=next(p for n, p in tr.pipe.unet.named_parameters() if "lora" not in n).dtype,
+        vae=tr.pipe.vae.dtype), release(tr), seen.update(tr=tr)))
+    out = run_training(make_cfg(instance_dir, tmp_path / "o", class_dir, mixed_precision="bf16", max_steps=2, **over),
+                       progress=False)
+    assert seen["unet"] == torch.bfloat16 and seen["vae"] == torch.float32  # loaded so, never held in fp32
+    pipe = seen["tr"].pipe
+    on_meta = {name for name in ("vae", "text_encoder") if next(getattr(pipe, name).parameters()).is_meta}
+    assert on_meta == released
+    assert (out / LORA_FILE).is_file()
+
+
+def test_full_finetune_keeps_fp32_master_weights_and_its_vae(instance_dir, tmp_path, monkeypatch):
+    import boothkit.train as T
+
+    seen = {}
+    release = T._release_frozen
+    monkeypatch.setattr(T, "_release_frozen", lambda tr: (release(tr), seen.update(tr=tr)))
+    run_training(make_cfg(instance_dir, tmp_path / "o", full=True, mixed_precision="bf16", max_steps=1),
+                 progress=False)
+    pipe = seen["tr"].pipe
+    assert next(pipe.unet.parameters()).dtype == torch.float32 and not next(pipe.vae.parameters()).is_meta

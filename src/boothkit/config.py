@@ -150,6 +150,8 @@ class TrainConfig:
     mixed_precision: str = opt("auto", "Mixed precision through accelerate; auto: bf16/fp16 on GPUs, bf16 on CPUs "
                                        "with bf16 instructions, else fp32 (no).", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    channels_last: bool = opt(False, "UNet convolutions in the channels-last memory layout (see BENCHMARKS.md for "
+                                     "where it pays).")
     checkpoint_every: int = opt(0, "Write a resumable checkpoint every N steps (0: never).", min=0)
     checkpoints_keep: int = opt(2, "Keep the newest K checkpoints.", min=1)
     resume: bool = opt(False, "Continue from the newest complete checkpoint in OUTPUT/checkpoints.")

@@ -249,14 +249,20 @@ def model_path(spec: str) -> str:
 
 
 def load_pipeline(spec: str, *, model_config: str | None = None, revision: str | None = None,
-                  dtype: torch.dtype = torch.float32, vae: str | None = None):
+                  dtype: torch.dtype | dict[str, torch.dtype] = torch.float32, vae: str | None = None):
     """Load an SD 1.x/2.x or SDXL pipeline (its family's class) from a built-in name, a local folder, a single
-    .safetensors file or a hub id; `vae` replaces its VAE."""
-    other = load_vae(vae, dtype) if vae else None  # first: a wrong --vae fails before the slow model load
+    .safetensors file or a hub id; `vae` replaces its VAE. `dtype`: one for all components, or one per component
+    as diffusers takes it ({"default": torch.bfloat16, "vae": torch.float32}): each is loaded straight into its
+    dtype, so no full-precision copy of the model is ever held."""
+    other = load_vae(vae, component_dtype(dtype, "vae")) if vae else None  # a wrong --vae fails before the slow load
     pipe = _load_pipeline(spec, model_config=model_config, revision=revision, dtype=dtype)
     if other is not None:
         pipe.vae = other
     return pipe
+
+
+def component_dtype(dtype: torch.dtype | dict[str, torch.dtype], name: str) -> torch.dtype:
+    return dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
 
 
 def load_vae(spec: str, dtype: torch.dtype = torch.float32):
@@ -274,7 +280,8 @@ def load_vae(spec: str, dtype: torch.dtype = torch.float32):
         raise ModelError(f"--vae {spec}: not a loadable AutoencoderKL folder or hub id ({first})") from None
 
 
-def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None, dtype: torch.dtype):
+def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
+                   dtype: torch.dtype | dict[str, torch.dtype]):
     from .families import SD, family_of, family_of_folder, family_of_single_file
 
     path = Path(spec)
@@ -292,15 +299,20 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
             raise ModelError(f"--model-config {model_config}: not a diffusers folder (no model_index.json)")
         try:
             family = family_of_folder(model_config) if model_config else family_of_single_file(path)
-            return family.pipeline().from_single_file(
-                str(path), config=model_config, local_files_only=model_config is not None, dtype=dtype,
-                **family.pipeline_kwargs)
+            pipe = family.pipeline().from_single_file(  # it takes one dtype: per component below
+                str(path), config=model_config, local_files_only=model_config is not None,
+                dtype=torch.float32 if isinstance(dtype, dict) else dtype, **family.pipeline_kwargs)
         except ModelError:
             raise
         except Exception as exc:  # diffusers and safetensors raise many types; all mean the same to the user
             hint = "" if model_config else " (offline, pass --model-config <local diffusers folder>)"
             raise ModelError(f"--model {spec}: cannot load single-file checkpoint{hint}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if isinstance(dtype, dict):
+            for name, part in pipe.components.items():
+                if isinstance(part, torch.nn.Module):
+                    part.to(component_dtype(dtype, name))
+        return pipe
     if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
         raise ModelError(f"--model {spec}: no such file or folder")
     try:

@@ -60,18 +60,25 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
     return sorted(times)[reps // 2]
 
 
-def _cached(what: str, measure: Callable[[], float]) -> float:
-    """A speedup measured once per (CPU, what, torch, threads) and kept in BOOTHKIT_HOME/precision.json."""
+def _cache() -> tuple[Path, dict]:
     from .models import boothkit_home
 
-    name = cpu_description()[0]
-    key = f"{name}|{'native' if native_cpu_bf16() else 'emulated'}|{what}|torch {torch.__version__}|" \
-          f"threads {torch.get_num_threads()}"
     path = boothkit_home() / "precision.json"
     try:
-        cache = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except (OSError, ValueError):
-        cache = {}
+        return path, {}
+
+
+def _key(what: str) -> str:
+    return f"{cpu_description()[0]}|{'native' if native_cpu_bf16() else 'emulated'}|{what}|" \
+           f"torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def _cached(what: str, measure: Callable[[], float]) -> float:
+    """A speedup measured once per (CPU, what, torch, threads) and kept in BOOTHKIT_HOME/precision.json."""
+    path, cache = _cache()
+    key = _key(what)
     if key not in cache:
         cache[key] = float(measure())
         try:
@@ -125,6 +132,8 @@ def resolve(choice: str, device: str, probe: Optional[Callable[[], float]] = Non
     (cached under `model`); without one, the matmul probe decides (generation)."""
     if choice != AUTO:
         warn_if_emulated(choice, device)
+        if probe is not None:
+            warn_if_slow(choice, device, model)
         return choice
     pinned = os.environ.get(ENV_OVERRIDE)
     if pinned in ("no", "bf16", "fp16"):
@@ -145,3 +154,14 @@ def warn_if_emulated(choice: str, device: str) -> None:
     slower = 1.0 / cpu_bf16_speedup()
     log.warning("--mixed-precision bf16: this CPU (%s) has no bf16 instructions; a matmul probe ran %.0fx slower "
                 "in bf16 than in fp32. --mixed-precision auto (or no) uses fp32 here.", cpu_description()[0], slower)
+
+
+def warn_if_slow(choice: str, device: str, model: str) -> None:
+    """Warn when fp32 is asked for on a CPU where this model's probe found bf16 at least twice as fast (only
+    where that probe already ran: an explicit choice never waits for one)."""
+    if choice != "no" or device != "cpu" or not native_cpu_bf16():
+        return
+    speedup = _cache()[1].get(_key(f"train {model}"))
+    if speedup is not None and speedup >= 2.0:
+        log.warning("--mixed-precision no: on this CPU (%s) %s trains %.1fx faster in bf16 (measured); "
+                    "--mixed-precision auto uses it", cpu_description()[0], model, speedup)

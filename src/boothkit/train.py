@@ -33,6 +33,7 @@ from .lora import (LORA_FILE, adapter_metadata, add_lora, adapters_disabled, can
 from .models import load_pipeline, model_name, model_ref, native_resolution
 
 log = logging.getLogger("boothkit")
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # frozen weights per precision
 LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder_lr")
 
 
@@ -75,7 +76,7 @@ class LatentBank:
 
     def _encode_fp32(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
-        for chunk in pixels.split(8):
+        for chunk in pixels.split(2):  # the VAE at 512 px holds ~0.7 GB of activations per picture
             dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
@@ -270,7 +271,7 @@ class Trainer:
 def _run(cfg: RunConfig, progress: bool) -> Path:
     from accelerate import Accelerator
 
-    from .precision import resolve, unet_step_speedup
+    from .precision import resolve
 
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision fp16 needs a GPU (use bf16 on CPU)")
@@ -281,14 +282,13 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
                             f"continue it, --overwrite to replace it, or choose another folder")
     d = cfg.data
     instance_images = [img for _, img in load_folder(d.instance_dir, skip_bad=d.skip_bad_images)]
-    pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision,
-                         vae=cfg.model.vae)
-    size = d.resolution or native_resolution(pipe)
     # auto on a CPU: what this model's own forward/backward runs fastest in (probed once, cached). The saved
     # config names the precision actually used, so a rerun elsewhere repeats it.
     precision = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu",
-                        probe=lambda: unet_step_speedup(pipe.unet, size), model=model_ref(cfg.model.model))
+                        probe=lambda: _probe_speedup(cfg), model=model_ref(cfg.model.model))
     cfg = cfg.replace("train", mixed_precision=precision)
+    pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision,
+                         vae=cfg.model.vae, dtype=_load_dtypes(cfg))
     t = cfg.train
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
@@ -308,6 +308,35 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
         _save_outputs(cfg, resolved, out, tr)
     accelerator.end_training()
     return out
+
+
+def _probe_speedup(cfg: RunConfig) -> float:
+    """bf16 speedup of this model's training step on this CPU (a one-off load: the result is cached)."""
+    from .precision import unet_step_speedup
+
+    pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
+    return unet_step_speedup(pipe.unet, cfg.data.resolution or native_resolution(pipe))
+
+
+def _load_dtypes(cfg: RunConfig) -> torch.dtype | dict[str, torch.dtype]:
+    """LoRA: frozen weights load straight into the run's precision (the VAE in fp32: it overflows in fp16), so no
+    fp32 copy of the model is ever held. A full fine-tune keeps fp32 master weights."""
+    if cfg.lora.full:
+        return torch.float32
+    return {"default": WEIGHT_DTYPES[cfg.train.mixed_precision], "vae": torch.float32}
+
+
+def _release_frozen(tr: Trainer) -> None:
+    """Free the VAE and frozen text encoders once latents and prompt embeddings are cached and nothing later
+    (validation samples, uncached batches, a full model save) needs them: on a GPU their memory goes to the step."""
+    cfg, pipe = tr.cfg, tr.pipe
+    later = bool(cfg.train.validate_every) or cfg.lora.full
+    keep_vae = later or not tr.instance.cache or (tr.classes is not None and not tr.classes.cache)
+    keep_te = later or cfg.lora.train_text_encoder or tr.encode.cached is None
+    for module in ([] if keep_vae else [pipe.vae]) + ([] if keep_te else list(tr.text_encoders.values())):
+        module.to("meta")  # storage freed; the module stays, so a stray later use fails loudly
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what class images and the latent cache held returns to the device
 
 
 def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: bool) -> tuple[Trainer, RunConfig]:
@@ -361,6 +390,7 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
                              device=device),
         class_prompt=class_prompt, alphas_cumprod=noise_sched.alphas_cumprod,
         prediction_type=noise_sched.config.prediction_type)
+    _release_frozen(tr)
     resolved = cfg.replace("data", resolution=size, instance_prompt=d.prompt) \
                   .replace("prior", class_dir=str(class_dir), class_prompt=class_prompt).replace("train", optimizer=opt_kind)
     return tr, resolved
@@ -372,7 +402,7 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
     t, lo = cfg.train, cfg.lora
     unet, train_te = pipe.unet, lo.train_text_encoder
     encoders = [getattr(pipe, name) for name in family.text_encoders]
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    weight_dtype = WEIGHT_DTYPES[mixed_precision]
     pipe.vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
     torch.manual_seed(t.seed)  # LoRA A matrices are drawn from the global RNG
     if lo.full:
@@ -393,6 +423,8 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
             p.data = p.data.float()  # trainable weights stay fp32; autocast handles the compute
         if not train_te and model is not unet:
             model.to(device, weight_dtype)
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in encoders if train_te else ():

@@ -27,6 +27,8 @@ def define_missing_ops() -> None:
 
     if hasattr(torch.ops, "torchvision") and hasattr(torch.ops.torchvision, "nms"):
         return
+    if _real_ops_load():  # a torchvision built for this torch (a CUDA machine): nothing to stand in for
+        return
     try:
         lib = torch.library.Library("torchvision", "DEF")
         for schema in _SCHEMAS:
@@ -34,6 +36,25 @@ def define_missing_ops() -> None:
         _LIBS.append(lib)
     except RuntimeError:  # already defined by the real library
         pass
+
+
+def _real_ops_load() -> bool:
+    """Whether torchvision's compiled ops library loads beside this torch (it then defines the real schemas)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.origin:
+        return False
+    for lib in sorted(Path(spec.origin).parent.glob("_C*.so")):
+        try:
+            torch.ops.load_library(str(lib))
+            return True
+        except (OSError, RuntimeError):
+            return False
+    return False
 
 
 class _BeforeTorchvision:
