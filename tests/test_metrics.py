@@ -147,12 +147,17 @@ def test_unknown_evaluator_is_one_line_error(tmp_path):
     with pytest.raises(ModelError, match="--dino-model ./nope: no such folder"):
         M.DinoEvaluator("./nope", CPU)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "boothkit"), "evaluate", "--samples", str(tmp_path),
-                           "--real-dir", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o"),
-                           "--clip-model", "someorg/no-such-model", "--dino-model", "tiny"],
+    for folder in ("samples", "real"):  # valid pictures: the run must get as far as loading the model
+        (tmp_path / folder).mkdir()
+        for i in range(3):  # three: fewer photos only add a warning
+            Image.new("RGB", (32, 32), (90 * i, 40, 200)).save(tmp_path / folder / f"{i}.png")
+    proc = subprocess.run([str(Path(sys.executable).parent / "boothkit"), "evaluate", "--samples",
+                           str(tmp_path / "samples"), "--real-dir", str(tmp_path / "real"), "--prompt", "x",
+                           "--out", str(tmp_path / "o"), "--clip-model", "someorg/no-such-model", "--dino-model", "tiny"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "--clip-model someorg/no-such-model" in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ LPIPS

@@ -139,7 +139,7 @@ def test_corrupt_files_are_ignored_and_replaced(made, pipe, tmp_path, caplog):
     folder = copy_folder(made[0], tmp_path / "class")
     (folder / "class-00002.png").write_bytes((folder / "class-00002.png").read_bytes()[:200])  # killed mid-copy
     (folder / "junk.png").write_bytes(b"this is no image")
-    (folder / ".class-00005.png.x1y2.tmp").write_bytes(b"half")  # a killed boothkit write
+    (folder / ".class-00005.png.99999999.x1y2abcd.tmp").write_bytes(b"half")  # a killed boothkit write (dead pid)
     with caplog.at_level(logging.WARNING, logger="boothkit"):
         paths = prior.ensure_class_images(pipe, folder, **SETTINGS)
     assert pipe.images == 1

@@ -191,9 +191,12 @@ def test_cli_sweep_on_finished_cells(swept):
             f["unet_scale"], "--text-encoder-scale", f["text_encoder_scale"], "-n", "2", "--steps", "2",
             "--out", str(out), "--clip-model", "tiny"]
     before = (out / "sweep.csv").read_text()
+    pngs = sorted(out.rglob("cells/**/*.png"))
+    stamps = [p.stat().st_mtime_ns for p in pngs]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0 and (out / "sweep.csv").read_text() == before
+    assert pngs and [p.stat().st_mtime_ns for p in pngs] == stamps  # no finished cell was drawn again
     with pytest.raises(SystemExit) as exc:
         main(argv[:-4] + ["--out", str(out), "--guidance", "1,x"])
     assert exc.value.code == 2
@@ -206,7 +209,12 @@ def test_rerun_after_the_lora_changed_is_refused(lora_path, tmp_path):
     shutil.copy(lora_path if lora_path.is_file() else lora_path / "pytorch_lora_weights.safetensors", lora)
     cfg = sweep_cfg(lora=str(lora), prompt=["a dog"], guidance="1", num_images=1, steps=1, out=str(tmp_path / "s"))
     S.run_sweep(cfg)
-    with open(lora, "ab") as fh:  # same path, different file (e.g. retrained): old cells would be stale
-        fh.write(b" ")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(lora), "pt") as fh:
+        meta = fh.metadata()
+    # same path, a different valid file (e.g. retrained): old cells would be stale
+    save_file({k: v + 1 for k, v in load_file(lora).items()}, lora, metadata=meta)
     with pytest.raises(BoothkitError, match="earlier version of --lora"):
         S.run_sweep(cfg)

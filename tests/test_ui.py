@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 
 from boothkit import cli, config as C, generate as G, lora as L, ui  # noqa: E402
+from boothkit.data import load_image  # noqa: E402
 from boothkit.export import EXPORT_SECTIONS  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -163,7 +165,12 @@ def test_train_handler_trains_on_uploaded_photos(demo_subject, tmp_path):
     assert lora_path == str(out / L.LORA_FILE) and L.read_lora_info(lora_path)["steps"] == "2"
     assert Image.open(grid).size == (128, 64)  # 1 prompt x 2 seeds at 64 px
     copied = sorted((out / ui.UPLOAD_DIR).iterdir())
-    assert [p.read_bytes() for p in copied] == [Path(p).read_bytes() for p in photos]
+    # re-encoded: the upright pixels training reads, as PNG, no EXIF carried over
+    assert [p.name for p in copied] == [f"{i:03d}-{Path(p).stem}.png" for i, p in enumerate(photos)]
+    for stored, original in zip(copied, photos):
+        with Image.open(stored) as img:
+            assert img.format == "PNG" and not img.getexif()
+            assert np.array_equal(np.asarray(img), np.asarray(load_image(original)))
     saved = C.load_toml(out / "config.toml")
     assert saved["data"]["instance_dir"] == str(out / ui.UPLOAD_DIR)
     # A second run into the same folder is refused like on the CLI, as a message.
@@ -179,5 +186,14 @@ def test_app_serves_its_page():
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
             assert resp.status == 200 and b"boothkit" in resp.read()
+        assert app.max_file_size == 50 * 1024 ** 2  # uploads over the limit are refused by the server
+        boundary = "x" * 16
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + b"\0" * (51 * 1024 ** 2) + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/upload", data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413
     finally:
         app.close()

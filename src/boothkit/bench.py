@@ -127,7 +127,8 @@ def select_subjects(ds: Dataset, wanted: Sequence[str]) -> list[str]:
 def generate_samples(pipe, prompts: Sequence[str], folder: Path, *, num_images: int, seed: int, steps: int,
                      guidance: float, progress: bool = True) -> list[tuple[str, Any]]:
     """Generate num_images per prompt (image i of every prompt uses seed + i), saved as PNGs + samples.json."""
-    from .generate import generate_images, parameters_text, progress_bar, sampler_label, save_png, slug
+    from .generate import generate_images, parameters_text, sampler_label, save_png, slug
+    from .progress import progress_bar
     from .metrics import write_samples_manifest
     from .models import native_resolution
 

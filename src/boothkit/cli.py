@@ -87,10 +87,13 @@ def config_command(group: click.Group, name: str, sections: Mapping[str, type], 
 
 
 def _quiet_loading_bars() -> None:
-    """diffusers' 'Loading pipeline components' bar ignores the env switches; boothkit shows its own progress."""
+    """diffusers' 'Loading pipeline components' and transformers' 'Loading weights' bars ignore the env switches
+    once the library is imported; boothkit shows its own progress."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BoothkitError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -263,6 +266,8 @@ def _mini_bench(cfg: C.RunConfig) -> None:
 def _class_images(cfg: C.RunConfig) -> None:
     from .prior import run_class_images
 
+    if cfg.prior.class_dir:
+        C.check_output(cfg.prior.class_dir, "--class-dir")
     paths = run_class_images(cfg)
     click.echo(f"{len(paths)} class images in {cfg.prior.class_dir}")
 

@@ -9,7 +9,10 @@ section is a table (``[lora] rank = 8``); on the command line every field is a f
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -20,6 +23,8 @@ from typing import Any, Mapping, Optional
 from .errors import ConfigError
 from .files import atomic_write_bytes
 
+log = logging.getLogger("boothkit")
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -27,15 +32,24 @@ else:  # pragma: no cover
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, short: str | None = None,
-        min: float | None = None, max: float | None = None, required: bool = False) -> Any:
+        min: float | None = None, max: float | None = None, required: bool = False, text: bool = False,
+        fields: tuple[str, ...] | None = None) -> Any:
     """A config field with the help text and limits the CLI and the validator share.
 
     `required`: an empty value ('' or ()) is an error naming the key and its flag.
+    `text`: a value given must hold a word (an empty or all-space prompt, token or noun is a mistake).
+    `fields`: the value is a template; a {name} placeholder other than these is warned about when the config is
+    read (a typo would else reach the model unnoticed), and stays as written: braces are emphasis in some prompt
+    dialects, so it is not refused.
     """
-    meta = {"help": help, "choices": choices, "short": short, "min": min, "max": max, "required": required}
+    meta = {"help": help, "choices": choices, "short": short, "min": min, "max": max, "required": required,
+            "text": text, "fields": fields}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")  # what fill() replaces; other braces stay as written
 
 
 def fill(template: str, **values: str) -> str:
@@ -67,11 +81,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    instance_dir: str = opt("", "Folder with 3-20 photos of the subject (jpg, png, webp, gif, bmp, mpo).")
-    token: str = opt("sks", "Rare identifier for the subject, e.g. 'sks' or '[ktn]'.")
-    class_noun: str = opt("", "Class noun of the subject, e.g. 'dog' or 'girl'.")
+    instance_dir: str = opt("", "Folder with 3-20 photos of the subject (jpg, png, webp, gif, bmp, mpo, tiff).")
+    token: str = opt("sks", "Rare identifier for the subject, e.g. 'sks' or '[ktn]'.", text=True)
+    class_noun: str = opt("", "Class noun of the subject, e.g. 'dog' or 'girl'.", text=True)
     instance_prompt: Optional[str] = opt(None, "Prompt for the subject photos; default 'a photo of {token} {class_noun}' "
-                                               "({token} and {class_noun} are filled in).")
+                                               "({token} and {class_noun} are filled in).", text=True,
+                                         fields=("token", "class_noun"))
     resolution: int = opt(0, "Training resolution in pixels (0: the model's native size).", min=0)
     crop: str = opt("center", "How to crop after resizing the shorter side.", choices=("center", "random"))
     flip: bool = opt(False, "Random horizontal flips.")
@@ -92,7 +107,7 @@ class DataConfig:
 class PriorConfig:
     prior: bool = opt(True, "Class-specific prior-preservation loss on images of the class made by the frozen model.")
     class_prompt: Optional[str] = opt(None, "Prompt for class images; default 'a photo of {class_noun}' ({class_noun} is "
-                                            "filled in).")
+                                            "filled in).", text=True, fields=("class_noun",))
     class_dir: Optional[str] = opt(None, "Folder of class images (generated if short); default OUTPUT/class_images.")
     num_class_images: int = opt(100, "Number of class images.", min=1)
     class_batch_size: int = opt(4, "Batch size when generating class images.", min=1)
@@ -158,16 +173,38 @@ class TrainConfig:
     overwrite: bool = opt(False, "Allow training into an output folder that holds an earlier run's weights.")
     validate_every: int = opt(0, "Save fixed-seed validation samples every N steps (0: never).", min=0)
     validation_prompts: tuple[str, ...] = opt((), "Validation prompts ({token} and {class_noun} are filled in); "
-                                                  "default: the instance prompt and two scenes.")
+                                                  "default: the instance prompt and two scenes.", text=True,
+                                              fields=("token", "class_noun"))
     validation_steps: int = opt(20, "Sampling steps for validation samples.", min=1)
     log_every: int = opt(1, "Write train_log.csv every N steps.", min=1)
 
+
+
+def check_output(path: str | os.PathLike, flag: str, *, folder: bool = True) -> Path:
+    """Refuse, before any work, an output that cannot be written: a file where a folder goes (or the reverse), a
+    path under a file, or a place without write permission. Hours of training must not end in a failed save."""
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file; give a folder")
+    if not folder and p.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    parent = p if folder and p.is_dir() else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: no permission to write in {parent}")
+    return p
 
 
 def validate_train(cfg: "RunConfig") -> "RunConfig":
     """Checks that span sections of a `train` config."""
     if not cfg.data.instance_dir:
         raise ConfigError("data.instance_dir is required (--instance-dir)")
+    check_output(cfg.train.output_dir, "--output-dir")
+    if cfg.prior.prior and cfg.prior.class_dir:
+        check_output(cfg.prior.class_dir, "--class-dir")
     if cfg.prior.prior and cfg.prior.prior_target == "frozen" and cfg.lora.full:
         raise ConfigError("prior.prior_target frozen needs LoRA: a full fine-tune keeps no frozen copy of the model")
     if cfg.prior.prior and cfg.prior.prior_images == "subject" and cfg.prior.prior_target != "frozen":
@@ -184,7 +221,7 @@ class GenerateConfig:
                                     "(boothkit, diffusers or kohya/A1111 format); the weight multiplies both scales.")
     model: Optional[str] = opt(None, "Base model; default: the one named in the first LoRA's metadata.")
     model_config: Optional[str] = opt(None, "Local diffusers folder describing a single-file checkpoint.")
-    prompt: tuple[str, ...] = opt((), "Prompt (repeatable).", required=True)
+    prompt: tuple[str, ...] = opt((), "Prompt (repeatable).", required=True, text=True)
     negative_prompt: str = opt("", "Negative prompt.")
     num_images: int = opt(4, "Images per prompt.", short="-n", min=1)
     guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
@@ -264,9 +301,12 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # TOML and click both accept nan and inf; no setting means either
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        _check_text(key, value, meta)
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
@@ -276,6 +316,16 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     if hi is not None and value > hi:
         raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
     return value
+
+
+def _check_text(key: str, value: str, meta: Mapping[str, Any]) -> None:
+    """Text fields: not blank; a template's unknown {name} is reported now, not discovered in the pictures."""
+    if meta.get("text") and not value.strip():
+        raise ConfigError(f"{key}: empty; give some words (or leave the option out)")
+    known = meta.get("fields")
+    for name in [] if known is None else [m for m in PLACEHOLDER.findall(value) if m not in known]:
+        log.warning("%s: {%s} in %r is not a field (%s); it stays in the prompt as written", key, name, value,
+                    ", ".join("{" + f + "}" for f in known))
 
 
 def check(cfg: Any, section: str) -> Any:
@@ -322,6 +372,10 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except OSError as exc:  # a folder, no permission, a device...
+        raise ConfigError(f"{p}: cannot read config file ({exc.strerror or type(exc).__name__})") from None
 
 
 def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None = None,

@@ -1,9 +1,12 @@
 """Subject photos and class images: reading any image file into RGB, resizing, cropping, flipping."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import struct
+import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -13,8 +16,12 @@ from .errors import DataError
 
 log = logging.getLogger("boothkit")
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".mpo")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".mpo", ".tif", ".tiff")
 FEW_PHOTOS, MANY_PHOTOS = 3, 20
+TINY_SIDE = 64  # below this a photo is upscaled so far for any model that it teaches blur, not the subject
+# What Pillow raises for a damaged or foreign file: on open, on decoding, and from format plugins (EOFError,
+# struct.error) that do not wrap their own failures. DecompressionBombError is none of these: it is caught apart.
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 def list_images(folder: str | Path, what: str = "--instance-dir") -> list[Path]:
@@ -44,16 +51,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file as RGB (first frame of GIF/MPO); unreadable files raise DataError naming them."""
+@contextlib.contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """Image.open for a user's file: whatever makes it unreadable, on opening or on decoding in the `with` body,
+    becomes a DataError naming it. Pillow's decompression-bomb guard stays on: an image over twice its pixel limit
+    is refused by name; one over the limit is read, with a warning naming the file instead of Pillow's own."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.seek(0)
-            img.load()
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _warn_if_huge(path, img)
+                yield img
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image too large to decode safely ({exc})") from None
+    except UNREADABLE as exc:
         raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def _warn_if_huge(path: Path, img: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        log.warning("%s: %dx%d pixels, over Pillow's %d-pixel guard; it is read, but slowly and with much memory",
+                    path, img.width, img.height, limit)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image file as RGB (first frame of GIF/MPO); unreadable files raise DataError naming them."""
+    with open_image(path) as img:
+        img.seek(0)
+        img.load()
+        return to_rgb(img)
 
 
 def load_folder(folder: str | Path, *, skip_bad: bool = False, what: str = "--instance-dir") -> list[tuple[Path, Image.Image]]:
@@ -63,14 +91,24 @@ def load_folder(folder: str | Path, *, skip_bad: bool = False, what: str = "--in
         try:
             out.append((path, load_image(path)))
         except DataError as exc:
-            if not skip_bad:
-                raise DataError(f"{exc} (use --skip-bad-images to skip it)") from None
+            if not skip_bad:  # only training reads with a skip option; other folders are read whole
+                raise DataError(f"{exc} (use --skip-bad-images to skip it)" if what == "--instance-dir" else str(exc)) \
+                    from None
             log.warning("skipping %s", exc)
+            continue
+        if what == "--instance-dir":  # the photos training upscales; evaluation resizes its own way
+            _warn_if_tiny(path, out[-1][1])
     if not out:
         raise DataError(f"{what} {folder}: no readable images ({', '.join(IMAGE_EXTS)})")
     if len(out) < FEW_PHOTOS or len(out) > MANY_PHOTOS:
         log.warning("%s %s has %d photos; DreamBooth works best with %d-%d", what, folder, len(out), FEW_PHOTOS, 5)
     return out
+
+
+def _warn_if_tiny(path: Path, img: Image.Image) -> None:
+    if min(img.size) < TINY_SIDE:
+        log.warning("%s is only %dx%d pixels; it is upscaled to the training resolution and will look blurry",
+                    path, img.width, img.height)
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:

@@ -146,7 +146,7 @@ def run_demo(cfg: C.RunConfig) -> Path:
     from .train import run_training
 
     d = cfg.demo
-    out = Path(d.out)
+    out = C.check_output(d.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     C.save_toml(out / "demo_config.toml", cfg.to_dict())
     if measurable(d):
@@ -211,9 +211,7 @@ def _loss_plot(log_csv: Path) -> bytes | None:
 def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timings: list[tuple[str, float]],
                   rows: list[dict] | None = None) -> Path:
     """The demo's index.html: what ran, how long it took, the pictures, the measures, and how to do it for real."""
-    from PIL import Image
-
-    from .data import load_folder
+    from .data import load_folder, load_image
     from .models import is_tiny
     from .report import Report
 
@@ -237,7 +235,7 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
                        for k, v in scenes.items()) + ".")
     rep.images("subject photos", [img for _, img in load_folder(train_cfg.data.instance_dir)], real=True)
     class_imgs = sorted(Path(train_cfg.prior.class_dir).glob("*.png"))[:8]
-    rep.images("class images (frozen model, class prompt)", [Image.open(p) for p in class_imgs])
+    rep.images("class images (frozen model, class prompt)", [load_image(p) for p in class_imgs])
     _before_after(rep, d, sweep_dir)
     if rows:
         _measures(rep, d, rows)
@@ -268,8 +266,7 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
 
 def _before_after(rep, d: DemoConfig, sweep_dir: Path) -> None:
     """The instance prompt and the scenes at guidance 7.5: base model (LoRA 0 / 0) above, trained (0.8 / 0.8) below."""
-    from PIL import Image
-
+    from .data import load_image
     from .sweep import Cell, image_paths
 
     prompts = prompts_of(d)[0][:-1]
@@ -278,7 +275,7 @@ def _before_after(rep, d: DemoConfig, sweep_dir: Path) -> None:
         for label, scale in (("before (base model)", 0.0), ("after (LoRA 0.8 / 0.8)", UNET_SCALE)):
             cell = Cell(k, 7.5, scale, scale)
             paths = image_paths(sweep_dir, cell, prompt, d.num_images, d.seed)
-            rep.images(f"{label}: {prompt}", [Image.open(p) for p in paths if p.is_file()])
+            rep.images(f"{label}: {prompt}", [load_image(p) for p in paths if p.is_file()])
 
 
 def _measures(rep, d: DemoConfig, rows: list[dict]) -> None:

@@ -4,6 +4,14 @@
 class BoothkitError(Exception):
     """A user-facing failure: the message names the file, flag or config key at fault."""
 
+    exit_code = 2  # what the CLI exits with
+
+
+class Interrupted(BoothkitError):
+    """The user stopped a run (Ctrl-C); the message says what was kept and how to continue."""
+
+    exit_code = 130  # the shell's code for a SIGINT
+
 
 class ConfigError(BoothkitError):
     """A config key or CLI flag is unknown, of the wrong type or out of range."""

@@ -21,6 +21,7 @@ def measure_cells(sweep_dir: Path, s, prompts: Sequence[str], props: Mapping[str
     from PIL import Image
 
     from . import metrics as M
+    from .data import load_image
     from .recognition import names_in_halves, reference
     from .sweep import cells_of, image_paths
 
@@ -36,7 +37,7 @@ def measure_cells(sweep_dir: Path, s, prompts: Sequence[str], props: Mapping[str
     rows = []
     for cell in cells_of(prompts, s.axes()):
         prompt = prompts[cell.prompt_index]
-        images = [Image.open(p).convert("RGB") for p in image_paths(sweep_dir, cell, prompt, s.num_images, s.seed)]
+        images = [load_image(p) for p in image_paths(sweep_dir, cell, prompt, s.num_images, s.seed)]
         d, c = dino.image_embeds(images), clip.image_embeds(images)
         row = {"prompt": prompt, "guidance": cell.guidance, "unet_scale": cell.unet_scale,
                "text_encoder_scale": cell.text_encoder_scale, "class": prompt == class_prompt,

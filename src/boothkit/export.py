@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from . import __version__
 from .config import build, opt
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_free_space, remove_stale_temps, temp_prefix
 from .errors import BoothkitError, ConfigError, ModelError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `boothkit --help` stays fast
@@ -99,13 +99,12 @@ def read_lora(path: str | Path) -> LoraWeights:
     from safetensors import safe_open
 
     from .families import LORA_COMPONENTS
-    from .lora import lora_file
+    from .lora import lora_header
 
-    file = lora_file(path)
+    file, meta, keys = lora_header(path)  # a damaged or foreign file is named before any tensor is read
     with safe_open(str(file), "pt") as fh:
-        meta = dict(fh.metadata() or {})
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    adapter = json.loads(meta.get("lora_adapter_metadata", "{}"))
+        tensors = {k: fh.get_tensor(k) for k in keys}
+    adapter = _adapter_metadata(file, meta)
     pattern = re.compile(rf"^({'|'.join(LORA_COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
     parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in LORA_COMPONENTS}
     for key, value in tensors.items():
@@ -132,6 +131,17 @@ def read_lora(path: str | Path) -> LoraWeights:
         raise BoothkitError(f"--lora {file}: no LoRA weights in the file")
     info = {k[len("boothkit."):]: v for k, v in meta.items() if k.startswith("boothkit.")}
     return LoraWeights(modules, alpha, rank, info, meta)
+
+
+def _adapter_metadata(file: Path, meta: Mapping[str, str]) -> dict:
+    """The LoraConfig fields diffusers stored under lora_adapter_metadata; damaged JSON names the file."""
+    try:
+        adapter = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    except ValueError as exc:
+        raise BoothkitError(f"--lora {file}: not a LoRA safetensors file (lora_adapter_metadata: {exc})") from None
+    if not isinstance(adapter, dict):
+        raise BoothkitError(f"--lora {file}: not a LoRA safetensors file (lora_adapter_metadata is not a table)")
+    return adapter
 
 
 # ------------------------------------------------------------------------------------- module naming
@@ -372,7 +382,9 @@ def _save_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mappin
     metadata = {**metadata, "boothkit.export_config": json.dumps(to_dict(cfg), sort_keys=True)}
     dtype = torch_dtype(cfg.save_precision)
     data = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(data, metadata={"format": "pt", **metadata}))
+    blob = save(data, metadata={"format": "pt", **metadata})
+    check_free_space(path.parent, len(blob), f"--out {path}")
+    atomic_write_bytes(path, blob)
     return path
 
 
@@ -422,14 +434,14 @@ def write_lora_export(weights: LoraWeights, cfg: ExportConfig) -> Path:
 def fused_pipeline(cfg: ExportConfig, weights: LoraWeights):
     """Base pipeline with the LoRA fused at the configured scales and the adapter layers removed."""
     from .families import family_of
-    from .lora import lora_file
+    from .lora import apply_lora
     from .models import load_pipeline
 
     base = cfg.model or weights.info.get("base_model")
     if not base:
         raise ConfigError("export.model is required (--model): the LoRA does not name its base model")
     pipe = load_pipeline(base, model_config=cfg.model_config)
-    pipe.load_lora_weights(str(lora_file(cfg.lora)), adapter_name="boothkit")
+    apply_lora(pipe, cfg.lora, cfg.lora, "boothkit", base)
     # one fuse per component: fuse_lora's lora_scale applies to every component it is given
     for comp in family_of(pipe).components:
         scale = cfg.unet_scale if comp == "unet" else cfg.text_encoder_scale
@@ -443,11 +455,25 @@ def _replace_folder(tmp: Path, out: Path) -> None:
     """Move a finished folder into place; an old one (with --overwrite) is removed only afterwards."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(temp_prefix(out.name) + "replaced.tmp")  # a temp name: a rerun cleans it up
         os.rename(out, old)
     os.rename(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _pipeline_bytes(pipe, precision: str) -> int:
+    """What save_pretrained writes, give or take headers: every weight of every model component, at `precision`
+    (floating-point tensors only are cast)."""
+    import torch
+
+    size = torch_dtype(precision).itemsize
+    total = 0
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            for t in (*module.parameters(), *module.buffers()):
+                total += t.numel() * (size if t.is_floating_point() else t.element_size())
+    return total
 
 
 def write_merged(weights: LoraWeights, cfg: ExportConfig) -> Path:
@@ -463,7 +489,8 @@ def write_merged(weights: LoraWeights, cfg: ExportConfig) -> Path:
         tensors = ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
         return _save_file(out, tensors, info, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    check_free_space(out.parent, _pipeline_bytes(pipe, cfg.save_precision) + (1 << 20), f"--out {out}")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name), suffix=".tmp"))
     try:
         if cfg.save_precision != "fp32":
             pipe.to(dtype=torch_dtype(cfg.save_precision))
@@ -477,11 +504,13 @@ def write_merged(weights: LoraWeights, cfg: ExportConfig) -> Path:
 
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the written file or folder."""
-    out = Path(cfg.out)
+    from .config import check_output
+
+    out = check_output(cfg.out, "--out", folder=cfg.format == "merged")
     if out.exists() and not cfg.overwrite:
         raise BoothkitError(f"--out {out} exists (pass --overwrite to replace it)")
-    if cfg.format == "merged" and out.exists() and not out.is_dir():
-        raise BoothkitError(f"--out {out} is a file; --format merged writes a folder")
+    if out.parent.is_dir():
+        remove_stale_temps(out.parent, out.name)  # what an export killed mid-write left
     weights = read_lora(cfg.lora)
     if cfg.format in ("merged", "merged-single-file"):
         return write_merged(weights, cfg)

@@ -9,16 +9,14 @@ Each PNG carries every setting in an AUTOMATIC1111-style ``parameters`` text chu
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
 import logging
 import math
 import re
-import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -27,6 +25,7 @@ from . import lora as L
 from . import models
 from .errors import BoothkitError, ConfigError
 from .files import atomic_write_bytes
+from .progress import progress_bar
 
 log = logging.getLogger("boothkit")
 
@@ -64,36 +63,17 @@ def precision_dtype(mixed_precision: str, on: str) -> torch.dtype:
     return PRECISION_DTYPES[resolve(mixed_precision, on)]
 
 
-@contextlib.contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True, *, completed: int = 0,
-                 show_loss: bool = False) -> Iterator[Callable[..., None]]:
-    """A rich progress bar with count and ETA (and the loss, for training); yields advance(n=1, **fields)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn()]
-    if show_loss:
-        columns.insert(3, TextColumn("loss {task.fields[loss]:.4f}"))
-    with Progress(*columns, disable=not enabled) as bar:
-        task = bar.add_task(description, total=total, completed=completed, loss=math.nan)
-        yield lambda n=1, **fields: bar.update(task, advance=n, **fields)
-
-
-@contextlib.contextmanager
-def _quiet_transformers_load_report() -> Iterator[None]:
-    # transformers 5 logs a "MISSING ... newly initialized" table whenever diffusers loads a LoRA into the
-    # text encoder: it lists the frozen base weights, which are untouched, so it only misleads users.
-    # peft warns "multiple adapters" for every LoRA after the first: that is what --lora A --lora B asks for.
-    logger = logging.getLogger("transformers.utils.loading_report")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            yield
-    finally:
-        logger.setLevel(level)
+def warn_long_prompts(pipe, prompts: dict[str, Sequence[str]]) -> None:
+    """Warn, naming the flag, about each prompt longer than the text encoder reads: CLIP silently drops every
+    token past its limit (77 with the start and end tokens), so the end of such a prompt has no effect."""
+    tokenizer = pipe.tokenizer
+    limit = int(tokenizer.model_max_length)
+    for flag, texts in prompts.items():
+        for text in dict.fromkeys(t for t in texts if t):
+            n = len(tokenizer(text, truncation=False).input_ids)
+            if n > limit:
+                log.warning("%s %r: %d tokens; the text encoder reads only the first %d, the rest is ignored",
+                            flag, text[:40] + "...", n, limit)
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -159,7 +139,7 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
     The pipeline remembers its LoRAs (``pipe.boothkit_loras``: adapter name, path, weight) for set_lora_scales,
     and starts at scales 1/1.
     """
-    files = [(L.lora_file(path), path, float(weight)) for path, weight in loras]  # fail before the slow load
+    files = [(L.lora_header(path)[0], path, float(weight)) for path, weight in loras]  # fail before the slow load
     if model is None:
         if not files:
             raise ConfigError("generate: give --lora (its metadata names the base model) or --model")
@@ -174,16 +154,8 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     adapters = []
     for i, (file, given, weight) in enumerate(files):
-        name = f"lora{i}"
-        try:
-            with _quiet_transformers_load_report():
-                pipe.load_lora_weights(str(file), adapter_name=name)
-        except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # diffusers' ways of saying "does not fit"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BoothkitError(f"--lora {given}: cannot be applied to {model} ({first})") from None
-        if not any(name in names for names in pipe.get_list_adapters().values()):
-            raise BoothkitError(f"--lora {given}: none of its layers matches {model} (LoRA for another model?)")
-        adapters.append((name, str(given), weight))
+        L.apply_lora(pipe, file, given, f"lora{i}", model)
+        adapters.append((f"lora{i}", str(given), weight))
     pipe.boothkit_model = model
     pipe.boothkit_vae = vae
     pipe.boothkit_loras = adapters
@@ -335,15 +307,17 @@ def make_grid(images: Sequence, cols: int):
 def run_generate(cfg: C.RunConfig) -> list[Path]:
     """`boothkit generate`: PNGs with their parameters, a grid per prompt and the resolved config."""
     g = cfg.generate
+    C.check_output(g.out, "--out")
     loras = [parse_lora_spec(s) for s in g.lora]
     for path, _ in loras:
-        L.lora_file(path)  # a wrong path fails now, not after loading the model
+        L.lora_header(path)  # a wrong path or damaged file fails now, not after loading the model
     dtype = precision_dtype(g.mixed_precision, device())
     cfg = cfg.replace("generate", mixed_precision={v: k for k, v in PRECISION_DTYPES.items()}[dtype])
     out = Path(g.out)
     pipe = load_generation_pipeline(g.model, loras, model_config=g.model_config, scheduler=g.scheduler, dtype=dtype,
                                     vae=g.vae)
     set_lora_scales(pipe, g.unet_scale, g.text_encoder_scale, g.text_encoder_2_scale)
+    warn_long_prompts(pipe, {"--prompt": g.prompt, "--negative-prompt": [g.negative_prompt]})
     width, height = image_size(pipe, g.width, g.height)
     # Record the base model actually used, so the saved config repeats the run even if --model was implied.
     resolved = cfg.replace("generate", model=g.model or pipe.boothkit_model, vae=g.vae or pipe.boothkit_vae)

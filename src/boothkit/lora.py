@@ -110,10 +110,83 @@ def lora_file(path: str | Path) -> Path:
     return p
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def lora_header(path: str | Path) -> tuple[Path, dict[str, str], list[str]]:
+    """The LoRA file `path` names, its metadata and tensor names, read without loading weights. A damaged file,
+    another kind of file or a safetensors file without LoRA weights is a one-line error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    file = lora_file(path)
+    try:
+        with safe_open(str(file), "pt") as fh:
+            meta, keys = dict(fh.metadata() or {}), list(fh.keys())
+    except (SafetensorError, OSError) as exc:
+        raise BoothkitError(f"--lora {path}: not a LoRA safetensors file ({_first_line(exc)})") from None
+    # diffusers' own test of a LoRA checkpoint is that its names say 'lora' (PEFT, kohya, ComfyUI and LyCORIS do)
+    if not keys or not any("lora" in k for k in keys):
+        first = f"first tensor '{keys[0]}'" if keys else "no tensors"
+        raise BoothkitError(f"--lora {path}: not a LoRA safetensors file ({first}; LoRA weights are named *lora*)")
+    return file, meta, keys
+
+
 def read_lora_info(path: str | Path) -> dict[str, str]:
     """boothkit.* metadata of a LoRA file (empty for files made by other trainers)."""
-    from safetensors import safe_open
-
-    with safe_open(str(lora_file(path)), "pt") as fh:
-        meta = fh.metadata() or {}
+    meta = lora_header(path)[1]
     return {k[len("boothkit."):]: v for k, v in meta.items() if k.startswith("boothkit.")}
+
+
+@contextlib.contextmanager
+def _quiet_lora_load() -> Iterator[None]:
+    # diffusers logs a failed load at ERROR level with the whole multi-line state-dict report before raising;
+    # the raised error is reported on one line instead. transformers 5 logs a "MISSING ... newly initialized"
+    # table whenever a LoRA goes into a text encoder: it lists the frozen base weights, which are untouched.
+    # peft warns "multiple adapters" for every LoRA after the first: that is what --lora A --lora B asks for.
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("diffusers.loaders.peft", "transformers.utils.loading_report")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _misfit(exc: BaseException, model: str) -> str:
+    text = str(exc)
+    if "size mismatch" in text:
+        return f"its layer shapes do not fit {model} (a LoRA for another model family or size?)"
+    return f"cannot be applied to {model} ({_first_line(exc)})"
+
+
+def apply_lora(pipe, path: str | Path, given: str, adapter_name: str, model: str) -> None:
+    """pipe.load_lora_weights with a one-line error naming the LoRA when it is damaged or made for another model.
+
+    `given` is the --lora value as the user wrote it; `model` names the base model in messages."""
+    from safetensors import SafetensorError
+
+    from .families import family_of
+
+    file, meta, _ = lora_header(path)
+    made_for, family = meta.get("boothkit.family"), family_of(pipe).name
+    if made_for and made_for != family:
+        names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
+        raise BoothkitError(f"--lora {given}: made for {names.get(made_for, made_for)} models, but {model} is "
+                            f"{names.get(family, family)} (a LoRA from another model family)")
+    try:
+        with _quiet_lora_load():
+            pipe.load_lora_weights(str(file), adapter_name=adapter_name)
+    # diffusers' and safetensors' ways of saying "damaged" or "does not fit"
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError) as exc:
+        raise BoothkitError(f"--lora {given}: {_misfit(exc, model)}") from None
+    if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        raise BoothkitError(f"--lora {given}: none of its layers matches {model} (LoRA for another model?)")

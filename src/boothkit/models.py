@@ -280,6 +280,15 @@ def load_vae(spec: str, dtype: torch.dtype = torch.float32):
         raise ModelError(f"--vae {spec}: not a loadable AutoencoderKL folder or hub id ({first})") from None
 
 
+def _check_parts(folder: Path, spec: str, parts: tuple[str, ...]) -> None:
+    """Every part the pipeline needs has its subfolder. Checked up front: transformers 5 quietly builds an empty
+    tokenizer when tokenizer/ is gone, which fails only later, deep inside generation."""
+    missing = [p for p in parts if not (folder / p).is_dir()]
+    if missing:
+        raise ModelError(f"--model {spec}: the model folder lacks {', '.join(p + '/' for p in missing)} "
+                         "(copy the whole diffusers folder)")
+
+
 def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
                    dtype: torch.dtype | dict[str, torch.dtype]):
     from .families import SD, family_of, family_of_folder, family_of_single_file
@@ -289,7 +298,14 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
         if spec not in BUILT_IN and not (path / "model_index.json").is_file():
             raise ModelError(f"--model {spec}: folder has no model_index.json (not a diffusers model folder)")
         family = family_of_folder(model_path(spec))
-        return family.pipeline().from_pretrained(model_path(spec), dtype=dtype, **family.pipeline_kwargs)
+        parts = ("unet", "vae", "scheduler") + family.text_encoders + family.tokenizers
+        _check_parts(Path(model_path(spec)), spec, parts)
+        try:
+            return family.pipeline().from_pretrained(model_path(spec), dtype=dtype, **family.pipeline_kwargs)
+        # diffusers' and transformers' ways of saying a part is damaged (weights, config.json, a missing file)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"--model {spec}: cannot load the model folder ({first})") from None
     if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):
         raise ModelError(f"--model {spec}: pickled checkpoints can run code when loaded; convert it to .safetensors")
     if path.suffix == ".safetensors":
@@ -313,6 +329,8 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
                 if isinstance(part, torch.nn.Module):
                     part.to(component_dtype(dtype, name))
         return pipe
+    if path.is_file():
+        raise ModelError(f"--model {spec}: not a diffusers model folder or a .safetensors checkpoint")
     if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
         raise ModelError(f"--model {spec}: no such file or folder")
     try:

@@ -85,7 +85,7 @@ def train_loop(cfg: PretrainConfig, out: Path, modules: dict[str, torch.nn.Modul
     from diffusers.training_utils import EMAModel
 
     from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_states
-    from .generate import progress_bar
+    from .progress import progress_bar
 
     steps, batch, lr = cfg.recipe()
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]

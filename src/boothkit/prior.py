@@ -18,7 +18,7 @@ from typing import Iterator
 from . import config as C
 from . import data, models
 from .errors import BoothkitError, ConfigError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_free_space, png_upper_bound, remove_stale_temps
 
 log = logging.getLogger("boothkit")
 
@@ -96,14 +96,14 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
 
     Returns the first num_images valid images, sorted by name.
     """
-    from .generate import iter_batches, progress_bar
+    from .generate import iter_batches
+    from .progress import progress_bar
 
     class_dir = Path(class_dir)
     if resolution % int(pipe.vae_scale_factor):
         raise ConfigError(f"--resolution {resolution}: must be a multiple of {pipe.vae_scale_factor}")
     class_dir.mkdir(parents=True, exist_ok=True)
-    for stale in class_dir.glob(".class-*.tmp"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(class_dir)  # left by a run killed mid-write (a live run's temp files stay)
     settings = {"model": model_name, "prompt": prompt, "resolution": resolution}
     manifest = read_manifest(class_dir)
     check_settings(class_dir, manifest, settings)
@@ -113,6 +113,8 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
 
     todo = missing_indices({p.name for p in images}, num_images - len(images))
     if todo:
+        check_free_space(class_dir, len(todo) * png_upper_bound(resolution, resolution) + (1 << 16),
+                         f"--class-dir: {len(todo)} class images of {resolution}x{resolution}")
         log.info("generating %d class images in %s", len(todo), class_dir)
         with progress_bar("class images", len(todo), enabled=progress) as advance, _pipeline_bar_off(pipe), \
                 _sampler(pipe, scheduler) as sampler:

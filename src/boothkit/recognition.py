@@ -172,7 +172,7 @@ def evaluator_checks(clip, dino) -> dict[str, float]:
 def run_mini_bench(cfg) -> Path:
     from PIL import Image
 
-    from .generate import progress_bar
+    from .progress import progress_bar
     from .metrics import ClipEvaluator, load_lpips
     from .models import load_pipeline
     from .report import Report

@@ -53,7 +53,7 @@ class SweepConfig:
     lora: str = opt("", "LoRA as 'PATH[:WEIGHT]': a boothkit output folder or a .safetensors file.", required=True)
     model: Optional[str] = opt(None, "Base model; default: the one named in the LoRA's metadata.")
     model_config: Optional[str] = opt(None, "Local diffusers folder describing a single-file checkpoint.")
-    prompt: tuple[str, ...] = opt((), "Prompt (repeatable).")
+    prompt: tuple[str, ...] = opt((), "Prompt (repeatable).", text=True)
     prompts_file: Optional[str] = opt(None, "Text file with one prompt per line (blank lines and #-comments skipped).")
     negative_prompt: str = opt("", "Negative prompt.")
     guidance: str = opt("7.5", "Guidance scales to sweep, comma-separated (e.g. 5,7.5,15).")
@@ -198,8 +198,7 @@ def cell_image(images: Sequence):
 
 def write_sheet(out: Path, s: SweepConfig, p: int, prompt: str, axes: dict[str, tuple[float, ...]]) -> Path:
     """The contact sheet of one prompt, built from the PNGs on disk."""
-    from PIL import Image
-
+    from .data import load_image
     from .generate import save_png, slug
 
     rows = list(itertools.product(axes["unet_scale"], axes["text_encoder_scale"]))
@@ -208,7 +207,7 @@ def write_sheet(out: Path, s: SweepConfig, p: int, prompt: str, axes: dict[str, 
         row = []
         for g in axes["guidance"]:
             paths = image_paths(out, Cell(p, g, u, t), prompt, s.num_images, s.seed)
-            row.append(cell_image([Image.open(x).convert("RGB") for x in paths]))
+            row.append(cell_image([load_image(x) for x in paths]))
         grid.append(row)
     sheet = contact_sheet(grid, [f"CFG {g:g}" for g in axes["guidance"]],
                           [f"UNet {u:g}\nTE {t:g}" for u, t in rows],
@@ -241,6 +240,7 @@ def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequ
         dtype = G.precision_dtype(s.mixed_precision, G.device())
         pipe = G.load_generation_pipeline(s.model, loras, model_config=s.model_config, scheduler=s.scheduler,
                                           dtype=dtype)
+        G.warn_long_prompts(pipe, {"--prompt": prompts, "--negative-prompt": [s.negative_prompt]})
         width, height = G.image_size(pipe, s.width, s.height)
         sampler = G.sampler_label(pipe.scheduler)
         for cell in todo:
@@ -261,7 +261,7 @@ def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequ
 def run_sweep(cfg: C.RunConfig) -> Path:
     """`boothkit sweep`: generate every unfinished cell, then the contact sheets, sweep.csv and (--metrics) metrics."""
     from .generate import device, parse_lora_spec
-    from .lora import lora_file
+    from .lora import lora_header
     from .precision import resolve
 
     if cfg.sweep.mixed_precision == "fp16" and device() == "cpu":
@@ -269,9 +269,13 @@ def run_sweep(cfg: C.RunConfig) -> Path:
     # resolved before it is saved and compared: cells made in another precision are other pixels
     cfg = cfg.replace("sweep", mixed_precision=resolve(cfg.sweep.mixed_precision, device()))
     s = cfg.sweep
-    out = Path(s.out)
+    out = C.check_output(s.out, "--out")
     prompts, axes = load_prompts(s), s.axes()
-    digest = file_sha256(lora_file(parse_lora_spec(s.lora)[0]))  # a wrong path fails now, not after loading
+    if s.metrics:
+        from .metrics import pick_device
+
+        pick_device(cfg.metrics.device)  # a device this machine lacks fails now, not after the whole sweep
+    digest = file_sha256(lora_header(parse_lora_spec(s.lora)[0])[0])  # a wrong or damaged file fails now
     check_same_sweep(out, s, digest)
     out.mkdir(parents=True, exist_ok=True)
     C.save_toml(out / "sweep_config.toml", cfg.to_dict())
@@ -313,11 +317,10 @@ def cell_metrics(images_by_cell: Sequence[Sequence], prompts_by_cell: Sequence[s
 
 def write_metrics(out: Path, s: SweepConfig, mcfg, prompts: Sequence[str], cells: Sequence[Cell]) -> Path:
     """metrics.csv (one row per cell) and metrics.png: DIV against CLIP-T, one series per guidance value."""
-    from PIL import Image
-
     from . import metrics as M
+    from .data import load_image
 
-    images = [[Image.open(p).convert("RGB") for p in image_paths(out, c, prompts[c.prompt_index], s.num_images, s.seed)]
+    images = [[load_image(p) for p in image_paths(out, c, prompts[c.prompt_index], s.num_images, s.seed)]
               for c in cells]
     values = cell_metrics(images, [prompts[c.prompt_index] for c in cells], mcfg)
     fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731

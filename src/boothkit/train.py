@@ -24,8 +24,8 @@ from . import __version__
 from . import checkpoint as ckpt
 from .config import RunConfig, fill, save_toml, validate_train
 from .data import crop_box, load_folder, load_image, resize_shorter, to_tensor
-from .errors import BoothkitError, ConfigError
-from .files import atomic_write_bytes
+from .errors import BoothkitError, ConfigError, Interrupted
+from .files import atomic_write_bytes, check_free_space
 from .families import Conditioning, Family, family_of, micro_conditioning
 from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
 from .lora import (LORA_FILE, adapter_metadata, add_lora, adapters_disabled, canonical_text_encoder_keys,
@@ -76,7 +76,9 @@ class LatentBank:
 
     def _encode_fp32(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
-        for chunk in pixels.split(2):  # the VAE at 512 px holds ~0.7 GB of activations per picture
+        # one picture at a time: cached and per-step encodings then run the same kernels and agree bit for bit
+        # (batched convolutions round differently), and the VAE at 512 px holds ~0.7 GB of activations per picture
+        for chunk in pixels.split(1):
             dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
@@ -229,8 +231,13 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 def _read_log(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
-    with path.open() as fh:
-        return [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
+    try:
+        with path.open() as fh:
+            return [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        # the log is a record, not training state: the run resumes, its log restarts at the checkpoint
+        log.warning("--resume: %s is unreadable (%s); the new log starts at step %d", path, exc, upto + 1)
+        return []
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -300,6 +307,7 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
                  accelerator.device, t.mixed_precision)
     start, rows = _maybe_resume(tr, out) if t.resume else (0, [])
     if main:
+        _check_room(tr, out)
         out.mkdir(parents=True, exist_ok=True)
         save_toml(out / "config.toml", resolved.to_dict())
     _loop(tr, out, start, rows, progress and main)
@@ -308,6 +316,24 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
         _save_outputs(cfg, resolved, out, tr)
     accelerator.end_training()
     return out
+
+
+def _output_bytes(tr: Trainer) -> int:
+    """About what the run's result takes on disk: the LoRA weights, or with --full the whole model folder."""
+    modules = [m for m in tr.pipe.components.values() if isinstance(m, torch.nn.Module)] if tr.cfg.lora.full \
+        else list(_models(tr).values())
+    chosen = (lambda m: [*m.parameters(), *m.buffers()]) if tr.cfg.lora.full else (lambda m: _trainable(m).values())
+    return sum(t.numel() * t.element_size() for m in modules for t in chosen(m)) + (1 << 20)
+
+
+def _check_room(tr: Trainer, out: Path) -> None:
+    """Before the first step: room for the result and, with checkpoints on, one more checkpoint (weights and
+    AdamW's two moments) than the disk holds now, so an hours-long run does not fail at its end."""
+    trainable = sum(p.numel() * 4 for p in tr.params)  # fp32 master weights
+    t = tr.cfg.train
+    need = _output_bytes(tr) + (3 * trainable + (1 << 20) if t.checkpoint_every else 0)
+    what = "the trained weights" + (" and a checkpoint" if t.checkpoint_every else "")
+    check_free_space(out, need, f"--output-dir: {what}")
 
 
 def _probe_speedup(cfg: RunConfig) -> float:
@@ -344,14 +370,18 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
+    from .generate import warn_long_prompts
+
     t, d, pr, lo = cfg.train, cfg.data, cfg.prior, cfg.lora
     device = accelerator.device
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe)
     _check_identifier(pipe.tokenizer, d.token)
+    class_prompt = pr.prompt_for(d.class_noun)
+    warn_long_prompts(pipe, {"--instance-prompt": [d.prompt], "--class-prompt": [class_prompt],
+                             "--validation-prompts": _validation_prompts(cfg)})
     size = d.resolution or native_resolution(pipe)
     class_dir = Path(pr.class_dir) if pr.class_dir else Path(t.output_dir) / "class_images"
-    class_prompt = pr.prompt_for(d.class_noun)
     class_images = []
     if pr.prior and pr.prior_images == "subject":  # the frozen model's prediction is the target: no class images
         class_images = instance_images
@@ -436,19 +466,69 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
 
 
 def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
-    """Restore the newest complete checkpoint; returns (step, log rows up to it)."""
+    """Restore the newest usable checkpoint; returns (step, log rows up to it).
+
+    A damaged checkpoint is reported by name and the one before it is tried; one made with another config is
+    refused (resuming it would load the wrong shapes or silently train something else)."""
     ckpt.clean_partial(out)
     found = ckpt.list_checkpoints(out)
     if not found:
         log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt.checkpoint_dir(out))
         return 0, []
-    state = ckpt.load_checkpoint(found[-1][1])
-    _restore(tr, state["weights"])
-    tr.optimizer.load_state_dict(state["optimizer"])
-    tr.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    ckpt.set_rng_states(state["rng"])
-    log.info("resuming from %s (step %d)", found[-1][1], state["step"])
-    return state["step"], _read_log(out / "train_log.csv", state["step"])
+    for i, (step, path) in enumerate(reversed(found)):
+        try:
+            state = ckpt.load_checkpoint(path)
+            if state["step"] != step:
+                raise ckpt.CheckpointError(f"{path / 'state.json'}: says step {state['step']}, not {step}")
+            _check_fingerprint(tr.cfg, path, state["state"])
+            _apply_checkpoint(tr, path, state)
+        except ckpt.CheckpointError as exc:
+            later = "using the one before it" if i + 1 < len(found) else "no older checkpoint is left"
+            log.warning("--resume: checkpoint %s is damaged (%s); %s", path, exc, later)
+            continue
+        log.info("resuming from %s (step %d)", path, step)
+        return step, _read_log(out / "train_log.csv", step)
+    raise BoothkitError(f"--resume: no usable checkpoint in {ckpt.checkpoint_dir(out)} (all {len(found)} are "
+                        f"damaged, see the warnings); pass --overwrite to start again")
+
+
+def _fingerprint(cfg: RunConfig) -> dict:
+    """What a checkpoint's trainable weights depend on: a resume must match it."""
+    lo = cfg.lora
+    fp = {"model": model_ref(cfg.model.model), "full": lo.full, "train_text_encoder": lo.train_text_encoder}
+    if not lo.full:
+        fp.update(rank=lo.rank, unet_targets=list(lo.unet_targets))
+        if lo.train_text_encoder:
+            fp["text_encoder_targets"] = list(lo.text_encoder_targets)
+    return fp
+
+
+def _check_fingerprint(cfg: RunConfig, path: Path, state: dict) -> None:
+    saved, now = state.get("config"), _fingerprint(cfg)
+    if saved is None:  # written before checkpoints recorded their config: _restore compares the weights
+        return
+    if not isinstance(saved, dict):
+        raise ckpt.CheckpointError(f"{path / 'state.json'}: its config record is damaged")
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            where = "model.model" if key == "model" else f"lora.{key}"
+            raise BoothkitError(f"--resume: checkpoint {path} does not match this config ({where}: "
+                                f"{saved.get(key)!r} in the checkpoint, {now.get(key)!r} now)")
+
+
+def _apply_checkpoint(tr: Trainer, path: Path, state: dict) -> None:
+    """Load weights, optimizer, schedule and RNG states into the trainer."""
+    _restore(tr, path, state["weights"])
+    try:
+        tr.optimizer.load_state_dict(state["optimizer"])
+        tr.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as exc:
+        raise BoothkitError(f"--resume: checkpoint {path} does not match this config (optimizer state: {exc})") \
+            from exc
+    try:
+        ckpt.set_rng_states(state["rng"])
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        raise ckpt.CheckpointError(f"{path / 'rng.pt'}: unusable RNG states ({exc})") from exc
 
 
 def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) -> None:
@@ -467,9 +547,10 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
     n_micro, rank, main = t.gradient_accumulation_steps, acc.process_index, acc.is_main_process
     for m in trained:
         m.train()
-    from .generate import progress_bar
+    from .progress import progress_bar
 
-    with progress_bar("train", t.max_steps, progress, completed=start, show_loss=True) as advance:
+    with progress_bar("train", t.max_steps, progress, completed=start, show_loss=True) as advance, \
+            _deferred_sigint() as interrupt:
         for step in range(start, t.max_steps):
             totals = torch.zeros(3)
             for micro in range(n_micro):
@@ -485,8 +566,11 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
                                                prior_weight, g, frozen_predict)
                     acc.backward(losses[0] / n_micro)
                 totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
-            if acc.num_processes > 1:  # log the mean over processes, not rank 0's share
-                totals = acc.reduce(totals.to(acc.device), reduction="mean").cpu()
+            stop_all = None
+            if acc.num_processes > 1:  # log the mean over processes, not rank 0's share; stop together on Ctrl-C
+                both = acc.reduce(torch.cat([totals, torch.tensor([float(interrupt.requested)])]).to(acc.device),
+                                  reduction="mean").cpu()
+                totals, stop_all = both[:3], bool(both[3] > 0)
             if not torch.isfinite(totals[0]):  # before the optimizer step: the weights stay finite
                 _stop_on_nonfinite(out, step + 1, float(totals[0]), t.mixed_precision)
             if t.max_grad_norm > 0:
@@ -500,15 +584,74 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
             rows.append(dict(zip(LOG_FIELDS, [done, *(f"{x:.6g}" for x in totals.tolist()), f"{lrs[0]:.6g}",
                                               f"{lrs[1]:.6g}" if len(lrs) > 1 else ""])))
             advance(1, loss=float(totals[0]))
-            if not main:
-                continue
-            checkpoint_now = t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps
-            if done % t.log_every == 0 or done == t.max_steps or checkpoint_now:  # a resume reads the log up to here
-                _write_log(out / "train_log.csv", rows)
-            if checkpoint_now:
-                ckpt.save_checkpoint(out, done, _weights(tr), tr.optimizer, tr.lr_scheduler, t.checkpoints_keep)
-            if t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
-                _validate(tr, out / "validation" / f"step-{done:07d}")
+            if main:
+                _after_step(tr, out, done, rows)
+            if (interrupt.requested if stop_all is None else stop_all) and done < t.max_steps:
+                _stop_on_interrupt(tr, out, done, rows)
+
+
+def _after_step(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:
+    """The main process's log, checkpoint and validation samples due after step `done`."""
+    t = tr.cfg.train
+    checkpoint_now = t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.max_steps
+    if done % t.log_every == 0 or done == t.max_steps or checkpoint_now:  # a resume reads the log up to here
+        _write_log(out / "train_log.csv", rows)
+    if checkpoint_now:
+        _save_checkpoint(tr, out, done)
+    if t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
+        _validate(tr, out / "validation" / f"step-{done:07d}")
+
+
+def _save_checkpoint(tr: Trainer, out: Path, done: int) -> Path:
+    return ckpt.save_checkpoint(out, done, _weights(tr), tr.optimizer, tr.lr_scheduler, tr.cfg.train.checkpoints_keep,
+                                {"config": _fingerprint(tr.cfg)})
+
+
+class _Interrupt:
+    requested = False
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Ctrl-C while training lets the current step finish (the loop then checkpoints and stops) rather than
+    cutting an optimizer update in half; a second Ctrl-C acts as before, at once. Signals reach only the main
+    thread (the UI trains in another): there nothing is deferred."""
+    import signal
+    import threading
+
+    flag = _Interrupt()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        yield flag
+        return
+    previous = signal.default_int_handler if previous is None else previous  # None: set outside Python
+
+    def handler(signum, frame):
+        flag.requested = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_on_interrupt(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:
+    """End an interrupted run after step `done`: with checkpoints on, the state at that step is saved first."""
+    t, acc = tr.cfg.train, tr.accelerator
+    steps = f"after step {done} of {t.max_steps}"
+    if not t.checkpoint_every:
+        raise Interrupted(f"interrupted {steps}; nothing to resume from (--checkpoint-every N writes checkpoints "
+                          f"that --resume continues from)")
+    path = ckpt.checkpoint_dir(out) / f"step-{done:07d}"
+    if acc.is_main_process:
+        _write_log(out / "train_log.csv", rows)
+        if done % t.checkpoint_every:  # else _after_step has just written it
+            path = _save_checkpoint(tr, out, done)
+    acc.wait_for_everyone()
+    raise Interrupted(f"interrupted {steps}: checkpoint written to {path}; run the same command with --resume "
+                      f"to continue")
 
 
 def _models(tr: Trainer) -> dict[str, torch.nn.Module]:
@@ -531,13 +674,17 @@ def _weights(tr: Trainer) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v for name, m in _models(tr).items() for k, v in _trainable(m).items()}
 
 
-def _restore(tr: Trainer, weights: dict[str, torch.Tensor]) -> None:
+def _restore(tr: Trainer, path: Path, weights: dict[str, torch.Tensor]) -> None:
     models = {"unet": tr.unet, **tr.text_encoders}
     params = {f"{name}.{k}": p for name, m in models.items()
               for k, p in _trainable(tr.accelerator.unwrap_model(m)).items()}
-    missing = set(params) - set(weights)
-    if missing:
-        raise BoothkitError(f"--resume: checkpoint does not match this config (missing {sorted(missing)[0]})")
+    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    wrong = [k for k in params if k in weights and weights[k].shape != params[k].shape]
+    why = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
+           f"{wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, not {tuple(params[wrong[0]].shape)}" if wrong
+           else "")
+    if why:
+        raise BoothkitError(f"--resume: checkpoint {path} does not match this config ({why})")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(weights[k])
@@ -580,6 +727,7 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -
             "text_encoder_targets": ",".join(lo.text_encoder_targets) if lo.train_text_encoder else "",
             "family": tr.family.name, "vae": model_ref(cfg.model.vae) if cfg.model.vae else "",
             "version": __version__}
+    check_free_space(out, _output_bytes(tr), f"--output-dir {out}: the trained weights")
     if lo.full:
         for name, model in trained.items():
             setattr(pipe, name, model)

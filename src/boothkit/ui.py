@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import shutil
 import threading
@@ -157,12 +158,28 @@ def _stream(work: Callable[[], Any], poll: Callable[[], Any], interval: float = 
     return box["result"]
 
 
+MAX_UPLOAD = "50mb"  # per file: a 50-megapixel phone JPEG is ~25 MB
+
+
 def copy_photos(photos: list[str], folder: Path) -> Path:
-    """Uploaded files -> a fresh folder (the training reads a folder); replaces an earlier upload."""
+    """Uploaded files -> a fresh folder (the training reads a folder); replaces an earlier upload.
+
+    Each readable photo is stored as the upright RGB PNG training sees, without its EXIF (phone photos carry GPS
+    positions, and a run folder gets shared); an unreadable one is copied as it is, so that training names it."""
+    from .data import load_image
+    from .files import atomic_write_bytes
+
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for i, p in enumerate(photos):
-        shutil.copy(p, folder / f"{i:03d}-{Path(p).name}")
+        try:
+            img = load_image(p)
+        except BoothkitError:
+            shutil.copy(p, folder / f"{i:03d}-{Path(p).name}")
+            continue
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")  # lossless: the pixels training reads are the decoded upload's
+        atomic_write_bytes(folder / f"{i:03d}-{Path(p).stem}.png", buf.getvalue())
     return folder
 
 
@@ -295,5 +312,7 @@ def build_ui():
 def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs: Any):
     """Build and serve the UI (blocks until stopped unless prevent_thread_lock=True is passed)."""
     app = build_ui()
+    # uploads are photos: anything larger is refused by the server before it is written anywhere
+    kwargs.setdefault("max_file_size", MAX_UPLOAD)
     app.launch(server_name=host, server_port=port, share=share, **kwargs)
     return app

@@ -1,0 +1,319 @@
+"""Runs that go wrong: damaged checkpoints, checkpoints of another config, Ctrl-C, a full disk, SIGKILL during
+class images and export. Each ends in one line naming the file or flag, and nothing written is lost or half-written."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from boothkit import checkpoint as ckpt
+from boothkit import config as C
+from boothkit import export as E
+from boothkit import files, prior
+from boothkit.cli import main
+from boothkit.errors import BoothkitError
+from boothkit.lora import LORA_FILE
+from boothkit.train import run_training
+from processes import kill_at, signal_at
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+Usage = collections.namedtuple("Usage", "total used free")
+
+
+def make_cfg(instance_dir, out, **over):
+    values = {"instance_dir": str(instance_dir), "class_noun": "dog", "output_dir": str(out), "max_steps": 6,
+              "checkpoint_every": 2, "checkpoints_keep": 3, "rank": 4, "alpha": 4.0, "learning_rate": 1e-3,
+              "prior": False}
+    return C.resolve(C.TRAIN_SECTIONS, {}, {**values, **over})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_subject):
+    """A finished 6-step run with checkpoints at steps 2 and 4, and its photos."""
+    root = tmp_path_factory.mktemp("trained")
+    photos = root / "instance"
+    photos.mkdir()
+    for p in sorted(demo_subject.glob("*.jpg"))[:3]:
+        shutil.copy(p, photos / p.name)
+    out = run_training(make_cfg(photos, root / "out"), progress=False)
+    return photos, out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A copy of the finished run to damage or resume; (photos, output folder, the run's LoRA weights)."""
+    photos, out = trained
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return photos, copy, load_file(out / LORA_FILE)
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return ckpt.checkpoint_dir(out) / f"step-{step:07d}"
+
+
+def test_state_json_records_a_checksum_of_every_file(trained):
+    state = json.loads((step_dir(trained[1], 4) / "state.json").read_text())
+    assert state["step"] == 4 and set(state["files"]) == set(ckpt.FILES)
+    assert all(state["files"][n] == files.file_sha256(step_dir(trained[1], 4) / n) for n in ckpt.FILES)
+    assert state["config"] == {"model": "tiny", "full": False, "train_text_encoder": False, "rank": 4,
+                               "unet_targets": list(C.LoraConfig().unet_targets)}
+
+
+def _truncate(d: Path) -> None:
+    p = d / "weights.safetensors"
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+def _flip_a_byte(d: Path) -> None:
+    p = d / "optim.pt"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _bad_json(d: Path) -> None:
+    (d / "state.json").write_text('{"step": 4, "files": ')
+
+
+def _garbage_without_checksums(d: Path) -> None:
+    """A checkpoint from before checksums (no file list) whose optimizer file is not a torch file."""
+    state = json.loads((d / "state.json").read_text())
+    del state["files"]
+    (d / "state.json").write_text(json.dumps(state))
+    (d / "optim.pt").write_bytes(b"not a torch file")
+
+
+def _missing_file(d: Path) -> None:
+    (d / "rng.pt").unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _bad_json, _garbage_without_checksums, _missing_file])
+def test_damaged_newest_checkpoint_is_reported_and_the_one_before_used(run_copy, damage, caplog):
+    photos, out, finished = run_copy
+    damage(step_dir(out, 4))
+    with caplog.at_level(logging.WARNING, logger="boothkit"):
+        run_training(make_cfg(photos, out, resume=True), progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"checkpoint {step_dir(out, 4)} is damaged" in w and "using the one before it" in w for w in warned)
+    resumed = load_file(out / LORA_FILE)  # steps 3-6 again from step 2: the same weights as the first time
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+
+
+def test_no_usable_checkpoint_is_one_line(run_copy, capsys):
+    photos, out, _ = run_copy
+    for step in (2, 4):
+        _truncate(step_dir(out, step))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--instance-dir", str(photos), "--class-noun", "dog", "--no-prior", "--rank", "4",
+              "--max-steps", "6", "--checkpoint-every", "2", "--output-dir", str(out), "--resume"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --resume: no usable checkpoint in {ckpt.checkpoint_dir(out)} (all 2 are damaged, "
+                      f"see the warnings); pass --overwrite to start again"]
+    assert "Traceback" not in err and (step_dir(out, 2) / "weights.safetensors").exists()  # nothing deleted
+
+
+@pytest.mark.parametrize("over, why", [
+    ({"rank": 8}, "lora.rank: 4 in the checkpoint, 8 now"),
+    ({"train_text_encoder": True}, "lora.text_encoder_targets: None in the checkpoint"),
+    ({"model": "other"}, "model.model: 'tiny' in the checkpoint, "),
+])
+def test_checkpoint_of_another_config_is_refused(run_copy, tiny_path, over, why):
+    photos, out, _ = run_copy
+    if over.get("model") == "other":  # the same weights in another folder: another model as far as a run knows
+        shutil.copytree(tiny_path, out.parent / "other")
+        over = {"model": str(out.parent / "other")}
+    with pytest.raises(BoothkitError, match=r"^--resume: checkpoint .*step-0000004 does not match this config") as exc:
+        run_training(make_cfg(photos, out, resume=True, **over), progress=False)
+    assert why in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("over, why", [
+    ({"rank": 8}, r"unet\..*lora_A.* has shape \(4, \d+\), not \(8, \d+\)"),
+    ({"train_text_encoder": True}, r"missing text_encoder\."),
+])
+def test_checkpoint_without_a_config_record_is_compared_by_its_weights(run_copy, over, why):
+    """Checkpoints written before they recorded their config: the tensors themselves must match."""
+    photos, out, _ = run_copy
+    for step in (2, 4):
+        state = json.loads((step_dir(out, step) / "state.json").read_text())
+        del state["config"], state["files"]
+        (step_dir(out, step) / "state.json").write_text(json.dumps(state))
+    with pytest.raises(BoothkitError, match=r"does not match this config \(" + why):
+        run_training(make_cfg(photos, out, resume=True, **over), progress=False)
+
+
+def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instance_dir, tmp_path):
+    """A real SIGINT: the run finishes its step, checkpoints it (off the --checkpoint-every cadence), exits 130
+    with one line, and --resume ends where an uninterrupted run ends."""
+    args = ["--instance-dir", instance_dir, "--class-noun", "dog", "--no-prior", "--max-steps", 10,
+            "--checkpoint-every", 50, "--rank", 4, "--alpha", 4, "--learning-rate", 1e-3, "--dropout", 0.1, "--flip", "--log-every", 1]
+    full = run_training(make_cfg(instance_dir, tmp_path / "full", max_steps=10, checkpoint_every=50, dropout=0.1,
+                                 flip=True, log_every=1), progress=False)
+    out, log = tmp_path / "stopped", tmp_path / "stopped.log"
+    cmd = [sys.executable, "-m", "boothkit", "train", *map(str, args), "--output-dir", str(out)]
+    rc = signal_at(cmd, out / "train_log.csv", ENV, signal.SIGINT, log=log)  # the log appears after step 1
+    err = log.read_text()
+    assert rc == 130, err
+    kept = ckpt.list_checkpoints(out)
+    assert len(kept) == 1 and 1 <= kept[0][0] < 10, err
+    step, path = kept[0]
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: interrupted after step {step} of 10: checkpoint written to {path}; run the same command with "
+        f"--resume to continue"]
+    assert "Traceback" not in err and not (out / LORA_FILE).exists()
+    resumed = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(full / LORA_FILE), load_file(out / LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    rows = (out / "train_log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 11))
+
+
+# ------------------------------------------------------------------------------------------ disk space
+
+def _disk(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 * free + 1, 9 * free, free))
+
+
+def test_class_images_check_the_disk_first(monkeypatch, tmp_path):
+    _disk(monkeypatch, 100_000)
+    pipe = SimpleNamespace(vae_scale_factor=8)  # never asked for an image: the check comes first
+    with pytest.raises(BoothkitError, match=r"^--class-dir: 10 class images of 512x512: needs about 8\.0 MB in "
+                                            r".*, but only 100\.0 kB is free there"):
+        prior.ensure_class_images(pipe, tmp_path / "cls", prompt="a dog", num_images=10, batch_size=2, seed=0,
+                                  steps=2, guidance=7.5, resolution=512, model_name="tiny", progress=False)
+    assert not list((tmp_path / "cls").iterdir())
+
+
+def test_training_checks_room_for_its_weights_and_a_checkpoint(monkeypatch, instance_dir, tmp_path):
+    _disk(monkeypatch, 1000)
+    with pytest.raises(BoothkitError, match=r"^--output-dir: the trained weights and a checkpoint: needs about "
+                                            r"[\d.]+ MB in .*, but only 1\.0 kB is free"):
+        run_training(make_cfg(instance_dir, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_checks_the_disk_and_a_failed_write_keeps_the_earlier_ones(monkeypatch, tmp_path):
+    weight = torch.nn.Parameter(torch.ones(1000))
+    opt = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(1000)
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt.save_checkpoint(tmp_path, 1, {"w": weight}, opt, sched, keep=2)
+    with monkeypatch.context() as m:
+        _disk(m, 5000)  # weights, AdamW's two moments and 1 MiB for the rest
+        with pytest.raises(BoothkitError, match=r"^checkpoint .*step-0000002: needs about 1\.1 MB"):
+            ckpt.save_checkpoint(tmp_path, 2, {"w": weight}, opt, sched, keep=2)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(BoothkitError, match=r"step-0000002: could not be written \(No space left on device\); "
+                                            r"the earlier checkpoints are kept"):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": weight}, opt, sched, keep=2)
+    assert [p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir()] == ["step-0000001"]
+    assert ckpt.load_checkpoint(step_dir(tmp_path, 1))["step"] == 1
+
+
+@pytest.fixture(scope="module")
+def lora(trained):
+    return trained[1] / LORA_FILE
+
+
+@pytest.mark.parametrize("fmt, name", [("kohya", "k.safetensors"), ("merged", "merged")])
+def test_export_checks_the_disk_first(monkeypatch, lora, tmp_path, fmt, name):
+    _disk(monkeypatch, 2000)
+    with pytest.raises(BoothkitError, match=rf"^--out {tmp_path / name}: needs about [\d.]+ [kM]B in .*, but only "
+                                            r"2\.0 kB is free"):
+        E.export(E.export_config(lora=str(lora), format=fmt, out=str(tmp_path / name)))
+    assert not list(tmp_path.iterdir())
+
+
+def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = tmp_path / ".class-00001.png.99999999.abcd_123.tmp"
+    live = tmp_path / f".class-00002.png.{os.getppid()}.abcd_123.tmp"
+    users = [tmp_path / ".notes.123.txt", tmp_path / "class-00003.png"]
+    for p in (dead, live, *users):
+        p.write_bytes(b"x")
+    assert files.remove_stale_temps(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, *users))
+
+
+# ---------------------------------------------------------------------------------------------- SIGKILL
+
+def _complete_png(path: Path) -> bool:
+    with Image.open(path) as im:
+        im.load()
+    return True
+
+
+def test_sigkill_during_class_images_then_rerun_completes(tmp_path):
+    folder = tmp_path / "cls"
+    args = ["class-images", "--class-dir", str(folder), "--class-noun", "dog", "--num-class-images", "6",
+            "--class-batch-size", "1", "--class-steps", "2", "--resolution", "64"]
+    kill_at([sys.executable, "-m", "boothkit", *args], folder / prior.class_image_name(1), ENV)
+    made = sorted(folder.glob("class-*.png"))
+    assert 2 <= len(made) < 6 and all(_complete_png(p) for p in made)  # whole images or none
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted([prior.MANIFEST] + [prior.class_image_name(i) for i in range(6)])  # no temp files left
+    assert all(_complete_png(folder / n) for n in names if n.endswith(".png"))
+    manifest = json.loads((folder / prior.MANIFEST).read_text())
+    assert [manifest["images"][prior.class_image_name(i)]["seed"] for i in range(6)] == list(range(6))
+
+
+# A real SIGKILL at a chosen moment: the first safetensors file (or fsync of a single file) of the export is
+# written, then the process waits to be killed, so the kill always lands mid-export.
+PAUSED = """
+import os, sys, time
+import safetensors.torch as st
+
+def paused(real):
+    def write(*args, **kwargs):
+        result = real(*args, **kwargs)
+        open(os.environ["BOOTHKIT_TEST_MARKER"], "w").close()
+        time.sleep(120)
+        return result
+    return write
+
+st.save_file = paused(st.save_file)
+os.fsync = paused(os.fsync)
+from boothkit.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("fmt, name", [("merged", "merged"), ("kohya", "k.safetensors")])
+def test_sigkill_during_export_then_rerun_completes(lora, tmp_path, fmt, name):
+    out, marker = tmp_path / "exports" / name, tmp_path / "marker"
+    out.parent.mkdir()
+    args = ["export", "--lora", str(lora), "--format", fmt, "--out", str(out)]
+    kill_at([sys.executable, "-c", PAUSED, *args], marker, {**ENV, "BOOTHKIT_TEST_MARKER": str(marker)})
+    left = list(out.parent.iterdir())
+    assert not out.exists() and len(left) == 1 and left[0].name.endswith(".tmp")  # only a hidden temp
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    assert [p.name for p in out.parent.iterdir()] == [name]  # the killed run's temp is gone
+    if fmt == "kohya":
+        assert load_file(out)
+    else:
+        assert (out / "model_index.json").is_file() and (out / "boothkit_export.toml").is_file()
