@@ -303,7 +303,7 @@ def test_cli_generate_writes_reproducible_pngs_grid_and_config(tiny_path, lora_a
 
 @pytest.mark.parametrize("argv, message", [
     (["--lora", "/nonexistent/out", "--prompt", "x"], "--lora /nonexistent/out: no LoRA file found"),
-    (["--lora", "{pt}", "--prompt", "x"], "only .safetensors"),
+    (["--lora", "{pt}", "--prompt", "x"], "a pickle file, which can run code"),
     (["--lora", "{lora}", "--prompt", "x", "--scheduler", "heun"], "--scheduler"),
     (["--lora", "{lora}", "--prompt", "x", "--width", "60"], "--width 60: must be a multiple of 8"),
     (["--model", "tiny"], "--prompt"),

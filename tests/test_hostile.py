@@ -232,7 +232,7 @@ CATALOGUE = [
     ("lora: zero bytes", _generate_lora("empty", "not a LoRA safetensors file")),
     ("lora: truncated", _generate_lora("truncated", "not a LoRA safetensors file")),
     ("lora: pickle bytes", _generate_lora("pickle", "not a LoRA safetensors file")),
-    ("lora: a .ckpt pickle", _generate_lora("ckpt", "only .safetensors")),
+    ("lora: a .ckpt pickle", _generate_lora("ckpt", "a pickle file, which can run code")),
     ("lora: unknown keys", _generate_lora("unknown", "model.weight")),
     ("lora: another size", _generate_lora("size", "another model family or size")),
     ("lora: another family", _generate_lora("family", "SDXL")),

@@ -44,7 +44,7 @@ def test_tiny_model_loads_in_plain_diffusers(tiny_path):
 
 @pytest.mark.parametrize("make, match", [
     (lambda p: p.mkdir() or p, "no model_index.json"),
-    (lambda p: (p.with_suffix(".ckpt").write_bytes(b"x"), p.with_suffix(".ckpt"))[1], "pickled checkpoints"),
+    (lambda p: (p.with_suffix(".ckpt").write_bytes(b"x"), p.with_suffix(".ckpt"))[1], "a pickle file, which can run code"),
     (lambda p: p.with_suffix(".safetensors"), "file not found"),
     (lambda p: p / "nested" / "missing", "no such file or folder"),
 ])

@@ -140,7 +140,7 @@ def test_exports_reproduce_the_native_images(xl_run, xl_path, tmp_path):
 
 
 def test_micro_conditioning_follows_each_pictures_size_and_crop():
-    from boothkit.train import LatentBank
+    from boothkit.batches import LatentBank
 
     class Vae(torch.nn.Module):
         config = type("cfg", (), {"scaling_factor": 0.13025, "shift_factor": None})()
@@ -162,7 +162,8 @@ def test_micro_conditioning_follows_each_pictures_size_and_crop():
 
 def test_training_step_passes_the_conditioning_to_the_unet():
     from boothkit.families import Conditioning
-    from boothkit.train import Batch, training_step
+    from boothkit.batches import Batch
+    from boothkit.train import training_step
 
     seen = {}
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +18,8 @@ from boothkit.losses import add_noise
 from boothkit.families import Conditioning
 from boothkit.lora import LORA_FILE
 from boothkit.models import load_pipeline
-from boothkit.train import Batch, run_training, training_step
+from boothkit.batches import Batch
+from boothkit.train import run_training, training_step
 from processes import kill_at
 
 
@@ -203,7 +205,7 @@ def test_random_crop_trains_without_a_latent_cache(tmp_path):
     photos.mkdir()
     for i in range(3):
         Image.new("RGB", (160, 64), (40 * i, 90, 200)).save(photos / f"{i}.png")
-    from boothkit.train import LatentBank
+    from boothkit.batches import LatentBank
 
     vae = load_pipeline("tiny").vae
     bank = LatentBank([Image.open(p) for p in sorted(photos.iterdir())], 64, vae, cache=True, flip=False,
@@ -259,17 +261,36 @@ def test_validation_samples(instance_dir, tmp_path):
     assert (folder / "grid.png").is_file() and len(list(folder.glob("0*.png"))) == 6
 
 
-def test_two_processes_under_torchrun(instance_dir, tmp_path):
-    """Data-parallel training on CPU (gloo); on GPUs the same code runs under `accelerate launch`."""
-    out = tmp_path / "ddp"
+def test_two_processes_under_torchrun_train_what_one_process_does_with_accumulation_2(instance_dir, tmp_path):
+    """Data-parallel training on CPU (gloo); on GPUs the same code runs under `accelerate launch`. Two processes
+    draw the global micro-batches that one process with --gradient-accumulation-steps 2 draws, so averaging the
+    gradients and the logged loss over processes must give that run's losses and weights (up to summation order)."""
+    common = ["train", "--instance-dir", str(instance_dir), "--class-noun", "dog", "--max-steps", "3", "--rank", "2",
+              "--learning-rate", "1e-2", "--log-every", "1", "--mixed-precision", "no", "--num-class-images", "4",
+              "--class-steps", "2"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "boothkit",
-                           "train", "--instance-dir", str(instance_dir), "--class-noun", "dog", "--no-prior",
-                           "--output-dir", str(out), "--max-steps", "2", "--rank", "2"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                           "-m", "boothkit", *common, "--output-dir", str(tmp_path / "ddp"), "--class-dir",
+                           str(tmp_path / "cls")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training on 2 process(es)" in proc.stderr
-    assert (out / LORA_FILE).is_file() and len((out / "train_log.csv").read_text().splitlines()) == 3
+    one = subprocess.run([sys.executable, "-m", "boothkit", *common, "--gradient-accumulation-steps", "2",
+                          "--output-dir", str(tmp_path / "one"), "--class-dir", str(tmp_path / "cls")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    logs = [[[float(x) for x in r.split(",")[1:4]] for r in (tmp_path / name / "train_log.csv").read_text().splitlines()[1:]]
+            for name in ("ddp", "one")]
+    assert len(logs[0]) == 3 and np.allclose(logs[0], logs[1], rtol=1e-4, atol=1e-6), logs
+    a, b = (load_file(tmp_path / name / LORA_FILE) for name in ("ddp", "one"))
+    assert a.keys() == b.keys()
+    moved = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved < 1e-4, moved
+    # the check can fail: rank 0's gradient alone (no averaging) trains other weights
+    solo = subprocess.run([sys.executable, "-m", "boothkit", *common, "--output-dir", str(tmp_path / "solo"),
+                           "--class-dir", str(tmp_path / "cls")], env=env, capture_output=True, text=True, timeout=300)
+    assert solo.returncode == 0, solo.stderr[-2000:]
+    c = load_file(tmp_path / "solo" / LORA_FILE)
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 100 * max(moved, 1e-7)
 
 
 def test_frozen_prior_target_anchors_the_class_to_the_frozen_model(instance_dir, class_dir, tmp_path):

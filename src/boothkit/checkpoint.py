@@ -69,8 +69,10 @@ def _nbytes(obj: Any) -> int:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, weights: Mapping[str, torch.Tensor], optimizer,
-                    lr_scheduler, keep: int, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`.
+                    lr_scheduler, keep: int, extra: Mapping[str, Any] | None = None,
+                    states: Mapping[str, Any] | None = None) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep`. `states`: more training state
+    (e.g. the EMA's state dict) saved beside the optimizer's, as tensors and numbers only.
 
     state.json, written last, records the sha256 of every other file, so a checkpoint damaged later (a disk
     error, a copy cut short) is recognised on --resume instead of loading garbage.
@@ -80,7 +82,7 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: Mapping[str, tor
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    optim = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+    optim = {**(states or {}), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
     check_free_space(root, _nbytes(weights) + _nbytes(optim) + (1 << 20), f"checkpoint {final}")
     from safetensors import SafetensorError
 
@@ -140,7 +142,7 @@ def verify(path: Path, state: Mapping[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint folder: weights, optimizer/scheduler state dicts, RNG states, step.
+    """Read a checkpoint folder: weights, optimizer/scheduler state dicts, the extra states, RNG states, step.
 
     Raises CheckpointError (naming the file) for anything damaged; the caller may then try an older one.
     """
@@ -158,8 +160,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / 'optim.pt'}: no optimizer or lr_scheduler state in it")
     if not (isinstance(rng, dict) and {"torch", "python", "numpy"} <= set(rng)):
         raise CheckpointError(f"{path / 'rng.pt'}: no RNG states in it")
+    states = {k: v for k, v in optim.items() if k not in ("optimizer", "lr_scheduler")}
     return {"weights": weights, "optimizer": optim["optimizer"], "lr_scheduler": optim["lr_scheduler"],
-            "rng": rng, "step": state["step"], "state": state}
+            "states": states, "rng": rng, "step": state["step"], "state": state}
 
 
 def clean_partial(output_dir: str | Path) -> None:

@@ -71,13 +71,20 @@ def config_command(group: click.Group, name: str, sections: Mapping[str, type], 
     def decorate(fn: Callable[..., Any]) -> Callable:
         extra_names = [o.name for o in (extra or [])]
 
-        def callback(config: str | None, **params: Any) -> None:
+        def callback(config: str | None, allow_pickle: bool, **params: Any) -> None:
+            from .safety import allowing_pickle
+
             _quiet_loading_bars()
             extras = {k: params.pop(k) for k in extra_names}
-            fn(resolve_from_click(sections, params, config), **extras)
+            cfg = resolve_from_click(sections, params, config)
+            with allowing_pickle(allow_pickle):
+                fn(cfg, **extras)
 
         params = [click.Option(["--config"], type=click.Path(dir_okay=False),
-                               help="TOML file with the same keys as the flags, in [section] tables.")]
+                               help="TOML file with the same keys as the flags, in [section] tables."),
+                  click.Option(["--allow-pickle"], is_flag=True, default=False,
+                               help="Load pickle-based weights (.ckpt, .bin, .pt, .pth: they can run code) with torch's "
+                                    "weights-only loader; without it they are refused. Also BOOTHKIT_ALLOW_PICKLE=1.")]
         params += _options(sections) + list(extra or [])
         group.add_command(click.Command(name, callback=callback, params=params, help=help,
                                         context_settings={"max_content_width": 120}))
@@ -117,6 +124,37 @@ def models_path(name: str) -> None:
     if not Path(path).exists():
         raise BoothkitError(f"model '{name}' has no local folder (only the built-in models and local paths do)")
     click.echo(path)
+
+
+@cli.group()
+def token() -> None:
+    """Identifier helpers: how the tokenizer splits one, and rare single tokens to pick from."""
+
+
+_TOKEN_MODEL = click.option("--model", default="tiny", show_default=True,
+                            help="Model whose tokenizer to use (only the tokenizer is loaded).")
+
+
+@token.command("check")
+@click.argument("identifier")
+@_TOKEN_MODEL
+def _token_check(identifier: str, model: str) -> None:
+    """How --model's tokenizer splits IDENTIFIER, and whether it makes a good one (single, rare, not a common word)."""
+    from . import tokens
+
+    click.echo(tokens.format_check(tokens.check(tokens.load_tokenizer(model), identifier)))
+
+
+@token.command("suggest")
+@click.option("-n", "count", type=click.IntRange(min=1), default=5, show_default=True, help="How many to suggest.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same suggestions.")
+@_TOKEN_MODEL
+def _token_suggest(count: int, seed: int, model: str) -> None:
+    """Rare single tokens of 2-3 letters, no English words, to use as --token (the paper's recipe for CLIP)."""
+    from . import tokens
+
+    for word, i in tokens.suggest(tokens.load_tokenizer(model), count, seed):
+        click.echo(f"{word}\t(id {i})")
 
 
 def _quiet_libraries() -> None:

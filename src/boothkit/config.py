@@ -92,6 +92,13 @@ class DataConfig:
     flip: bool = opt(False, "Random horizontal flips.")
     skip_bad_images: bool = opt(False, "Skip unreadable images with a warning instead of stopping.")
     cache_latents: bool = opt(True, "Encode images with the VAE once (and prompts, when the text encoder is frozen).")
+    captions: bool = opt(False, "Caption each photo from NAME.txt beside it; a caption must name the subject ({token} "
+                                "or the token itself; {class_noun} is filled in). Photos without one get the "
+                                "instance prompt.")
+    caption_dropout: float = opt(0.0, "Chance that a subject example is trained with the empty prompt instead of its "
+                                      "caption (drawn from the step's seed).", min=0.0, max=1.0)
+    masked_loss: bool = opt(False, "Average the subject examples' loss over NAME.mask.png beside each photo (white: "
+                                   "the subject, black: ignored); class examples stay unmasked.")
 
     def validate(self) -> None:
         if not self.instance_prompt and not self.class_noun:
@@ -177,6 +184,22 @@ class TrainConfig:
                                               fields=("token", "class_noun"))
     validation_steps: int = opt(20, "Sampling steps for validation samples.", min=1)
     log_every: int = opt(1, "Write train_log.csv every N steps.", min=1)
+    snr_gamma: Optional[float] = opt(None, "Min-SNR-γ loss weighting (Hang et al. 2023), e.g. 5: each example's "
+                                           "loss weighted by min(SNR, γ) in its prediction type's terms.")
+    noise_offset: float = opt(0.0, "Offset noise, e.g. 0.05: adds this times a per-channel constant to the noise, "
+                                   "so the model learns to change an image's overall brightness.", min=0.0)
+    ema_decay: Optional[float] = opt(None, "Keep an EMA of the trained weights (e.g. 0.9999; the decay ramps up as "
+                                           "(1+n)/(10+n) over the first steps) and save it instead of the last "
+                                           "weights.")
+    ema_on_cpu: bool = opt(False, "Hold the EMA weights in CPU memory between steps (saves accelerator memory).")
+
+    def validate(self) -> None:
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"train.snr_gamma (--snr-gamma): {self.snr_gamma!r} must be above 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay (--ema-decay): {self.ema_decay!r} must be between 0 and 1")
+        if self.ema_on_cpu and self.ema_decay is None:
+            raise ConfigError("train.ema_on_cpu (--ema-on-cpu) needs train.ema_decay (--ema-decay)")
 
 
 

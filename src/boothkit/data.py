@@ -25,12 +25,12 @@ UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError
 
 
 def list_images(folder: str | Path, what: str = "--instance-dir") -> list[Path]:
-    """Image files directly in `folder`, sorted by name (hidden and temp files ignored)."""
+    """Image files directly in `folder`, sorted by name (hidden and temp files and NAME.mask.png masks ignored)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{what} {folder}: no such folder")
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                  and not p.name.startswith(".") and not p.stem.lower().endswith(".mask"))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

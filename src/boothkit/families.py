@@ -27,6 +27,8 @@ class Family:
     kohya_prefixes: Mapping[str, str]  # LoRA component -> kohya/A1111 module-name prefix
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra from_pretrained arguments
     micro_conditioned: bool = False  # the UNet takes original size / crop / target size (SDXL)
+    # text encoder -> its key in an A1111/ComfyUI embedding file (Textual Inversion)
+    embedding_keys: Mapping[str, str] = field(default_factory=lambda: {"text_encoder": "emb_params"})
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -70,7 +72,8 @@ class Conditioning:
 SD = Family("sd", "StableDiffusionPipeline", ("text_encoder",), ("tokenizer",), {"text_encoder": "lora_te_"},
             {"safety_checker": None, "requires_safety_checker": False})
 SDXL = Family("sdxl", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
-              {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}, micro_conditioned=True)
+              {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}, micro_conditioned=True,
+              embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"})
 FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
 # every LoRA component any family has, in file order: what a LoRA file may hold
 LORA_COMPONENTS = tuple(dict.fromkeys(c for f in FAMILIES.values() for c in f.components))

@@ -15,6 +15,11 @@ from .errors import BoothkitError
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
 
 
+def boothkit_home() -> Path:
+    """Where boothkit caches models and weights (BOOTHKIT_HOME, else ~/.cache/boothkit)."""
+    return Path(os.environ.get("BOOTHKIT_HOME") or Path.home() / ".cache" / "boothkit")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

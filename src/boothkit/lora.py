@@ -16,8 +16,10 @@ import torch
 
 from .files import atomic_write_bytes
 from .errors import BoothkitError
+from .safety import as_safetensors, is_pickle
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_PICKLE = "pytorch_lora_weights.bin"  # what older diffusers scripts wrote
 ADAPTER = "default"
 
 
@@ -102,11 +104,14 @@ def lora_file(path: str | Path) -> Path:
     """Resolve a boothkit output folder or a .safetensors file to the LoRA file it names."""
     p = Path(path)
     if p.is_dir():
-        p = p / LORA_FILE
+        pickled = p / LORA_PICKLE
+        p = pickled if not (p / LORA_FILE).is_file() and pickled.is_file() else p / LORA_FILE
     if not p.is_file():
         raise BoothkitError(f"--lora {path}: no LoRA file found (expected a folder with {LORA_FILE} or a .safetensors file)")
+    if is_pickle(p):
+        return as_safetensors(p, "--lora")  # refused unless --allow-pickle; then a weights-only converted copy
     if p.suffix != ".safetensors":
-        raise BoothkitError(f"--lora {path}: only .safetensors LoRA files are accepted (pickles can run code)")
+        raise BoothkitError(f"--lora {path}: not a .safetensors LoRA file")
     return p
 
 

@@ -52,3 +52,57 @@ def prior_preservation_loss(pred: torch.Tensor, target: torch.Tensor, weight: fl
     instance_loss = mse(pred_inst, target_inst)
     prior_loss = mse(pred_prior, target_prior)
     return instance_loss + weight * prior_loss, instance_loss, prior_loss
+
+
+# ----------------------------------------------------------------------- training extras (all off by default)
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) of each timestep, in float32."""
+    a = alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weight of each example (Hang et al. 2023), for the loss of its prediction type.
+
+    The x₀ loss weighted by min(SNR, γ) equals the ε loss weighted by min(SNR, γ)/SNR and the v loss weighted
+    by min(SNR, γ)/(SNR + 1) (diffusers' train_text_to_image.py). Where SNR is 0 (a zero-terminal-SNR schedule's
+    last step) the ε weight is its limit, 1.
+    """
+    s = snr(alphas_cumprod, timesteps)
+    clipped = s.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return torch.where(s > 0, clipped / s, torch.ones_like(s))
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1.0)
+    if prediction_type == "sample":
+        return clipped
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def example_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of each example, in float32; with `mask` (B, 1, h, w, weights in [0, 1]) the mean over
+    the masked area only, so what lies outside it has no effect."""
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.flatten(1).mean(1)
+    m = mask.to(err.device, torch.float32).expand_as(err)
+    return (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-8)
+
+
+def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+                  mask: torch.Tensor | None, prior_weight: float | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, instance_loss, prior_loss) from per-example errors times per-example `weights` (min-SNR), each
+    example's error averaged over its `mask`; with `prior_weight` the batch is [subject; class] halves."""
+    per = example_mse(pred, target, mask)
+    if weights is not None:
+        per = per * weights.to(per.device, torch.float32)
+    if prior_weight is None:
+        loss = per.mean()
+        return loss, loss, torch.zeros_like(loss)
+    if per.shape[0] % 2:
+        raise ValueError("a prior-preservation batch holds as many class as instance examples")
+    instance_loss, prior_loss = (half.mean() for half in per.chunk(2))
+    return instance_loss + prior_weight * prior_loss, instance_loss, prior_loss

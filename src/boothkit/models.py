@@ -21,6 +21,8 @@ import logging
 import torch
 
 from .errors import ModelError
+from .files import boothkit_home  # noqa: F401  (re-exported: where built-in models are cached)
+from .safety import REFUSAL, as_safetensors, is_pickle, pickle_allowed, pickled_only, refuse_pickle
 
 log = logging.getLogger("boothkit")
 
@@ -33,11 +35,6 @@ TINY_VERSION = "tiny-v1"
 TINY_XL_VERSION = "tiny-xl-v1"
 TINY_SEED = 20220825  # the DreamBooth paper's arXiv date; any fixed value works
 TINY_RESOLUTION = 64
-
-
-def boothkit_home() -> Path:
-    """Where boothkit caches models and weights (BOOTHKIT_HOME, else ~/.cache/boothkit)."""
-    return Path(os.environ.get("BOOTHKIT_HOME") or Path.home() / ".cache" / "boothkit")
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
@@ -274,7 +271,11 @@ def load_vae(spec: str, dtype: torch.dtype = torch.float32):
     if local and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         path = path / "vae"
     try:
-        return AutoencoderKL.from_pretrained(str(path) if local else spec, dtype=dtype)
+        if local:
+            _check_pickles(path, spec, "--vae")
+        return AutoencoderKL.from_pretrained(str(path) if local else spec, dtype=dtype, use_safetensors=_safetensors())
+    except ModelError:
+        raise
     except Exception as exc:  # diffusers and the hub raise many types; the remedy is the same
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"--vae {spec}: not a loadable AutoencoderKL folder or hub id ({first})") from None
@@ -289,6 +290,18 @@ def _check_parts(folder: Path, spec: str, parts: tuple[str, ...]) -> None:
                          "(copy the whole diffusers folder)")
 
 
+def _check_pickles(folder: Path, spec: str, flag: str = "--model") -> None:
+    """A part stored only as a pickle is refused up front, by name, unless --allow-pickle."""
+    found = pickled_only(folder)
+    if found and not pickle_allowed():
+        raise ModelError(f"{flag} {spec} ({found[0].relative_to(folder)}): {REFUSAL}")
+
+
+def _safetensors() -> bool | None:
+    """diffusers' use_safetensors: only safetensors, unless pickles are allowed (then either; weights-only)."""
+    return None if pickle_allowed() else True
+
+
 def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
                    dtype: torch.dtype | dict[str, torch.dtype]):
     from .families import SD, family_of, family_of_folder, family_of_single_file
@@ -300,17 +313,19 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
         family = family_of_folder(model_path(spec))
         parts = ("unet", "vae", "scheduler") + family.text_encoders + family.tokenizers
         _check_parts(Path(model_path(spec)), spec, parts)
+        _check_pickles(Path(model_path(spec)), spec)
         try:
-            return family.pipeline().from_pretrained(model_path(spec), dtype=dtype, **family.pipeline_kwargs)
+            return family.pipeline().from_pretrained(model_path(spec), dtype=dtype, use_safetensors=_safetensors(),
+                                                     **family.pipeline_kwargs)
         # diffusers' and transformers' ways of saying a part is damaged (weights, config.json, a missing file)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"--model {spec}: cannot load the model folder ({first})") from None
-    if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):
-        raise ModelError(f"--model {spec}: pickled checkpoints can run code when loaded; convert it to .safetensors")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_pickle(path):
         if not path.is_file():
             raise ModelError(f"--model {spec}: file not found")
+        refuse_pickle("--model", spec, ModelError)
+        path = as_safetensors(path, "--model")
         if model_config is not None and not Path(model_config, "model_index.json").is_file():
             raise ModelError(f"--model-config {model_config}: not a diffusers folder (no model_index.json)")
         try:
@@ -338,7 +353,8 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
 
         # diffusers picks the pipeline class from the repo's model_index.json; SD's safety checker is not
         # loaded (other families ignore the two arguments)
-        pipe = DiffusionPipeline.from_pretrained(spec, revision=revision, dtype=dtype, **SD.pipeline_kwargs)
+        pipe = DiffusionPipeline.from_pretrained(spec, revision=revision, dtype=dtype, use_safetensors=_safetensors(),
+                                                 **SD.pipeline_kwargs)
     except Exception as exc:  # hub errors come in many types; the remedy is the same
         log.debug("hub load of %s failed: %s", spec, exc)
         raise ModelError(f"--model {spec}: not a local path and not loadable from the model hub (offline, not "

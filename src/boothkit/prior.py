@@ -19,6 +19,7 @@ from . import config as C
 from . import data, models
 from .errors import BoothkitError, ConfigError
 from .files import atomic_write_bytes, check_free_space, png_upper_bound, remove_stale_temps
+from .locks import folder_lock
 
 log = logging.getLogger("boothkit")
 
@@ -96,13 +97,21 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
 
     Returns the first num_images valid images, sorted by name.
     """
-    from .generate import iter_batches
-    from .progress import progress_bar
-
     class_dir = Path(class_dir)
     if resolution % int(pipe.vae_scale_factor):
         raise ConfigError(f"--resolution {resolution}: must be a multiple of {pipe.vae_scale_factor}")
-    class_dir.mkdir(parents=True, exist_ok=True)
+    # runs sharing a class folder take turns: the second finds the first one's images made
+    with folder_lock(class_dir, "--class-dir", "making class images", wait=True):
+        return _fill_class_dir(pipe, class_dir, prompt=prompt, num_images=num_images, batch_size=batch_size,
+                               seed=seed, steps=steps, guidance=guidance, resolution=resolution,
+                               model_name=model_name, progress=progress, scheduler=scheduler)
+
+
+def _fill_class_dir(pipe, class_dir: Path, *, prompt: str, num_images: int, batch_size: int, seed: int, steps: int,
+                    guidance: float, resolution: int, model_name: str, progress: bool, scheduler: str) -> list[Path]:
+    from .generate import iter_batches
+    from .progress import progress_bar
+
     remove_stale_temps(class_dir)  # left by a run killed mid-write (a live run's temp files stay)
     settings = {"model": model_name, "prompt": prompt, "resolution": resolution}
     manifest = read_manifest(class_dir)

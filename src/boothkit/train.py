@@ -1,9 +1,9 @@
 """The DreamBooth training loop: LoRA (or full) fine-tuning with the prior-preservation loss, via accelerate.
 
 Every random draw of optimizer step s (which photos, flips, VAE sample, noise, timesteps, dropout) comes
-from a seed derived from (seed, s, micro-batch, process rank). Nothing depends on how many steps ran
-before in this process, so a resumed run repeats an uninterrupted one bit for bit, and cached and
-uncached latents see the same draws.
+from a seed derived from (seed, s, global micro-batch index). Nothing depends on how many steps ran
+before in this process, so a resumed run repeats an uninterrupted one bit for bit, cached and uncached
+latents see the same draws, and N processes train what one process does with N-fold accumulation.
 """
 from __future__ import annotations
 
@@ -13,21 +13,26 @@ import io
 import json
 import logging
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from . import __version__
 from . import checkpoint as ckpt
 from .config import RunConfig, fill, save_toml, validate_train
-from .data import crop_box, load_folder, load_image, resize_shorter, to_tensor
+from .batches import Batch, LatentBank, PromptEncoder, draw_batch, step_seed
+from .data import load_folder, load_image
+from . import ema, tokens
 from .errors import BoothkitError, ConfigError, Interrupted
 from .files import atomic_write_bytes, check_free_space
-from .families import Conditioning, Family, family_of, micro_conditioning
-from .losses import add_noise, diffusion_target, mse, prior_preservation_loss
+from .interrupts import deferred_stop
+from .locks import folder_lock
+from .families import Family, family_of
+from .losses import add_noise, diffusion_target, min_snr_weights, mse, prior_preservation_loss, weighted_loss
+from .sidecars import Sidecars, read_sidecars
 from .lora import (LORA_FILE, adapter_metadata, add_lora, adapters_disabled, canonical_text_encoder_keys,
                    lora_state_dict, save_lora_file)
 from .models import load_pipeline, model_name, model_ref, native_resolution
@@ -37,133 +42,23 @@ WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder_lr")
 
 
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    """A well-mixed 63-bit seed for one micro-batch of one process."""
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-class LatentBank:
-    """Images of one kind (subject or class) as VAE latents, sampled per step.
-
-    With caching, the VAE's posterior mean and std of every image (and its mirror image when flipping is on)
-    are computed once; without it, images are encoded every step. Both draw the posterior sample from the
-    step's generator, so they produce the same latents. Each sample also gets SDXL's micro-conditioning
-    (the picture's original size, the crop's top-left in the resized picture, the target size).
-    """
-
-    def __init__(self, images, size: int, vae, *, cache: bool, flip: bool, random_crop: bool, device):
-        self.size, self.vae, self.flip, self.random_crop, self.device = size, vae, flip, random_crop, device
-        self.original = [(img.height, img.width) for img in images]
-        self.images = [resize_shorter(img, size) for img in images]
-        self.cache = cache and not random_crop  # a random crop differs every step: nothing to cache
-        self.scale = float(vae.config.scaling_factor)
-        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        if self.cache:
-            pixels = torch.stack([to_tensor(img.crop(_center(img, size))) for img in self.images])
-            self.moments = [self._encode(pixels)]
-            if flip:
-                self.moments.append(self._encode(pixels.flip(-1)))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @torch.no_grad()
-    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(torch.device(self.device).type, enabled=False):  # the VAE always runs in fp32
-            return self._encode_fp32(pixels)
-
-    def _encode_fp32(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        means, stds = [], []
-        # one picture at a time: cached and per-step encodings then run the same kernels and agree bit for bit
-        # (batched convolutions round differently), and the VAE at 512 px holds ~0.7 GB of activations per picture
-        for chunk in pixels.split(1):
-            dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-        return torch.cat(means), torch.cat(stds)
-
-    def sample(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, micro-conditioning time ids) of the pictures `idx`."""
-        flips = (torch.rand(len(idx), generator=g) < 0.5) if self.flip else torch.zeros(len(idx), dtype=torch.bool)
-        if self.cache:
-            mean = torch.stack([self.moments[int(f)][0][i] for i, f in zip(idx.tolist(), flips.tolist())])
-            std = torch.stack([self.moments[int(f)][1][i] for i, f in zip(idx.tolist(), flips.tolist())])
-            boxes = [_center(self.images[i], self.size) for i in idx.tolist()]
-        else:
-            boxes = [crop_box(self.images[i], self.size, self.random_crop, g) for i in idx.tolist()]
-            pixels = torch.stack([to_tensor(self.images[i].crop(b)) for i, b in zip(idx.tolist(), boxes)])
-            pixels = torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
-            mean, std = self._encode(pixels)
-        eps = torch.randn(mean.shape, generator=g).to(mean.device)
-        time_ids = []
-        for i, box, flipped in zip(idx.tolist(), boxes, flips.tolist()):
-            left = self.images[i].width - box[2] if flipped else box[0]  # the crop, seen in the mirrored picture
-            time_ids.append(micro_conditioning(self.original[i], (box[1], left), (self.size, self.size)))
-        return (mean + std * eps - self.shift) * self.scale, torch.stack(time_ids)
-
-
-def _center(img, size: int) -> tuple[int, int, int, int]:
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return left, top, left + size, top + size
-
-
-class PromptEncoder:
-    """Prompt -> what the UNet is conditioned on (the family's text encoders); cached when they are frozen."""
-
-    def __init__(self, family: Family, tokenizers, text_encoders, prompts: list[str], cache: bool, device):
-        self.family, self.text_encoders, self.device = family, list(text_encoders), device
-        self.ids = {p: [tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids for tok in tokenizers] for p in prompts}
-        self.cached = None
-        if cache:
-            with torch.no_grad():
-                self.cached = {p: self._run(ids) for p, ids in self.ids.items()}
-
-    def _run(self, ids: list[torch.Tensor]) -> Conditioning:
-        return self.family.encode(self.text_encoders, [i.to(self.device) for i in ids])
-
-    def __call__(self, prompts: list[str]) -> Conditioning:
-        if self.cached is not None:
-            parts = [self.cached[p] for p in prompts]
-            pooled = [c.pooled for c in parts]
-            return Conditioning(torch.cat([c.hidden for c in parts]),
-                                None if pooled[0] is None else torch.cat(pooled))
-        return self._run([torch.cat(ids) for ids in zip(*(self.ids[p] for p in prompts))])
-
-
-@dataclass
-class Batch:
-    latents: torch.Tensor
-    prompts: list[str]
-    time_ids: torch.Tensor | None = None  # SDXL micro-conditioning, one row per example
-
-
-def draw_batch(g: torch.Generator, instance: LatentBank, instance_prompt: str, batch_size: int,
-               classes: LatentBank | None, class_prompt: str) -> Batch:
-    """Subject examples, then as many class examples when prior preservation is on."""
-    idx = torch.randint(len(instance), (batch_size,), generator=g)
-    drawn, prompts = [instance.sample(idx, g)], [instance_prompt] * batch_size
-    if classes is not None:
-        cidx = torch.randint(len(classes), (batch_size,), generator=g)
-        drawn.append(classes.sample(cidx, g))
-        prompts += [class_prompt] * batch_size
-    return Batch(torch.cat([d[0] for d in drawn]), prompts, torch.cat([d[1] for d in drawn]))
-
-
 # ------------------------------------------------------------------------------------------- the step
 
 def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Tensor, prediction_type: str,
-                  prior_weight: float | None, g: torch.Generator, frozen_predict: Callable | None = None):
+                  prior_weight: float | None, g: torch.Generator, frozen_predict: Callable | None = None,
+                  snr_gamma: float | None = None, noise_offset: float = 0.0):
     """One forward pass over [subject; class] examples -> (loss, instance_loss, prior_loss).
 
     With `frozen_predict` (--prior-target frozen) the class examples' target is the frozen model's own
-    prediction for the same noisy latents and prompt, instead of the noise that was added.
+    prediction for the same noisy latents and prompt, instead of the noise that was added. `snr_gamma`: min-SNR-γ
+    weights per example; `noise_offset`: offset noise; `batch.masks`: the subject examples' loss masks.
     """
     latents = batch.latents
     noise = torch.randn(latents.shape, generator=g).to(latents.device)
     timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=g).to(latents.device)
+    if noise_offset:  # drawn last: with 0 (no draw) the noise and timesteps are a plain run's, bit for bit
+        per_channel = torch.randn(latents.shape[:2] + (1,) * (latents.ndim - 2), generator=g).to(latents.device)
+        noise = noise + noise_offset * per_channel
     noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
     time_ids = None if batch.time_ids is None else batch.time_ids.to(latents.device)
     pred = unet(noisy, timesteps, **encode(batch.prompts).unet_kwargs(time_ids)).sample
@@ -174,6 +69,9 @@ def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Te
             frozen = frozen_predict(noisy[n:], timesteps[n:], batch.prompts[n:],
                                     None if time_ids is None else time_ids[n:])
         target = torch.cat([target[:n], frozen.to(target.dtype)])
+    if snr_gamma is not None or batch.masks is not None:
+        weights = None if snr_gamma is None else min_snr_weights(alphas_cumprod, timesteps, snr_gamma, prediction_type)
+        return weighted_loss(pred, target, weights, batch.masks, prior_weight)
     if prior_weight is None:
         loss = mse(pred, target)
         return loss, loss, torch.zeros_like(loss)
@@ -218,6 +116,9 @@ def _check_identifier(tokenizer, token: str) -> None:
     if len(pieces) > 1:
         log.warning("identifier %r splits into %d tokens %s; a single rare token binds the subject best",
                     token, len(pieces), pieces)
+    elif pieces and tokens.check(tokenizer, token).rarity == "common":
+        log.warning("identifier %r is a common word; the model must unlearn its meaning (see `boothkit token "
+                    "suggest` for rare ones)", token)
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
@@ -242,16 +143,31 @@ def _read_log(path: Path, upto: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- the run
 
-def run_training(cfg: RunConfig, progress: bool = True) -> Path:
-    """Train a DreamBooth LoRA (or full fine-tune) as `cfg` says; returns the output folder."""
+def run_training(cfg: RunConfig, progress: bool = True, stop: threading.Event | None = None) -> Path:
+    """Train a DreamBooth LoRA (or full fine-tune) as `cfg` says; returns the output folder.
+
+    Setting `stop` (or Ctrl-C / SIGTERM) ends the run after the current step, checkpointed when checkpoints are
+    on, by raising `Interrupted`."""
     from accelerate.state import AcceleratorState
 
     try:
-        return _run(validate_train(cfg), progress)
+        cfg = validate_train(cfg)
+        with _output_lock(cfg):
+            return _run(cfg, progress, stop)
     finally:
         # accelerate keeps its settings in a process-wide singleton; reset it so the next run in this
         # process (benchmarks, the UI, tests) may choose another precision. The process group stays.
         AcceleratorState._reset_state()
+
+
+def _output_lock(cfg: RunConfig):
+    """One training per output folder: a second one is refused at once. The main process holds the lock; its
+    rank comes from the launcher's RANK (torchrun, accelerate launch), as accelerate's own state is made later."""
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return contextlib.nullcontext()
+    return folder_lock(cfg.train.output_dir, "--output-dir", "training")
 
 
 @dataclass
@@ -273,9 +189,11 @@ class Trainer:
     class_prompt: str
     alphas_cumprod: torch.Tensor
     prediction_type: str
+    captions: list[str] | None = None  # --captions: one subject prompt per photo
+    ema: object | None = None  # --ema-decay: diffusers' EMAModel of `params`
 
 
-def _run(cfg: RunConfig, progress: bool) -> Path:
+def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     from accelerate import Accelerator
 
     from .precision import resolve
@@ -288,7 +206,9 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
         raise BoothkitError(f"--output-dir {out} holds an earlier run ({earlier[0].name}); pass --resume to "
                             f"continue it, --overwrite to replace it, or choose another folder")
     d = cfg.data
-    instance_images = [img for _, img in load_folder(d.instance_dir, skip_bad=d.skip_bad_images)]
+    photos = load_folder(d.instance_dir, skip_bad=d.skip_bad_images)
+    instance_images = [img for _, img in photos]
+    side = read_sidecars(photos, d)  # captions and masks: a bad one is reported before the model loads
     # auto on a CPU: what this model's own forward/backward runs fastest in (probed once, cached). The saved
     # config names the precision actually used, so a rerun elsewhere repeats it.
     precision = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu",
@@ -301,7 +221,7 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
     if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
         shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)  # an earlier run's checkpoints must not mix in
     main = accelerator.is_main_process
-    tr, resolved = _setup(cfg, accelerator, pipe, instance_images, progress and main)
+    tr, resolved = _setup(cfg, accelerator, pipe, instance_images, progress and main, side)
     if main:  # after set-up: a bad photo, model or class folder is reported alone, on one line
         log.info("training on %d process(es), device %s, mixed precision %s", accelerator.num_processes,
                  accelerator.device, t.mixed_precision)
@@ -310,9 +230,11 @@ def _run(cfg: RunConfig, progress: bool) -> Path:
         _check_room(tr, out)
         out.mkdir(parents=True, exist_ok=True)
         save_toml(out / "config.toml", resolved.to_dict())
-    _loop(tr, out, start, rows, progress and main)
+    _loop(tr, out, start, rows, progress and main, stop)
     accelerator.wait_for_everyone()
     if main:
+        if tr.ema is not None:
+            tr.ema.copy_to(tr.params)  # the average is what is saved; the last raw weights are not needed again
         _save_outputs(cfg, resolved, out, tr)
     accelerator.end_training()
     return out
@@ -331,7 +253,8 @@ def _check_room(tr: Trainer, out: Path) -> None:
     AdamW's two moments) than the disk holds now, so an hours-long run does not fail at its end."""
     trainable = sum(p.numel() * 4 for p in tr.params)  # fp32 master weights
     t = tr.cfg.train
-    need = _output_bytes(tr) + (3 * trainable + (1 << 20) if t.checkpoint_every else 0)
+    states = 3 + (t.ema_decay is not None)  # weights, AdamW's two moments, the EMA
+    need = _output_bytes(tr) + (states * trainable + (1 << 20) if t.checkpoint_every else 0)
     what = "the trained weights" + (" and a checkpoint" if t.checkpoint_every else "")
     check_free_space(out, need, f"--output-dir: {what}")
 
@@ -365,7 +288,8 @@ def _release_frozen(tr: Trainer) -> None:
         torch.cuda.empty_cache()  # what class images and the latent cache held returns to the device
 
 
-def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: bool) -> tuple[Trainer, RunConfig]:
+def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: bool,
+           side: Sidecars | None = None) -> tuple[Trainer, RunConfig]:
     """Make class images, add LoRA, build optimizer, schedule and latent banks for the loaded model and photos."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -378,8 +302,9 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
     family = family_of(pipe)
     _check_identifier(pipe.tokenizer, d.token)
     class_prompt = pr.prompt_for(d.class_noun)
+    side = side or Sidecars()
     warn_long_prompts(pipe, {"--instance-prompt": [d.prompt], "--class-prompt": [class_prompt],
-                             "--validation-prompts": _validation_prompts(cfg)})
+                             "--validation-prompts": _validation_prompts(cfg), "--captions": side.captions or []})
     size = d.resolution or native_resolution(pipe)
     class_dir = Path(pr.class_dir) if pr.class_dir else Path(t.output_dir) / "class_images"
     class_images = []
@@ -414,12 +339,16 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
         cfg=cfg, accelerator=accelerator, pipe=pipe, family=family, unet=unet, text_encoders=text_encoders,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, params=[p for grp in groups for p in grp["params"]],
-        instance=LatentBank(instance_images, **bank), classes=LatentBank(class_images, **bank) if pr.prior else None,
+        instance=LatentBank(instance_images, **bank, masks=side.masks),
+        classes=LatentBank(class_images, **bank) if pr.prior else None,
         encode=PromptEncoder(family, [getattr(pipe, n) for n in family.tokenizers], text_encoders.values(),
-                             [d.prompt, class_prompt], cache=d.cache_latents and not lo.train_text_encoder,
+                             [d.prompt, class_prompt, *(side.captions or []), *([""] if d.caption_dropout else [])],
+                             cache=d.cache_latents and not lo.train_text_encoder,
                              device=device),
         class_prompt=class_prompt, alphas_cumprod=noise_sched.alphas_cumprod,
-        prediction_type=noise_sched.config.prediction_type)
+        prediction_type=noise_sched.config.prediction_type, captions=side.captions)
+    if t.ema_decay is not None:
+        tr.ema = ema.make_ema(tr.params, t.ema_decay, t.ema_on_cpu)
     _release_frozen(tr)
     resolved = cfg.replace("data", resolution=size, instance_prompt=d.prompt) \
                   .replace("prior", class_dir=str(class_dir), class_prompt=class_prompt).replace("train", optimizer=opt_kind)
@@ -525,13 +454,16 @@ def _apply_checkpoint(tr: Trainer, path: Path, state: dict) -> None:
     except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as exc:
         raise BoothkitError(f"--resume: checkpoint {path} does not match this config (optimizer state: {exc})") \
             from exc
+    if tr.ema is not None:
+        ema.load(tr.ema, state.get("states", {}).get("ema"), tr.params, tr.cfg.train.ema_on_cpu, path)
     try:
         ckpt.set_rng_states(state["rng"])
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ckpt.CheckpointError(f"{path / 'rng.pt'}: unusable RNG states ({exc})") from exc
 
 
-def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) -> None:
+def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool,
+          stop: threading.Event | None = None) -> None:
     """Optimizer steps start..max_steps, with logging, checkpoints and validation samples."""
     cfg, acc = tr.cfg, tr.accelerator
     t, d = cfg.train, cfg.data
@@ -550,20 +482,23 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
     from .progress import progress_bar
 
     with progress_bar("train", t.max_steps, progress, completed=start, show_loss=True) as advance, \
-            _deferred_sigint() as interrupt:
+            deferred_stop(stop) as interrupt:
         for step in range(start, t.max_steps):
             totals = torch.zeros(3)
             for micro in range(n_micro):
-                g = torch.Generator().manual_seed(step_seed(t.seed, step, micro, rank))
-                torch.manual_seed(step_seed(t.seed, step, micro, 10_000 + rank))  # LoRA dropout
+                k = rank * n_micro + micro  # the global micro-batch: N processes draw what N-fold accumulation does
+                g = torch.Generator().manual_seed(step_seed(t.seed, step, k, 0))
+                torch.manual_seed(step_seed(t.seed, step, k, 10_000))  # LoRA dropout
                 with contextlib.ExitStack() as stack:
                     if micro < n_micro - 1:  # accumulate locally; all-reduce once per optimizer step
                         for m in trained:
                             stack.enter_context(acc.no_sync(m))
                     with acc.autocast():
-                        batch = draw_batch(g, tr.instance, d.prompt, t.batch_size, tr.classes, tr.class_prompt)
+                        batch = draw_batch(g, tr.instance, tr.captions or d.prompt, t.batch_size, tr.classes,
+                                           tr.class_prompt, d.caption_dropout)
                         losses = training_step(tr.unet, tr.encode, batch, tr.alphas_cumprod, tr.prediction_type,
-                                               prior_weight, g, frozen_predict)
+                                               prior_weight, g, frozen_predict, snr_gamma=t.snr_gamma,
+                                               noise_offset=t.noise_offset)
                     acc.backward(losses[0] / n_micro)
                 totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
             stop_all = None
@@ -578,6 +513,8 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool) 
             tr.optimizer.step()
             tr.lr_scheduler.step()
             tr.optimizer.zero_grad(set_to_none=True)
+            if tr.ema is not None:
+                ema.update(tr.ema, tr.params, t.ema_on_cpu)
 
             done = step + 1
             lrs = tr.lr_scheduler.get_last_lr()
@@ -599,42 +536,14 @@ def _after_step(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:
     if checkpoint_now:
         _save_checkpoint(tr, out, done)
     if t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
-        _validate(tr, out / "validation" / f"step-{done:07d}")
+        with ema.swapped_in(tr.ema, tr.params):  # samples of what would be saved now
+            _validate(tr, out / "validation" / f"step-{done:07d}")
 
 
 def _save_checkpoint(tr: Trainer, out: Path, done: int) -> Path:
     return ckpt.save_checkpoint(out, done, _weights(tr), tr.optimizer, tr.lr_scheduler, tr.cfg.train.checkpoints_keep,
-                                {"config": _fingerprint(tr.cfg)})
-
-
-class _Interrupt:
-    requested = False
-
-
-@contextlib.contextmanager
-def _deferred_sigint():
-    """Ctrl-C while training lets the current step finish (the loop then checkpoints and stops) rather than
-    cutting an optimizer update in half; a second Ctrl-C acts as before, at once. Signals reach only the main
-    thread (the UI trains in another): there nothing is deferred."""
-    import signal
-    import threading
-
-    flag = _Interrupt()
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
-        yield flag
-        return
-    previous = signal.default_int_handler if previous is None else previous  # None: set outside Python
-
-    def handler(signum, frame):
-        flag.requested = True
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+                                {"config": _fingerprint(tr.cfg)},
+                                states={"ema": tr.ema.state_dict()} if tr.ema is not None else None)
 
 
 def _stop_on_interrupt(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:
