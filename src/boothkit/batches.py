@@ -6,6 +6,7 @@ cached and uncached latents see the same draws and a resumed run repeats an unin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,9 +112,11 @@ def _center(img, size: int) -> tuple[int, int, int, int]:
 class PromptEncoder:
     """Prompt -> what the UNet is conditioned on (the family's text encoders); cached when they are frozen."""
 
-    def __init__(self, family: Family, tokenizers, text_encoders, prompts: list[str], cache: bool, device):
+    def __init__(self, family: Family, tokenizers, text_encoders, prompts: list[str], cache: bool, device,
+                 rewrite: Callable[[str], str] = str):
+        """`rewrite`: the text the tokenizers see for a prompt (Textual Inversion spells out extra vectors)."""
         self.family, self.text_encoders, self.device = family, list(text_encoders), device
-        self.ids = {p: [tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
+        self.ids = {p: [tok(rewrite(p), padding="max_length", max_length=tok.model_max_length, truncation=True,
                             return_tensors="pt").input_ids for tok in tokenizers] for p in prompts}
         self.cached = None
         if cache:

@@ -218,7 +218,11 @@ def _train(cfg: C.RunConfig) -> None:
     from .train import run_training
 
     out = run_training(cfg)
-    if cfg.lora.full:
+    if cfg.lora.method == "ti":
+        click.echo(f"embedding: {out / 'learned_embeds.safetensors'} (A1111/ComfyUI: {out / 'embeddings'})\n"
+                   f"next:  boothkit generate --lora {out} --prompt '{cfg.data.prompt} on the moon' "
+                   f"--out {out / 'samples'}")
+    elif cfg.lora.full:
         click.echo(f"model: {out / 'model'}\nnext:  boothkit generate --model {out / 'model'} "
                    f"--prompt '{cfg.data.prompt}' --out {out / 'samples'}")
     else:

@@ -64,6 +64,7 @@ def fill(template: str, **values: str) -> str:
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+METHODS = ("lora", "full", "ti", "pivotal")
 # Sampler names `boothkit generate --scheduler` accepts (built by generate.make_scheduler).
 SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", "pndm")
 
@@ -140,7 +141,13 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    full: bool = opt(False, "Full fine-tune of the UNet (and text encoder) instead of LoRA.")
+    method: str = opt("lora", "What trains: lora (adapters), full (every weight; same as --full), ti (Textual "
+                              "Inversion: only the identifier's new token embeddings, the paper's baseline), pivotal "
+                              "(the identifier's embeddings and LoRA together).", choices=METHODS)
+    full: bool = opt(False, "Full fine-tune of the UNet (and text encoder) instead of LoRA (= --method full).")
+    ti_vectors: int = opt(1, "ti/pivotal: embedding vectors the identifier learns (A1111's 'vectors per token').",
+                          min=1, max=16)
+    ti_lr: float = opt(5e-3, "ti/pivotal: learning rate of the identifier's embeddings.", min=0.0)
     rank: int = opt(8, "LoRA rank.", min=1)
     alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank.", min=0.0)
     dropout: float = opt(0.0, "LoRA dropout.", min=0.0, max=1.0)
@@ -228,6 +235,19 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
     check_output(cfg.train.output_dir, "--output-dir")
     if cfg.prior.prior and cfg.prior.class_dir:
         check_output(cfg.prior.class_dir, "--class-dir")
+    lo = cfg.lora
+    if lo.full and lo.method not in ("lora", "full"):
+        raise ConfigError(f"lora.full conflicts with lora.method {lo.method} (--full is --method full)")
+    if lo.full or lo.method == "full":
+        cfg = cfg.replace("lora", full=True, method="full")
+    if lo.method == "ti" and lo.train_text_encoder:
+        raise ConfigError("lora.method ti trains only the identifier's embeddings; --train-text-encoder needs "
+                          "--method pivotal (embeddings + LoRA)")
+    if lo.method == "ti" and cfg.prior.prior:
+        # the class prompt never holds the new token, so its loss has no gradient to give: it would only cost time
+        log.warning("--method ti: prior preservation has nothing to preserve (only the identifier's new "
+                    "embedding trains); training without it")
+        cfg = cfg.replace("prior", prior=False)
     if cfg.prior.prior and cfg.prior.prior_target == "frozen" and cfg.lora.full:
         raise ConfigError("prior.prior_target frozen needs LoRA: a full fine-tune keeps no frozen copy of the model")
     if cfg.prior.prior and cfg.prior.prior_images == "subject" and cfg.prior.prior_target != "frozen":

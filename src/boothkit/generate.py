@@ -21,8 +21,10 @@ from typing import Iterator, Sequence
 import torch
 
 from . import config as C
+from . import families
 from . import lora as L
 from . import models
+from .embeddings import load_embeddings
 from .errors import BoothkitError, ConfigError
 from .files import atomic_write_bytes
 from .progress import progress_bar
@@ -139,11 +141,18 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
     The pipeline remembers its LoRAs (``pipe.boothkit_loras``: adapter name, path, weight) for set_lora_scales,
     and starts at scales 1/1.
     """
-    files = [(L.lora_header(path)[0], path, float(weight)) for path, weight in loras]  # fail before the slow load
+    from .embeddings import embedding_info, run_parts
+
+    parts = [(run_parts(path), path, float(weight)) for path, weight in loras]
+    # fail before the slow load
+    files = [(L.lora_header(lora)[0], path, weight) for (lora, _), path, weight in parts if lora is not None]
+    embeddings = [(emb, embedding_info(emb)) for (_, emb), _, _ in parts if emb is not None]
     if model is None:
-        if not files:
+        if not files and not embeddings:
             raise ConfigError("generate: give --lora (its metadata names the base model) or --model")
-        model = base_model_of(files[0][0])
+        model = base_model_of(files[0][0]) if files else embeddings[0][1].get("base_model")
+        if not model:
+            raise BoothkitError(f"--lora {embeddings[0][0]}: the embedding does not name its base model; pass --model")
     if vae is None and files:
         vae = L.read_lora_info(files[0][0]).get("vae") or None
     if scheduler is not None and scheduler not in SCHEDULER_SPECS:
@@ -152,6 +161,9 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
     pipe.set_progress_bar_config(disable=True)  # boothkit shows one bar over all images instead
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    family = families.family_of(pipe)
+    for emb, info in embeddings:  # the identifier's learned tokens (Textual Inversion / pivotal runs)
+        load_embeddings(pipe, family, emb, info.get("token") or emb.stem)
     adapters = []
     for i, (file, given, weight) in enumerate(files):
         L.apply_lora(pipe, file, given, f"lora{i}", model)
@@ -308,9 +320,15 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     """`boothkit generate`: PNGs with their parameters, a grid per prompt and the resolved config."""
     g = cfg.generate
     C.check_output(g.out, "--out")
+    from .embeddings import embedding_info, run_parts
+
     loras = [parse_lora_spec(s) for s in g.lora]
-    for path, _ in loras:
-        L.lora_header(path)  # a wrong path or damaged file fails now, not after loading the model
+    for path, _ in loras:  # a wrong path or damaged file fails now, not after loading the model
+        lora, emb = run_parts(path)
+        if lora is not None:
+            L.lora_header(lora)
+        if emb is not None:
+            embedding_info(emb)
     dtype = precision_dtype(g.mixed_precision, device())
     cfg = cfg.replace("generate", mixed_precision={v: k for k, v in PRECISION_DTYPES.items()}[dtype])
     out = Path(g.out)

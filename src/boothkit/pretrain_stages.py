@@ -98,7 +98,7 @@ def train_loop(cfg: PretrainConfig, out: Path, modules: dict[str, torch.nn.Modul
         for name, m in modules.items():
             m.load_state_dict(_prefixed(ck["weights"], name))
         for name, e in emas.items():
-            e.load_state_dict(torch.load(found[-1][1] / f"ema-{name}.pt", weights_only=True))
+            e.load_state_dict(_ema_state(ck, found[-1][1], name))
         optim.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["lr_scheduler"])
         set_rng_states(ck["rng"])
@@ -123,9 +123,16 @@ def train_loop(cfg: PretrainConfig, out: Path, modules: dict[str, torch.nn.Modul
             advance(loss=loss.item())
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 weights = {f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
-                path = save_checkpoint(out, step + 1, weights, optim, sched, keep=2)
-                for name, e in emas.items():
-                    torch.save(e.state_dict(), path / f"ema-{name}.pt")
+                # the EMAs go inside the checkpoint, written and renamed with it: a kill never leaves one without
+                save_checkpoint(out, step + 1, weights, optim, sched, keep=2,
+                                states={f"ema-{name}": e.state_dict() for name, e in emas.items()})
+
+
+def _ema_state(ck: dict, path: Path, name: str) -> dict:
+    """An EMA's state from a checkpoint: inside it, or (checkpoints written before that) in ema-NAME.pt beside it."""
+    if f"ema-{name}" in ck["states"]:
+        return ck["states"][f"ema-{name}"]
+    return torch.load(path / f"ema-{name}.pt", weights_only=True)
 
 
 def _prefixed(weights: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -142,12 +149,12 @@ def load_stage(out: Path, modules: dict[str, torch.nn.Module]) -> int:
     if not found:
         raise ConfigError(f"pretrain: {out} has no checkpoint; run that stage first")
     step, path = found[-1]
-    weights = load_checkpoint(path)["weights"]
+    ck = load_checkpoint(path)
     for name, m in modules.items():
-        m.load_state_dict(_prefixed(weights, name))
-        if (path / f"ema-{name}.pt").is_file():
+        m.load_state_dict(_prefixed(ck["weights"], name))
+        if f"ema-{name}" in ck["states"] or (path / f"ema-{name}.pt").is_file():
             e = EMAModel(m.parameters())
-            e.load_state_dict(torch.load(path / f"ema-{name}.pt", weights_only=True))
+            e.load_state_dict(_ema_state(ck, path, name))
             e.copy_to(m.parameters())
     return step
 

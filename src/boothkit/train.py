@@ -28,6 +28,7 @@ from .data import load_folder, load_image
 from . import ema, tokens
 from .errors import BoothkitError, ConfigError, Interrupted
 from .files import atomic_write_bytes, check_free_space
+from .embeddings import Placeholder, add_placeholder, learned, save_embeddings, train_rows
 from .interrupts import deferred_stop
 from .locks import folder_lock
 from .families import Family, family_of
@@ -191,6 +192,8 @@ class Trainer:
     prediction_type: str
     captions: list[str] | None = None  # --captions: one subject prompt per photo
     ema: object | None = None  # --ema-decay: diffusers' EMAModel of `params`
+    placeholder: Placeholder | None = None  # --method ti/pivotal: the identifier as new tokens
+    placeholder_ids: dict | None = None  # text encoder component -> the new tokens' ids
 
 
 def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
@@ -272,7 +275,19 @@ def _load_dtypes(cfg: RunConfig) -> torch.dtype | dict[str, torch.dtype]:
     fp32 copy of the model is ever held. A full fine-tune keeps fp32 master weights."""
     if cfg.lora.full:
         return torch.float32
-    return {"default": WEIGHT_DTYPES[cfg.train.mixed_precision], "vae": torch.float32}
+    dtypes = {"default": WEIGHT_DTYPES[cfg.train.mixed_precision], "vae": torch.float32}
+    if _learns_tokens(cfg):  # the identifier's embeddings train in fp32 inside the text encoders (small)
+        dtypes.update(text_encoder=torch.float32, text_encoder_2=torch.float32)
+    return dtypes
+
+
+def _learns_tokens(cfg: RunConfig) -> bool:
+    return cfg.lora.method in ("ti", "pivotal")
+
+
+def _encoders_train(cfg: RunConfig) -> bool:
+    """Whether gradients flow into the text encoders (their LoRA, full weights, or the identifier's rows)."""
+    return cfg.lora.train_text_encoder or _learns_tokens(cfg)
 
 
 def _release_frozen(tr: Trainer) -> None:
@@ -281,7 +296,7 @@ def _release_frozen(tr: Trainer) -> None:
     cfg, pipe = tr.cfg, tr.pipe
     later = bool(cfg.train.validate_every) or cfg.lora.full
     keep_vae = later or not tr.instance.cache or (tr.classes is not None and not tr.classes.cache)
-    keep_te = later or cfg.lora.train_text_encoder or tr.encode.cached is None
+    keep_te = later or _encoders_train(cfg) or tr.encode.cached is None
     for module in ([] if keep_vae else [pipe.vae]) + ([] if keep_te else list(tr.text_encoders.values())):
         module.to("meta")  # storage freed; the module stays, so a stray later use fails loudly
     if torch.cuda.is_available():
@@ -300,7 +315,8 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
     device = accelerator.device
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe)
-    _check_identifier(pipe.tokenizer, d.token)
+    if not _learns_tokens(cfg):  # ti/pivotal make the identifier one new token, however it splits now
+        _check_identifier(pipe.tokenizer, d.token)
     class_prompt = pr.prompt_for(d.class_noun)
     side = side or Sidecars()
     warn_long_prompts(pipe, {"--instance-prompt": [d.prompt], "--class-prompt": [class_prompt],
@@ -322,11 +338,15 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
         class_images = [load_image(p) for p in paths]
 
     groups = _make_trainable(cfg, pipe, family, device, accelerator.mixed_precision)
+    placeholder, placeholder_ids = None, None
+    if _learns_tokens(cfg):
+        placeholder, placeholder_ids, rows = _add_placeholder(cfg, pipe, family, device)
+        groups.append({"params": rows, "lr": lo.ti_lr, "weight_decay": 0.0})  # decay would move every row
     optimizer, opt_kind = _make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_steps)
     text_encoders = {name: getattr(pipe, name) for name in family.text_encoders}
-    if lo.train_text_encoder:
+    if _encoders_train(cfg):
         unet, *prepared, optimizer = accelerator.prepare(pipe.unet, *text_encoders.values(), optimizer)
         text_encoders = dict(zip(text_encoders, prepared))
     else:
@@ -343,10 +363,11 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
         classes=LatentBank(class_images, **bank) if pr.prior else None,
         encode=PromptEncoder(family, [getattr(pipe, n) for n in family.tokenizers], text_encoders.values(),
                              [d.prompt, class_prompt, *(side.captions or []), *([""] if d.caption_dropout else [])],
-                             cache=d.cache_latents and not lo.train_text_encoder,
-                             device=device),
+                             cache=d.cache_latents and not _encoders_train(cfg),
+                             device=device, rewrite=placeholder.expand if placeholder else str),
         class_prompt=class_prompt, alphas_cumprod=noise_sched.alphas_cumprod,
-        prediction_type=noise_sched.config.prediction_type, captions=side.captions)
+        prediction_type=noise_sched.config.prediction_type, captions=side.captions, placeholder=placeholder,
+        placeholder_ids=placeholder_ids)
     if t.ema_decay is not None:
         tr.ema = ema.make_ema(tr.params, t.ema_decay, t.ema_on_cpu)
     _release_frozen(tr)
@@ -368,6 +389,10 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
         unet.requires_grad_(True)
         for te in encoders:
             te.requires_grad_(train_te)
+    elif lo.method == "ti":  # the model stays as it is; only the identifier's embeddings train
+        unet.requires_grad_(False).to(device, weight_dtype)
+        for te in encoders:
+            te.requires_grad_(False)
     else:
         unet.to(device, weight_dtype)
         add_lora(unet, lo.unet_targets, lo.rank, lo.alpha, lo.dropout)
@@ -388,10 +413,23 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
         unet.enable_gradient_checkpointing()
         for te in encoders if train_te else ():
             te.gradient_checkpointing_enable()
-    groups = [{"params": list(_trainable(unet).values()), "lr": t.learning_rate}]
+    groups = [{"params": list(_trainable(unet).values()), "lr": t.learning_rate}] if lo.method != "ti" else []
     if train_te:
         groups.append({"params": [p for te in encoders for p in _trainable(te).values()], "lr": t.text_encoder_lr})
     return groups
+
+
+def _add_placeholder(cfg: RunConfig, pipe, family: Family, device) -> tuple[Placeholder, dict, list]:
+    """--method ti/pivotal: the identifier as new tokens in every tokenizer, starting at the class noun's
+    embedding; returns it, its ids per text encoder, and the embedding weights to train (other rows masked)."""
+    placeholder = Placeholder(cfg.data.token, cfg.lora.ti_vectors)
+    ids, rows = {}, []
+    for component, tok in zip(family.text_encoders, family.tokenizers):
+        encoder = getattr(pipe, component)
+        ids[component] = add_placeholder(getattr(pipe, tok), encoder, placeholder, cfg.data.class_noun)
+        rows.append(train_rows(encoder, ids[component]))
+        encoder.to(device)
+    return placeholder, ids, rows
 
 
 def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
@@ -565,7 +603,7 @@ def _stop_on_interrupt(tr: Trainer, out: Path, done: int, rows: list[dict]) -> N
 
 def _models(tr: Trainer) -> dict[str, torch.nn.Module]:
     """Component name -> unwrapped model, for every component that trains."""
-    trained = {"unet": tr.unet, **(tr.text_encoders if tr.cfg.lora.train_text_encoder else {})}
+    trained = {"unet": tr.unet, **(tr.text_encoders if _encoders_train(tr.cfg) else {})}
     return {name: tr.accelerator.unwrap_model(m) for name, m in trained.items()}
 
 
@@ -647,6 +685,11 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -
         shutil.rmtree(out / "model", ignore_errors=True)
         tmp.rename(out / "model")
         return
+    if tr.placeholder is not None:
+        vectors = {name: learned(trained[name], ids) for name, ids in tr.placeholder_ids.items()}
+        save_embeddings(out, tr.family, tr.placeholder, vectors, {**info, "vectors": lo.ti_vectors, "method": lo.method})
+        if lo.method == "ti":
+            return
     layers = {"unet": lora_state_dict(trained["unet"])}
     adapters = {"unet": adapter_metadata(lo.unet_targets, lo.rank, lo.alpha)}
     for name in tr.family.text_encoders if lo.train_text_encoder else ():
