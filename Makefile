@@ -14,6 +14,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt tests/support/torchvision_shi
 	# torch first, pinned: the CPU wheel on disk (an unpinned torch pulls a multi-GB CUDA build)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev,eval,ui]'
+	# the browser test drives Debian's chromium, never a browser build playwright downloads; where apt-get cannot
+	# install it (no apt, not root) this says so and tests/test_browser.py skips, naming the reason
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		(apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || \
+		echo "note: could not install chromium (apt-get install chromium); the browser test will be skipped"
 	$(PY) tests/support/torchvision_shim.py --install-if-needed
 	touch $@
 

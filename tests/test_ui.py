@@ -1,8 +1,13 @@
-"""The Gradio UI: forms built from the configs, handlers that give the CLI's RunConfig and run the real stages."""
+"""The Gradio UI: forms built from the configs, handlers that give the CLI's RunConfig and run the real stages,
+and the run queue under one root (queued, watched, cancelled, resumed, found again after a restart)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,9 +19,12 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
-from boothkit import cli, config as C, generate as G, lora as L, ui  # noqa: E402
+from boothkit import cli, config as C, generate as G, lora as L, runs as R, ui  # noqa: E402
 from boothkit.data import load_image  # noqa: E402
 from boothkit.export import EXPORT_SECTIONS  # noqa: E402
+from boothkit.metrics import EVALUATE_SECTIONS  # noqa: E402
+from boothkit.sweep import SWEEP_SECTIONS  # noqa: E402
+from boothkit.ui import forms as F  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -40,11 +48,36 @@ def lora(tiny_path, tmp_path_factory) -> Path:
                             {"base_model": str(tiny_path), "token": "sks", "class_noun": "dog"})
 
 
+@pytest.fixture
+def queue(tmp_path):
+    q = R.RunQueue(tmp_path / "runs")
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def finished_run(queue, lora, demo_subject) -> str:
+    """A run folder as training leaves it: the LoRA and config.toml (no training: the LoRA fixture's weights)."""
+    folder = queue.folder("sks-dog-done")
+    folder.mkdir()
+    shutil.copy(lora, folder / L.LORA_FILE)
+    C.save_toml(folder / "config.toml", C.resolve(C.TRAIN_SECTIONS, {}, {
+        "instance_dir": str(demo_subject), "class_noun": "dog", "output_dir": str(folder)}).to_dict())
+    return "sks-dog-done"
+
+
 def form(sections, **changes):
     values = ui.form_defaults(sections)
-    assert set(changes) <= set(values) | {"photos"}
+    assert set(changes) <= set(values) | {"photos", "run_name"}
     values.update(changes)
     return values
+
+
+def train_form(**changes):
+    """The train form as the page first shows it (the quick-test preset), with `changes`."""
+    values = ui.preset_values(ui.DEFAULT_PRESET, {})
+    assert set(changes) <= set(values) | {"photos", "run_name"}
+    return {**values, **changes}
 
 
 def cli_config(monkeypatch, module: str, function: str, argv: list[str], returns=None) -> C.RunConfig:
@@ -57,39 +90,60 @@ def cli_config(monkeypatch, module: str, function: str, argv: list[str], returns
     return seen[0]
 
 
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
 # ------------------------------------------------------------------------------------------- forms
 
-def test_build_ui_has_a_field_for_every_option_at_its_default():
-    app = ui.build_ui()
-    comps = [b for b in app.blocks.values() if isinstance(b, gr.components.Component)]
-    for sections in (C.TRAIN_SECTIONS, C.GENERATE_SECTIONS, EXPORT_SECTIONS):
-        defaults = ui.form_defaults(sections)
+def test_build_ui_has_a_field_for_every_option_at_its_default(tmp_path):
+    app = ui.build_ui(tmp_path / "runs")
+    comps = {b.elem_id: b for b in app.blocks.values() if isinstance(b, gr.components.Component) and b.elem_id}
+    forms = {  # elem_id prefix: (sections, what the form shows first, fields the run sets instead)
+        "train": (C.TRAIN_SECTIONS, train_form(), ui.TRAIN_BY_RUN),
+        "gen": (C.GENERATE_SECTIONS, ui.form_defaults(C.GENERATE_SECTIONS), F.GENERATE_BY_RUN),
+        "sweep": (SWEEP_SECTIONS, ui.form_defaults(SWEEP_SECTIONS), F.GENERATE_BY_RUN),
+        "eval": (EVALUATE_SECTIONS, ui.form_defaults(EVALUATE_SECTIONS), F.EVALUATE_BY_RUN),
+        "export": (EXPORT_SECTIONS, ui.form_defaults(EXPORT_SECTIONS), ()),
+    }
+    for prefix, (sections, shown, by_run) in forms.items():
         for cls in sections.values():
             for f in dataclasses.fields(cls):
-                matches = [c for c in comps if c.label == f.name.replace("_", " ")
-                           and (getattr(c, "info", None) or "").startswith(f.metadata["help"])]
-                assert matches, f"no UI field for {f.name}"
-                assert any(c.value == defaults[f.name] for c in matches), f.name
-    dropdown = [c for c in comps if c.label == "scheduler"][0]
-    assert [v for _, v in dropdown.choices] == ["", *C.SCHEDULERS]
+                comp = comps.get(f"{prefix}-{f.name.replace('_', '-')}")
+                if f.name in by_run:  # the run's folder, its LoRA, its photos: never typed
+                    assert comp is None, (prefix, f.name)
+                    continue
+                assert comp is not None, f"no {prefix} field for {f.name}"
+                assert comp.label == f.name.replace("_", " ") and comp.info.startswith(f.metadata["help"])
+                assert comp.value == shown[f.name], (prefix, f.name)
+    assert [v for _, v in comps["gen-scheduler"].choices] == ["", *C.SCHEDULERS]
+    # LoRA scales are sliders starting at 0.8; the dataclass (and CLI) default stays 1.0
+    assert all(isinstance(comps[f"gen-{k}"], gr.Slider) for k in ("guidance", "unet-scale", "text-encoder-scale"))
+    assert comps["gen-unet-scale"].value == comps["gen-text-encoder-scale"].value == 0.8
+    assert C.GenerateConfig().unet_scale == 1.0
+    assert comps["train-model"].value == "tiny" and comps["train-max-steps"].value == 40  # the quick-test preset
 
 
 def test_train_form_gives_the_cli_config(monkeypatch, tmp_path):
     # gr.Number hands back floats; tuples are one item per line; "" is an unset optional field.
-    values = form(C.TRAIN_SECTIONS, instance_dir="photos", class_noun="dog", token="zwx", output_dir=str(tmp_path),
-                  max_steps=3.0, rank=4, learning_rate=0.001, prior=False, train_text_encoder=True,
+    values = form(C.TRAIN_SECTIONS, instance_dir="photos", class_noun="dog", token="zwx", max_steps=3.0, rank=4,
+                  learning_rate=0.001, prior=False, train_text_encoder=True,
                   validation_prompts="a photo of {token}\n\n  {token} on the moon ", lr_scheduler="cosine",
                   instance_prompt="", model_config="")
     argv = ["train", "--instance-dir", "photos", "--class-noun", "dog", "--token", "zwx", "--output-dir",
             str(tmp_path), "--max-steps", "3", "--rank", "4", "--learning-rate", "0.001", "--no-prior",
             "--train-text-encoder", "--validation-prompts", "a photo of {token}", "--validation-prompts",
             "{token} on the moon", "--lr-scheduler", "cosine"]
-    got = ui.train_config(values)
+    got = ui.train_config(values, tmp_path)
     assert got == cli_config(monkeypatch, "train", "run_training", argv, tmp_path)
     assert got.train.validation_prompts == ("a photo of {token}", "{token} on the moon")
     assert got.data.instance_prompt is None and got.train.max_steps == 3 and type(got.train.max_steps) is int
-    # Uploaded photos replace the folder field with a folder under the output folder.
-    up = ui.train_config({**values, "photos": ["a.jpg"]})
+    # Uploaded photos replace the folder field with a folder under the run folder.
+    up = ui.train_config({**values, "photos": ["a.jpg"]}, tmp_path)
     assert up == got.replace("data", instance_dir=str(tmp_path / ui.UPLOAD_DIR))
 
 
@@ -97,10 +151,24 @@ def test_generate_form_gives_the_cli_config(monkeypatch, tmp_path):
     values = form(C.GENERATE_SECTIONS, lora="a\nb:0.5", prompt="p one\np two", num_images=2.0, guidance=5,
                   unet_scale=0.8, scheduler="euler-a", out=str(tmp_path))
     argv = ["generate", "--lora", "a", "--lora", "b:0.5", "--prompt", "p one", "--prompt", "p two", "-n", "2",
-            "--guidance", "5", "--unet-scale", "0.8", "--scheduler", "euler-a", "--out", str(tmp_path)]
+            "--guidance", "5", "--unet-scale", "0.8", "--scheduler", "euler-a", "--text-encoder-scale", "0.8",
+            "--out", str(tmp_path)]
     assert ui.resolve_form(C.GENERATE_SECTIONS, values) == cli_config(monkeypatch, "generate", "run_generate", argv, [])
     default_sampler = ui.resolve_form(C.GENERATE_SECTIONS, {**values, "scheduler": ""})
     assert default_sampler.generate.scheduler is None and default_sampler.generate.model is None
+
+
+def test_presets_fill_the_form_and_keep_the_subject(tmp_path):
+    typed = {"token": "zwx", "class_noun": "cat", "instance_dir": "my/photos", "max_steps": 7, "rank": 32}
+    for name, preset in ui.PRESETS.items():
+        values = ui.preset_values(name, typed)
+        cfg = ui.train_config(values, tmp_path / "run")  # every preset is a valid `boothkit train` config
+        assert (cfg.data.token, cfg.data.class_noun, cfg.data.instance_dir) == ("zwx", "cat", "my/photos")
+        assert cfg.train.max_steps == preset["max_steps"] and cfg.lora.rank == preset["rank"]  # typed values reset
+        assert cfg.model.model == preset["model"]
+    assert ui.preset_values("SDXL LoRA (GPU)", typed)["resolution"] == 1024
+    with pytest.raises(C.ConfigError, match="preset 'nope'"):
+        ui.preset_values("nope", typed)
 
 
 @pytest.mark.parametrize("change, key", [
@@ -108,40 +176,217 @@ def test_generate_form_gives_the_cli_config(monkeypatch, tmp_path):
     ({"rank": 2.5}, "lora.rank"),
     ({"max_steps": None}, "train.max_steps"),  # a cleared number field
     ({"class_noun": ""}, "data.class_noun"),
-    ({"output_dir": ""}, "train.output_dir"),
     ({"instance_dir": ""}, "data.instance_dir"),
+    ({"run_name": "../escape"}, "run name"),
 ])
-def test_train_bad_value_is_a_gr_error_naming_the_key(tmp_path, change, key):
-    values = form(C.TRAIN_SECTIONS, **{"instance_dir": "x", "class_noun": "dog", "output_dir": str(tmp_path / "o"),
-                                       **change})
+def test_train_bad_value_is_a_gr_error_naming_the_key(queue, change, key):
+    values = train_form(**{"instance_dir": "x", "class_noun": "dog", **change})
     with pytest.raises(gr.Error, match=key.replace(".", r"\.")):
-        next(ui.train(values))
-    assert not (tmp_path / "o").exists()  # nothing written for a rejected form
+        ui.start_training(queue, values)
+    assert [p for p in queue.root.iterdir() if p.is_dir()] == []  # nothing written for a rejected form
 
 
-def test_generate_and_export_errors_are_gr_errors(tmp_path):
-    with pytest.raises(gr.Error, match=r"generate\.prompt"):
-        next(ui.generate(form(C.GENERATE_SECTIONS, lora="x", out=str(tmp_path))))
-    with pytest.raises(gr.Error, match="--lora missing"):
-        next(ui.generate(form(C.GENERATE_SECTIONS, lora="missing", prompt="p", out=str(tmp_path))))
-    with pytest.raises(gr.Error, match=r"export\.out"):
-        ui.export(form(EXPORT_SECTIONS, lora="x", out=str(tmp_path / "kohya.bin")))
+def test_photos_are_shown_upright_and_bad_files_named(tmp_path, demo_subject):
+    # A phone portrait: pixels stored landscape (120x80), EXIF orientation 6 turns it upright (80x120).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (120, 80), "red").save(tmp_path / "portrait.jpg", exif=exif)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
+    Image.new("RGB", (30, 30), "blue").save(tmp_path / "small.png")
+    thumbs, notes = ui.inspect_photos([str(tmp_path / n) for n in ("portrait.jpg", "broken.jpg", "small.png")])
+    assert [(name, img.size) for img, name in thumbs] == [("portrait.jpg", (80, 120)), ("small.png", (30, 30))]
+    lines = notes.splitlines()
+    assert lines[0].startswith("- **broken.jpg**: not a readable image") and str(tmp_path) not in notes
+    assert lines[1] == "- **small.png**: only 30x30 pixels; it will look blurry"
+    assert lines[2] == "- 2 readable photos; DreamBooth works best with 3-5"
+    ok, notes = ui.inspect_photos([str(p) for p in sorted(demo_subject.glob("*.jpg"))])
+    assert len(ok) == 5 and notes == "" and max(ok[0][0].size) == 192
 
 
-# ----------------------------------------------------------------------------------------- running
+def test_a_bad_photo_is_refused_before_queueing(queue, tmp_path, demo_subject):
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    photos = [str(p) for p in sorted(demo_subject.glob("*.jpg"))[:2]] + [str(tmp_path / "broken.jpg")]
+    with pytest.raises(gr.Error, match=r"broken\.jpg: not a readable image .*--skip-bad-images"):
+        ui.start_training(queue, train_form(photos=photos, class_noun="dog", run_name="bad"))
+    assert not queue.folder("bad").exists() and queue.runs() == []
 
-def test_generate_handler_writes_the_cli_images(lora, tmp_path):
-    values = form(C.GENERATE_SECTIONS, lora=str(lora), prompt="a photo of sks dog", num_images=2, steps=2,
-                  seed=5, unet_scale=0.7, out=str(tmp_path / "ui"))
-    *_, final = ui.generate(values)
-    assert len(final) == 2 and all(Path(p).parent == tmp_path / "ui" for p in final)
+
+# ----------------------------------------------------------------------------------------- training
+
+def test_train_run_is_watched_to_the_end_and_found_again(queue, demo_subject, monkeypatch):
+    photos = [str(p) for p in sorted(demo_subject.glob("*.jpg"))[:3]]
+    values = train_form(photos=photos, token="sksqwzt", class_noun="dog", max_steps=4, prior=True,
+                        num_class_images=2, class_steps=2, validate_every=2, validation_steps=1,
+                        validation_prompts="a photo of {token}", checkpoint_every=0, run_name="first")
+    name, said = ui.start_training(queue, values)
+    assert (name, said) == ("first", "starting")
+    status = queue.wait(name)
+    assert status["state"] == "done" and status["message"].startswith("4 steps in"), status
+    view = ui.run_view(queue, name)
+    assert 'data-state="done" data-step="4" data-total="4"' in view["status"]
+    loss = view["loss"].dropna()  # every step, each curve: the plot's table
+    assert sorted(loss.groupby("curve")["step"].apply(list).items()) == [
+        ("prior", [1, 2, 3, 4]), ("subject", [1, 2, 3, 4]), ("total", [1, 2, 3, 4])]
+    total = loss[loss.curve == "total"]["loss"].to_numpy()
+    parts = loss[loss.curve == "subject"]["loss"].to_numpy() + loss[loss.curve == "prior"]["loss"].to_numpy()
+    np.testing.assert_allclose(total, parts, rtol=1e-4)  # prior weight 1: total = subject + prior
+    assert [caption for _, caption in view["validation"]] == ["step 4", "step 2"]
+    assert Image.open(view["validation"][0][0]).size == (128, 64)  # 1 prompt x 2 seeds at 64 px
+    assert view["weights"] == str(queue.folder(name) / L.LORA_FILE) and L.read_lora_info(view["weights"])["steps"] == "4"
+    assert "warning: identifier 'sksqwzt' splits into 4 tokens" in view["log"]  # the library's warning reaches the page
+    assert C.load_toml(queue.folder(name) / "config.toml")["train"]["log_every"] == 1  # a live plot
+    assert 'max_steps = 4' in view["config"] and (view["cancel"], view["resume"]) == (False, False)
+    copied = sorted((queue.folder(name) / ui.UPLOAD_DIR).iterdir())
+    # re-encoded: the upright pixels training reads, as PNG, no EXIF carried over
+    assert [p.name for p in copied] == [f"{i:03d}-{Path(p).stem}.png" for i, p in enumerate(photos)]
+    for stored, original in zip(copied, photos):
+        with Image.open(stored) as img:
+            assert img.format == "PNG" and not img.getexif()
+            assert np.array_equal(np.asarray(img), np.asarray(load_image(original)))
+    # A second run of that name is refused as a message, and leaves the first as it was.
+    with pytest.raises(gr.Error, match="run name first: a run of that name exists"):
+        ui.start_training(queue, values)
+    # One server per root; a restarted one (a new queue over the root) lists the run with everything it showed.
+    with pytest.raises(C.ConfigError, match="another boothkit ui is serving these runs"):
+        R.RunQueue(queue.root)
+    queue.close()
+    again = R.RunQueue(queue.root)
+    try:
+        assert [n for n, _ in again.runs()] == ["first"]
+        view2 = ui.run_view(again, "first")
+        assert view2["status"] == view["status"] and view2["validation"] == view["validation"]
+        assert view2["loss"].equals(view["loss"])
+    finally:
+        again.close()
+
+
+def test_second_run_waits_cancel_stops_at_a_checkpoint_and_resume_finishes(queue, instance_dir):
+    base = dict(instance_dir=str(instance_dir), class_noun="dog", prior=False, validate_every=0, rank=2)
+    ui.start_training(queue, train_form(**base, max_steps=120, checkpoint_every=100, run_name="long"))
+    _, said = ui.start_training(queue, train_form(**base, max_steps=2, checkpoint_every=0, run_name="next"))
+    _, said3 = ui.start_training(queue, train_form(**base, max_steps=2, checkpoint_every=0, run_name="third"))
+    assert (said, said3) == ("queued: 1 run ahead", "queued: 2 runs ahead")
+    assert queue.progress("next").state == "queued" and queue.progress("next").message == "1 run ahead"
+    assert queue.cancel("third") == "cancelled before it started"
+    wait_for(lambda: queue.progress("long").step >= 2, what="two steps of the long run")
+    assert queue.cancel("long") == "stopping after the current step"
+    stopped = queue.wait("long")
+    assert stopped["state"] == "cancelled" and "checkpoint written to" in stopped["message"], stopped
+    step = queue.progress("long").step
+    assert 2 <= step < 120 and (queue.folder("long") / "checkpoints" / f"step-{step:07d}").is_dir()
+    view = ui.run_view(queue, "long")
+    assert view["resume"] and not view["cancel"] and view["weights"] is None
+    assert queue.wait("next")["state"] == "done"  # the queue went on to the next run
+    assert queue.status("third")["state"] == "cancelled" and not (queue.folder("third") / "config.toml").exists()
+    # Resume continues from the checkpoint to the end; the log holds every step once.
+    assert queue.resume("long") == "starting"
+    assert queue.wait("long")["state"] == "done"
+    assert [int(r["step"]) for r in R.read_log(queue.folder("long"))] == list(range(1, 121))
+    with pytest.raises(C.ConfigError, match="run long is finished"):
+        queue.resume("long")
+    with pytest.raises(C.ConfigError, match="run next is not queued or running"):
+        queue.cancel("next")
+
+
+def test_restart_marks_runs_of_a_stopped_server_stopped_and_resumable(tmp_path, instance_dir):
+    root = tmp_path / "runs"
+    folder = root / "was-running"
+    (folder / "checkpoints" / "step-0000003").mkdir(parents=True)
+    (folder / "checkpoints" / "step-0000003" / "state.json").write_text("{}")
+    cfg = ui.train_config(train_form(instance_dir=str(instance_dir), class_noun="dog"), folder)
+    C.save_toml(folder / R.REQUEST, cfg.to_dict())
+    (folder / R.STATUS).write_text(json.dumps({"state": "running", "server": "gone", "created": 1.0, "max_steps": 40}))
+    (root / "cli-run").mkdir()  # a `boothkit train --output-dir ROOT/cli-run` made outside the UI
+    C.save_toml(root / "cli-run" / "config.toml", cfg.replace("train", output_dir=str(root / "cli-run")).to_dict())
+    (root / "not-a-run").mkdir()
+    queue = R.RunQueue(root)
+    try:
+        runs = dict(queue.runs())
+        assert set(runs) == {"was-running", "cli-run"}
+        assert runs["was-running"]["state"] == "stopped"
+        assert runs["was-running"]["message"] == ("the server stopped during this run; Resume continues it from its "
+                                                  "newest checkpoint")
+        assert runs["cli-run"]["state"] == "unfinished" and ui.run_view(queue, "cli-run")["resume"] is False
+        assert ui.run_view(queue, "was-running")["resume"] is True
+    finally:
+        queue.close()
+
+
+def test_eta_comes_from_the_pace_of_logged_steps(queue):
+    folder = queue.folder("paced")
+    folder.mkdir()
+    (folder / R.STATUS).write_text(json.dumps({"state": "running", "server": queue.server, "max_steps": 20}))
+
+    def log_until(step: int, when: float) -> None:
+        rows = "".join(f"{s},1.0,0.5,0.5,0.0001,\n" for s in range(1, step + 1))
+        (folder / "train_log.csv").write_text("step,loss,instance_loss,prior_loss,lr,text_encoder_lr\n" + rows)
+        os.utime(folder / "train_log.csv", (when, when))
+
+    log_until(2, 1000.0)
+    first = queue.progress("paced")
+    assert (first.step, first.total, first.eta) == (2, 20, None)  # one sighting: no pace yet
+    log_until(6, 1002.0)  # 4 steps in 2 s
+    p = queue.progress("paced")
+    assert (p.step, p.seconds_per_step, p.eta) == (6, 0.5, 7.0)
+    html = ui.progress_html(p)
+    assert '<progress value="6" max="20"' in html and "running · step 6/20 · 0.50 s/step · ETA 0:07" in html
+
+
+# ------------------------------------------------------------------------------ generate, sweep, report
+
+def test_generate_handler_writes_the_cli_images(queue, finished_run, lora, tmp_path):
+    values = {k: v for k, v in form(C.GENERATE_SECTIONS, prompt="a photo of sks dog", num_images=2, steps=2,
+                                    seed=5).items() if k not in F.GENERATE_BY_RUN}
+    *_, (gallery, files) = ui.generate(queue, finished_run, values)
+    out = queue.folder(finished_run) / "samples" / "001"
+    assert len(files) == 2 and all(Path(p).parent == out for p in files)
+    assert [caption for _, caption in gallery] == [Path(p).stem for p in files]
     direct = G.run_generate(C.resolve(C.GENERATE_SECTIONS, {}, {
         "lora": [str(lora)], "prompt": ["a photo of sks dog"], "num_images": 2, "steps": 2, "seed": 5,
-        "unet_scale": 0.7, "out": str(tmp_path / "cli")}))
-    for a, b in zip(final, direct, strict=True):
+        "unet_scale": 0.8, "text_encoder_scale": 0.8, "out": str(tmp_path / "cli")}))
+    for a, b in zip(files, direct, strict=True):
         assert Image.open(a).size == (64, 64)
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
-    assert not np.array_equal(np.asarray(Image.open(final[0])), np.asarray(Image.open(final[1])))  # seeds 5, 6
+    params = G.parse_parameters(Image.open(files[0]).text["parameters"])  # downloadable with its parameters
+    assert (params["prompt"], params["UNet scale"], params["TE scale"], params["Seed"]) == ("a photo of sks dog", "0.8",
+                                                                                          "0.8", "5")
+    *_, (_, again) = ui.generate(queue, finished_run, values)  # each generation keeps its own folder
+    assert Path(again[0]).parent.name == "002"
+    assert ui.run_defaults(queue, finished_run) == {"prompt": "a photo of sks dog", "clip_model": "tiny",
+                                                    "dino_model": "tiny"}
+
+
+def test_sweep_and_report_views_run_the_cli_stages(queue, finished_run, lpips_weights):
+    values = {k: v for k, v in form(SWEEP_SECTIONS, prompt="a photo of sks dog", guidance="2,7.5", unet_scale="0.8",
+                                    text_encoder_scale="0.8", num_images=1, steps=1).items()
+              if k not in F.GENERATE_BY_RUN}
+    *_, sheets = ui.sweep(queue, finished_run, values)
+    sweep_dir = queue.folder(finished_run) / "sweeps" / "001"
+    assert [caption for _, caption in sheets] == ["sheet-p00-a-photo-of-sks-dog"]
+    assert len(list(sweep_dir.glob("cells/*/*/*.png"))) == 2 and Image.open(sheets[0][0]).width > 2 * 64
+    with pytest.raises(gr.Error, match=r"evaluate\.samples: generate pictures first"):
+        ui.evaluate(queue, finished_run, None, None, {})
+    gen = {k: v for k, v in form(C.GENERATE_SECTIONS, prompt="a photo of sks dog", num_images=2, steps=1).items()
+           if k not in F.GENERATE_BY_RUN}
+    list(ui.generate(queue, finished_run, gen))
+    metrics = {k: v for k, v in form(EVALUATE_SECTIONS, clip_model="tiny", dino_model="tiny").items()
+               if k not in F.EVALUATE_BY_RUN}
+    frame, report = ui.evaluate(queue, finished_run, "001", "", metrics)
+    assert report == str(queue.folder(finished_run) / "reports" / "001" / "report.html")
+    assert frame.startswith('<iframe id="bk-report"') and "boothkit evaluation" in frame
+    assert json.loads((Path(report).parent / "metrics.json").read_text())["overall"]["DINO"] is not None
+
+
+def test_generate_and_export_errors_are_gr_errors(queue, finished_run, tmp_path):
+    with pytest.raises(gr.Error, match=r"generate\.prompt"):
+        next(ui.generate(queue, finished_run, {"prompt": ""}))
+    with pytest.raises(gr.Error, match="run: pick a finished run"):
+        next(ui.generate(queue, None, {"prompt": "p"}))
+    (queue.root / "unfinished").mkdir()
+    with pytest.raises(gr.Error, match=r"run unfinished: no weights yet"):
+        next(ui.sweep(queue, "unfinished", {"prompt": "p"}))
+    with pytest.raises(gr.Error, match=r"export\.out"):
+        ui.export(form(EXPORT_SECTIONS, lora="x", out=str(tmp_path / "kohya.bin")))
 
 
 def test_export_handler_writes_the_file(lora, tmp_path):
@@ -153,44 +398,40 @@ def test_export_handler_writes_the_file(lora, tmp_path):
         assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in fh.keys())
 
 
-def test_train_handler_trains_on_uploaded_photos(demo_subject, tmp_path):
-    photos = [str(p) for p in sorted(demo_subject.glob("*.jpg"))[:3]]
-    out = tmp_path / "run"
-    values = form(C.TRAIN_SECTIONS, photos=photos, token="sksqwzt", class_noun="dog", output_dir=str(out),
-                  max_steps=2, prior=False, rank=2, validate_every=2, validation_steps=1,
-                  validation_prompts="a photo of {token}")
-    *_, (status, grid, lora_path) = ui.train(values)
-    assert status.splitlines()[-1].startswith("done: 2 steps")
-    assert "warning: identifier 'sksqwzt' splits into 4 tokens" in status  # the library's warning reaches the page
-    assert lora_path == str(out / L.LORA_FILE) and L.read_lora_info(lora_path)["steps"] == "2"
-    assert Image.open(grid).size == (128, 64)  # 1 prompt x 2 seeds at 64 px
-    copied = sorted((out / ui.UPLOAD_DIR).iterdir())
-    # re-encoded: the upright pixels training reads, as PNG, no EXIF carried over
-    assert [p.name for p in copied] == [f"{i:03d}-{Path(p).stem}.png" for i, p in enumerate(photos)]
-    for stored, original in zip(copied, photos):
-        with Image.open(stored) as img:
-            assert img.format == "PNG" and not img.getexif()
-            assert np.array_equal(np.asarray(img), np.asarray(load_image(original)))
-    saved = C.load_toml(out / "config.toml")
-    assert saved["data"]["instance_dir"] == str(out / ui.UPLOAD_DIR)
-    # A second run into the same folder is refused like on the CLI, as a message.
-    with pytest.raises(gr.Error, match="earlier run"):
-        list(ui.train(values))
+# ---------------------------------------------------------------------------------------------- server
+
+def test_cli_ui_serves_the_root_it_is_given(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr("boothkit.ui.launch", lambda *a, **kw: seen.append((a, kw)))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ui", "--root", str(tmp_path / "mine"), "--port", "7999"])
+    assert exit_.value.code == 0 and seen == [(("127.0.0.1", 7999, False), {"root": str(tmp_path / "mine")})]
 
 
-def test_app_serves_its_page():
+def test_app_serves_its_page_and_files_from_the_root_only(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = ui.launch("127.0.0.1", port, False, prevent_thread_lock=True, quiet=True)
+    root = tmp_path / "runs"
+    (root / "r1").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "r1" / "grid.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    app = ui.launch("127.0.0.1", port, False, root=root, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
+        with urllib.request.urlopen(f"{url}/", timeout=30) as resp:
             assert resp.status == 200 and b"boothkit" in resp.read()
+        with urllib.request.urlopen(f"{url}/gradio_api/file={root / 'r1' / 'grid.png'}", timeout=30) as resp:
+            assert resp.status == 200 and resp.read().startswith(b"\x89PNG")
+        for outside in (tmp_path / "outside.png", Path(__file__)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{url}/gradio_api/file={outside}", timeout=30)
+            assert refused.value.code in (403, 404)
         assert app.max_file_size == 50 * 1024 ** 2  # uploads over the limit are refused by the server
         boundary = "x" * 16
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
                 f"Content-Type: image/png\r\n\r\n").encode() + b"\0" * (51 * 1024 ** 2) + f"\r\n--{boundary}--\r\n".encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/upload", data=body, method="POST",
+        request = urllib.request.Request(f"{url}/gradio_api/upload", data=body, method="POST",
                                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=60)

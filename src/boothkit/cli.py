@@ -374,12 +374,15 @@ def _pretrain(cfg: C.RunConfig) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on (0.0.0.0: all interfaces).")
 @click.option("--port", type=int, default=7860, show_default=True, help="Port to serve on.")
 @click.option("--share/--no-share", default=False, help="Also serve through a public gradio.live link.")
-def _ui(host: str, port: int, share: bool) -> None:
-    """Web UI (train, generate, export) with the same options as the commands; needs boothkit[ui]."""
+@click.option("--root", default="boothkit-runs", show_default=True, type=click.Path(file_okay=False),
+              help="Folder that keeps every run (config, log, loss, pictures); the page serves files from here only.")
+def _ui(host: str, port: int, share: bool, root: str) -> None:
+    """Web UI (train and watch runs, generate, sweep, evaluate, export) with the same options as the commands;
+    needs boothkit[ui]."""
     from .ui import launch
 
     _quiet_loading_bars()
-    launch(host, port, share)
+    launch(host, port, share, root=root)
 
 
 if __name__ == "__main__":
