@@ -157,13 +157,17 @@ def test_checkpoint_without_a_config_record_is_compared_by_its_weights(run_copy,
         run_training(make_cfg(photos, out, resume=True, **over), progress=False)
 
 
+STEPS = 80
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instance_dir, tmp_path, sig):
     """A real SIGINT (or a scheduler's SIGTERM): the run finishes its step, checkpoints it (off the
-    --checkpoint-every cadence), exits 130 with one line, and --resume ends where an uninterrupted run ends."""
-    args = ["--instance-dir", instance_dir, "--class-noun", "dog", "--no-prior", "--max-steps", 10,
+    --checkpoint-every cadence), exits 130 with one line, and --resume ends where an uninterrupted run ends. Enough steps that the signal, sent once step 1 is logged,
+    lands mid-run even on a loaded machine (a tiny step takes ~50 ms)."""
+    args = ["--instance-dir", instance_dir, "--class-noun", "dog", "--no-prior", "--max-steps", STEPS,
             "--checkpoint-every", 50, "--rank", 4, "--alpha", 4, "--learning-rate", 1e-3, "--dropout", 0.1, "--flip", "--log-every", 1]
-    full = run_training(make_cfg(instance_dir, tmp_path / "full", max_steps=10, checkpoint_every=50, dropout=0.1,
+    full = run_training(make_cfg(instance_dir, tmp_path / "full", max_steps=STEPS, checkpoint_every=50, dropout=0.1,
                                  flip=True, log_every=1), progress=False)
     out, log = tmp_path / "stopped", tmp_path / "stopped.log"
     cmd = [sys.executable, "-m", "boothkit", "train", *map(str, args), "--output-dir", str(out)]
@@ -171,10 +175,10 @@ def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instanc
     err = log.read_text()
     assert rc == 130, err
     kept = ckpt.list_checkpoints(out)
-    assert len(kept) == 1 and 1 <= kept[0][0] < 10, err
+    assert len(kept) == 1 and 1 <= kept[0][0] < STEPS, err
     step, path = kept[0]
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        f"error: interrupted after step {step} of 10: checkpoint written to {path}; run the same command with "
+        f"error: interrupted after step {step} of {STEPS}: checkpoint written to {path}; run the same command with "
         f"--resume to continue"]
     assert "Traceback" not in err and not (out / LORA_FILE).exists()
     resumed = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True)
@@ -182,7 +186,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instanc
     a, b = load_file(full / LORA_FILE), load_file(out / LORA_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     rows = (out / "train_log.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 11))
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, STEPS + 1))
 
 
 def test_a_stop_event_ends_the_run_like_ctrl_c(instance_dir, tmp_path):

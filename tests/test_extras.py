@@ -206,6 +206,9 @@ def test_caption_dropout_rate_and_empty_prompt(instance_dir, tmp_path, monkeypat
         def __len__(self):
             return 3
 
+        def pick(self, n, g):
+            return torch.randint(3, (n,), generator=g)
+
         def draw(self, idx, g):
             return torch.zeros(len(idx), 4, 8, 8), torch.zeros(len(idx), 6), None
 

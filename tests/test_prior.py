@@ -180,3 +180,19 @@ def test_run_class_images_from_config(tiny_path, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["class-images", "--model", str(tiny_path), "--instance-dir", str(tmp_path), "--class-noun", "dog"])
     assert exc.value.code == 2 and "error: prior.class_dir is required" in capsys.readouterr().err
+
+
+def test_a_stop_event_ends_class_images_after_the_batch_and_keeps_them(base, tmp_path):
+    """The UI's Cancel while class images are made: the current batch is written, then one line; a rerun reuses."""
+    import threading
+
+    from boothkit.errors import Interrupted
+
+    stop = threading.Event()
+    stop.set()
+    folder = tmp_path / "c"
+    with pytest.raises(Interrupted, match=r"^interrupted while making class images \(2 of 4 made in "):
+        prior.ensure_class_images(base, folder, **{**SETTINGS, "num_images": 4, "batch_size": 2}, stop=stop)
+    assert sorted(p.name for p in folder.glob("class-*.png")) == ["class-00000.png", "class-00001.png"]
+    assert len(prior.ensure_class_images(base, folder, **{**SETTINGS, "num_images": 4, "batch_size": 2})) == 4
+

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import crop_box, resize_shorter, to_tensor
+from .data import crop_box, nearest_bucket, resize_cover, to_tensor
 from .families import Conditioning, Family, micro_conditioning
 
 
@@ -32,22 +32,26 @@ class LatentBank:
     step's generator, so they produce the same latents. Each sample also gets SDXL's micro-conditioning
     (the picture's original size, the crop's top-left in the resized picture, the target size). `masks` (one
     grey image or None per picture, --masked-loss) follow their pictures through resize, crop and flip.
+    With `buckets` ((width, height) pairs, --buckets) each picture is resized to cover the bucket nearest its
+    aspect and centre-cropped to it, instead of to a size x size square.
     """
 
-    def __init__(self, images, size: int, vae, *, cache: bool, flip: bool, random_crop: bool, device, masks=None):
+    def __init__(self, images, size: int, vae, *, cache: bool, flip: bool, random_crop: bool, device, masks=None,
+                 buckets: list[tuple[int, int]] | None = None):
         self.size, self.vae, self.flip, self.random_crop, self.device = size, vae, flip, random_crop, device
         self.original = [(img.height, img.width) for img in images]
-        self.images = [resize_shorter(img, size) for img in images]
+        self.bucketed = buckets is not None
+        self.targets = [nearest_bucket(img.size, buckets) if buckets else (size, size) for img in images]
+        self.images = [resize_cover(img, *t) for img, t in zip(images, self.targets)]
         self.masks = None if masks is None else [
             None if m is None else m.resize(img.size, Image.Resampling.BILINEAR) for m, img in zip(masks, self.images)]
         self.cache = cache and not random_crop  # a random crop differs every step: nothing to cache
         self.scale = float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        if self.cache:
-            pixels = torch.stack([to_tensor(img.crop(_center(img, size))) for img in self.images])
-            self.moments = [self._encode(pixels)]
-            if flip:
-                self.moments.append(self._encode(pixels.flip(-1)))
+        if self.cache:  # per picture: pictures of different buckets differ in shape
+            pixels = [to_tensor(img.crop(self._box(i, None)))[None] for i, img in enumerate(self.images)]
+            self.moments = [self._encode_each(pixels)] + ([self._encode_each([p.flip(-1) for p in pixels])]
+                                                          if flip else [])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -56,6 +60,24 @@ class LatentBank:
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(torch.device(self.device).type, enabled=False):  # the VAE always runs in fp32
             return self._encode_fp32(pixels)
+
+    def _encode_each(self, pixels: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        moments = [self._encode(p) for p in pixels]
+        return [m[0] for m, _ in moments], [s[0] for _, s in moments]
+
+    def _box(self, i: int, g: torch.Generator | None) -> tuple[int, int, int, int]:
+        if self.random_crop:
+            return crop_box(self.images[i], self.size, True, g)
+        return _center(self.images[i], *self.targets[i])
+
+    def pick(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """`n` pictures drawn from `g`; with buckets all from one bucket, drawn by its share of the pictures
+        (the bucket of a picture drawn uniformly), so that the batch's latents share a shape."""
+        if not self.bucketed:
+            return torch.randint(len(self), (n,), generator=g)
+        bucket = self.targets[int(torch.randint(len(self), (1,), generator=g))]
+        members = torch.tensor([i for i, t in enumerate(self.targets) if t == bucket])
+        return members[torch.randint(len(members), (n,), generator=g)]
 
     def _encode_fp32(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
@@ -77,9 +99,9 @@ class LatentBank:
         if self.cache:
             mean = torch.stack([self.moments[int(f)][0][i] for i, f in zip(idx.tolist(), flips.tolist())])
             std = torch.stack([self.moments[int(f)][1][i] for i, f in zip(idx.tolist(), flips.tolist())])
-            boxes = [_center(self.images[i], self.size) for i in idx.tolist()]
+            boxes = [self._box(i, None) for i in idx.tolist()]
         else:
-            boxes = [crop_box(self.images[i], self.size, self.random_crop, g) for i in idx.tolist()]
+            boxes = [self._box(i, g) for i in idx.tolist()]
             pixels = torch.stack([to_tensor(self.images[i].crop(b)) for i, b in zip(idx.tolist(), boxes)])
             pixels = torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
             mean, std = self._encode(pixels)
@@ -87,7 +109,7 @@ class LatentBank:
         time_ids = []
         for i, box, flipped in zip(idx.tolist(), boxes, flips.tolist()):
             left = self.images[i].width - box[2] if flipped else box[0]  # the crop, seen in the mirrored picture
-            time_ids.append(micro_conditioning(self.original[i], (box[1], left), (self.size, self.size)))
+            time_ids.append(micro_conditioning(self.original[i], (box[1], left), self.targets[i][::-1]))
         latents = (mean + std * eps - self.shift) * self.scale
         return latents, torch.stack(time_ids), self._masks(idx, boxes, flips, tuple(latents.shape[-2:]))
 
@@ -104,9 +126,9 @@ class LatentBank:
         return torch.cat(out)
 
 
-def _center(img, size: int) -> tuple[int, int, int, int]:
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return left, top, left + size, top + size
+def _center(img, width: int, height: int) -> tuple[int, int, int, int]:
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    return left, top, left + width, top + height
 
 
 class PromptEncoder:
@@ -137,7 +159,9 @@ class PromptEncoder:
 
 @dataclass
 class Batch:
-    latents: torch.Tensor
+    # [subject; class] examples, or (subject, class) apart when a bucket's shape differs from the square class
+    # images': then they take separate UNet passes and `masks` holds the subject examples' only
+    latents: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     prompts: list[str]
     time_ids: torch.Tensor | None = None  # SDXL micro-conditioning, one row per example
     masks: torch.Tensor | None = None  # --masked-loss: (B, 1, h, w) loss weights on the latent grid
@@ -150,7 +174,7 @@ def draw_batch(g: torch.Generator, instance: LatentBank, instance_prompt: str | 
     `instance_prompt`: one prompt, or one per subject picture (--captions). With `caption_dropout` a subject
     example's prompt becomes "" with that chance. Class examples get all-ones loss masks (they are not masked).
     """
-    idx = torch.randint(len(instance), (batch_size,), generator=g)
+    idx = instance.pick(batch_size, g)
     latents, time_ids, masks = instance.draw(idx, g)
     prompts = [instance_prompt] * batch_size if isinstance(instance_prompt, str) \
         else [instance_prompt[i] for i in idx.tolist()]
@@ -162,5 +186,7 @@ def draw_batch(g: torch.Generator, instance: LatentBank, instance_prompt: str | 
         cidx = torch.randint(len(classes), (batch_size,), generator=g)
         drawn.append(classes.sample(cidx, g))
         prompts += [class_prompt] * batch_size
+        if drawn[1][0].shape != latents.shape:  # a non-square bucket: the halves cannot share one tensor
+            return Batch((latents, drawn[1][0]), prompts, torch.cat([time_ids, drawn[1][1]]), masks)
         masks = None if masks is None else torch.cat([masks, torch.ones_like(masks)])
     return Batch(torch.cat([d[0] for d in drawn]), prompts, torch.cat([d[1] for d in drawn]), masks)

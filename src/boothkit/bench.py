@@ -172,13 +172,15 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RAN
 
 def train_subject(train_values: Mapping[str, Any], overrides: Mapping[str, Any], out: Path, *,
                   separate_process: bool, local_index: int = 0, progress: bool = True) -> Path:
-    """Train one subject (skipped when its LoRA file already exists); returns the run folder."""
+    """Train one subject (skipped when its result already exists); returns the run folder."""
     import torch
 
+    from .embeddings import EMBEDDINGS_FILE
     from .lora import LORA_FILE
 
     cfg = C.resolve(C.TRAIN_SECTIONS, train_values, overrides, where="--train-config")
-    if (out / LORA_FILE).is_file():  # train.py writes it last and atomically: the run finished
+    last = EMBEDDINGS_FILE if cfg.lora.method == "ti" else LORA_FILE  # train.py writes it last, atomically
+    if (out / last).is_file():
         return out
     if not separate_process:
         from .train import run_training
@@ -252,7 +254,8 @@ def run_subject(cfg: C.RunConfig, ds: Dataset, subject: str, train_values: Mappi
     samples = _load_or_generate(pipe, prompts, folder / "samples", num_images=b.images_per_prompt, **kw)
     class_prompt = tcfg.prior.prompt_for(noun)  # PRES: the true class, whatever noun training used
     class_samples = _load_or_generate(pipe, [class_prompt], folder / "class_samples", num_images=b.pres_images, **kw)
-    before, after = instance_before_after(pipe, tcfg.data.prompt, folder, b.pres_images, **kw)
+    before, after = instance_before_after(pipe, tcfg.data.prompt, folder, b.pres_images,
+                                          learned_tokens=tcfg.lora.method in ("ti", "pivotal"), **kw)
     del pipe
     real = [img for _, img in load_folder(ds.root / subject)]
     result = evaluate_images(ev, samples, real, [img for _, img in class_samples])
@@ -263,12 +266,16 @@ def run_subject(cfg: C.RunConfig, ds: Dataset, subject: str, train_values: Mappi
     return result
 
 
-def instance_before_after(pipe, prompt: str, folder: Path, num_images: int, **kw) -> tuple[list, list]:
-    """The instance prompt drawn by the base model (LoRA scales 0/0, bit for bit) and the trained one, same seeds."""
-    from .generate import set_lora_scales
+def instance_before_after(pipe, prompt: str, folder: Path, num_images: int, learned_tokens: bool = False,
+                          **kw) -> tuple[list, list]:
+    """The instance prompt drawn by the base model (LoRA scales 0/0, bit for bit; a fresh base pipeline when the
+    run learned the identifier's embeddings, which no scale turns off) and the trained one, same seeds."""
+    from .generate import load_generation_pipeline, set_lora_scales
 
+    base = load_generation_pipeline(pipe.boothkit_model, []) if learned_tokens else pipe
     set_lora_scales(pipe, 0.0, 0.0)
-    before = _load_or_generate(pipe, [prompt], folder / "instance_before", num_images=num_images, **kw)
+    before = _load_or_generate(base, [prompt], folder / "instance_before", num_images=num_images, **kw)
+    del base
     set_lora_scales(pipe, 1.0, 1.0)
     after = _load_or_generate(pipe, [prompt], folder / "instance_after", num_images=num_images, **kw)
     return [img for _, img in before], [img for _, img in after]

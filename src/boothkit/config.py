@@ -65,6 +65,7 @@ UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 METHODS = ("lora", "full", "ti", "pivotal")
+ADAPTERS = ("lora", "dora", "lokr", "loha")
 # Sampler names `boothkit generate --scheduler` accepts (built by generate.make_scheduler).
 SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", "pndm")
 
@@ -100,10 +101,15 @@ class DataConfig:
                                       "caption (drawn from the step's seed).", min=0.0, max=1.0)
     masked_loss: bool = opt(False, "Average the subject examples' loss over NAME.mask.png beside each photo (white: "
                                    "the subject, black: ignored); class examples stay unmasked.")
+    buckets: bool = opt(False, "Aspect-ratio buckets: each photo is resized to cover the bucket (about resolution² "
+                               "pixels, up to 2.5:1 either way) nearest its aspect and centre-cropped to it, not to "
+                               "a square.")
 
     def validate(self) -> None:
         if not self.instance_prompt and not self.class_noun:
             raise ConfigError("data.class_noun is required (--class-noun) unless --instance-prompt is given")
+        if self.buckets and self.crop == "random":  # a bucket's crop is a few pixels: nothing to randomise
+            raise ConfigError("--buckets crops each photo to its bucket's centre: it cannot be used with --crop random")
 
     @property
     def prompt(self) -> str:
@@ -144,6 +150,9 @@ class LoraConfig:
     method: str = opt("lora", "What trains: lora (adapters), full (every weight; same as --full), ti (Textual "
                               "Inversion: only the identifier's new token embeddings, the paper's baseline), pivotal "
                               "(the identifier's embeddings and LoRA together).", choices=METHODS)
+    adapter: str = opt("lora", "Adapter kind (peft) for lora/pivotal: lora, dora (LoRA with a learned per-output "
+                               "magnitude), lokr (LyCORIS Kronecker product), loha (LyCORIS Hadamard product).",
+                       choices=ADAPTERS)
     full: bool = opt(False, "Full fine-tune of the UNet (and text encoder) instead of LoRA (= --method full).")
     ti_vectors: int = opt(1, "ti/pivotal: embedding vectors the identifier learns (A1111's 'vectors per token').",
                           min=1, max=16)
@@ -238,6 +247,10 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
     lo = cfg.lora
     if lo.full and lo.method not in ("lora", "full"):
         raise ConfigError(f"lora.full conflicts with lora.method {lo.method} (--full is --method full)")
+    if lo.adapter != "lora" and (lo.full or lo.method in ("full", "ti")):
+        what = "lora.full (--full)" if lo.full else f"lora.method {lo.method} (--method)"
+        raise ConfigError(f"lora.adapter {lo.adapter} (--adapter) needs adapters to train; {what} trains none "
+                          "(use --method lora or pivotal)")
     if lo.full or lo.method == "full":
         cfg = cfg.replace("lora", full=True, method="full")
     if lo.method == "ti" and lo.train_text_encoder:

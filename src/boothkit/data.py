@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import struct
 import warnings
 from pathlib import Path
@@ -113,10 +114,32 @@ def _warn_if_tiny(path: Path, img: Image.Image) -> None:
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is `size` (Lanczos when shrinking)."""
+    return resize_cover(img, size, size)
+
+
+def resize_cover(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize, keeping the aspect, to the smallest size that covers width x height (Lanczos when shrinking)."""
     w, h = img.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    scale = max(width / w, height / h)
+    new = (max(width, round(w * scale)), max(height, round(h * scale)))
     return img if new == (w, h) else img.resize(new, Image.Resampling.LANCZOS)
+
+
+def aspect_buckets(resolution: int, step: int = 64, max_ratio: float = 2.5) -> list[tuple[int, int]]:
+    """(width, height) buckets in multiples of `step` of at most resolution² pixels, sorted by aspect (kohya's
+    scheme): for each width the tallest height that fits, and its transpose, up to `max_ratio`:1 either way."""
+    area, found = resolution * resolution, set()
+    for w in range(step, area // step + 1, step):
+        h = area // w // step * step
+        if h >= step and max(w, h) <= max_ratio * min(w, h):
+            found |= {(w, h), (h, w)}
+    return sorted(found, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect is nearest to that of `size` (width, height), on a log scale (2:1 and 1:2 equally far from 1:1)."""
+    aspect = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
 
 
 def crop_box(img: Image.Image, size: int, random_crop: bool, generator: torch.Generator | None) -> tuple[int, int, int, int]:

@@ -108,6 +108,8 @@ def read_lora(path: str | Path) -> LoraWeights:
     pattern = re.compile(rf"^({'|'.join(LORA_COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
     parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in LORA_COMPONENTS}
     for key, value in tensors.items():
+        if key.endswith(".lora_magnitude_vector"):  # DoRA: only merged exports read it, through diffusers
+            continue
         m = pattern.match(key)
         if m is None:
             raise BoothkitError(f"--lora {file}: unexpected key '{key}' (not a diffusers/PEFT LoRA file; "
@@ -412,21 +414,97 @@ def write_lora_export(weights: LoraWeights, cfg: ExportConfig) -> Path:
         tensors = {f"{comp}.{m}.lora_{ab}.weight": t for comp, mods in weights.modules.items()
                    for m, pair in mods.items() for ab, t in zip("AB", pair)}
         return _save_file(out, tensors, {k: v for k, v in weights.metadata.items() if k != "format"}, cfg)
-    unet_config = _unet_config(weights, cfg) if cfg.format == "comfyui" or "text_encoder_2" in weights.modules \
-        else None
-    if cfg.format == "comfyui":
-        tensors = export_triples(weights, lambda c, m: comfyui_name(c, m, unet_config))
-    else:
-        if unet_config is None:
-            try:
-                unet_config = _unet_config(weights, cfg)
-            except BoothkitError:  # an SD 1.x/2.x base needs no config for the names, only for the version tag
-                if weights.info.get("family") == "sdxl":
-                    raise
-        tensors = export_triples(weights, lambda c, m: kohya_name(c, m, unet_config))
+    namer, unet_config = _namer(weights, cfg)
+    tensors = export_triples(weights, namer)
     meta = _ss_metadata(weights, cfg, name, _base_model_version(unet_config))
     meta["boothkit.export_format"] = cfg.format
     return _save_file(out, tensors, meta, cfg)
+
+
+def _namer(weights: LoraWeights, cfg: ExportConfig):
+    """(component, module) -> kohya or ComfyUI module name for --format, and the base UNet config (or None)."""
+    unet_config = _unet_config(weights, cfg) if cfg.format == "comfyui" or "text_encoder_2" in weights.modules \
+        else None
+    if cfg.format == "comfyui":
+        return (lambda c, m: comfyui_name(c, m, unet_config)), unet_config
+    if unet_config is None:
+        try:
+            unet_config = _unet_config(weights, cfg)
+        except BoothkitError:  # an SD 1.x/2.x base needs no config for the names, only for the version tag
+            if weights.info.get("family") == "sdxl":
+                raise
+    return (lambda c, m: kohya_name(c, m, unet_config)), unet_config
+
+
+# ------------------------------------------------------------------------------- DoRA, LoKr and LoHa
+
+_LYCORIS_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.((?:lokr|hada)_w[12](?:_[ab])?)$")
+
+
+def read_lycoris(path: str | Path) -> LoraWeights:
+    """A boothkit LoKr/LoHa file: component -> module -> {peft name (lokr_w1, hada_w1_a, ...): tensor}."""
+    from safetensors.torch import load_file
+
+    from .lora import lora_header, lycoris_config
+
+    file, meta, _ = lora_header(path)
+    configs = lycoris_config(file, meta, str(path))
+    modules: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, value in load_file(str(file)).items():
+        m = _LYCORIS_KEY.match(key)
+        if m is None or m[1] not in configs:
+            raise BoothkitError(f"--lora {file}: unexpected key '{key}' in a {meta['boothkit.adapter']} file")
+        modules.setdefault(m[1], {}).setdefault(m[2], {})[m[3]] = value
+    info = {k[len("boothkit."):]: v for k, v in meta.items() if k.startswith("boothkit.")}
+    return LoraWeights(modules, {c: float(configs[c]["alpha"]) for c in modules},
+                       {c: int(configs[c]["r"]) for c in modules}, info, meta)
+
+
+def lycoris_tensors(weights: LoraWeights, namer) -> dict[str, torch.Tensor]:
+    """LyCORIS keys as A1111 and ComfyUI read them: <name>.lokr_w1 ... / <name>.hada_w1_a ... and <name>.alpha.
+
+    Those readers scale a LoHa, and a LoKr with a rank-decomposed factor, by alpha / rank as peft does; a LoKr
+    of two full factors they do not scale at all, so peft's alpha / r goes into lokr_w1 and no alpha is written."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for comp, mods in weights.modules.items():
+        scale = weights.alpha[comp] / weights.rank[comp]
+        for module, parts in mods.items():
+            name = namer(comp, module)
+            if any(k.startswith(name + ".") for k in out):
+                raise BoothkitError(f"two adapter modules map to the same name '{name}'")
+            parts = dict(parts)
+            if "lokr_w1" in parts and "lokr_w2" in parts:
+                parts["lokr_w1"] = parts["lokr_w1"] * scale
+            else:
+                out[f"{name}.alpha"] = torch.tensor(weights.alpha[comp])
+            out.update({f"{name}.{k}": v for k, v in parts.items()})
+    return out
+
+
+def export_adapter(cfg: ExportConfig, kind: str) -> Path:
+    """Export a DoRA, LoKr or LoHa file where its format is known to load back; refuse the rest in one line."""
+    from safetensors.torch import load_file
+
+    from .lora import lora_header
+
+    out = Path(cfg.out)
+    if cfg.format == "diffusers":  # the file as it is (plain diffusers loads a DoRA; boothkit a LoKr/LoHa)
+        file, meta, _ = lora_header(cfg.lora)
+        return _save_file(out, load_file(str(file)), {k: v for k, v in meta.items() if k != "format"}, cfg)
+    if kind == "dora" and cfg.format in ("kohya", "comfyui"):
+        raise BoothkitError(f"--format {cfg.format}: not available for --adapter dora (diffusers drops kohya's "
+                            "dora_scale keys for SD models, so the file could not be checked); use --format "
+                            "diffusers or merged")
+    weights = read_lora(cfg.lora) if kind == "dora" else read_lycoris(cfg.lora)
+    if cfg.format in ("merged", "merged-single-file"):  # fused through diffusers' fuse_lora like a LoRA
+        return write_merged(weights, cfg)
+    namer, unet_config = _namer(weights, cfg)
+    meta = _ss_metadata(weights, cfg, cfg.output_name or out.stem, _base_model_version(unet_config))
+    meta.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kind}),
+                 "boothkit.export_format": cfg.format})
+    return _save_file(out, lycoris_tensors(weights, namer), meta, cfg)
 
 
 # ------------------------------------------------------------------------------------------- merging
@@ -511,6 +589,11 @@ def export(cfg: ExportConfig) -> Path:
         raise BoothkitError(f"--out {out} exists (pass --overwrite to replace it)")
     if out.parent.is_dir():
         remove_stale_temps(out.parent, out.name)  # what an export killed mid-write left
+    from .lora import lora_header
+
+    kind = lora_header(cfg.lora)[1].get("boothkit.adapter", "lora")
+    if kind != "lora":
+        return export_adapter(cfg, kind)
     weights = read_lora(cfg.lora)
     if cfg.format in ("merged", "merged-single-file"):
         return write_merged(weights, cfg)

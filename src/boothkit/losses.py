@@ -96,7 +96,12 @@ def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, instance_loss, prior_loss) from per-example errors times per-example `weights` (min-SNR), each
     example's error averaged over its `mask`; with `prior_weight` the batch is [subject; class] halves."""
-    per = example_mse(pred, target, mask)
+    return examples_loss(example_mse(pred, target, mask), weights, prior_weight)
+
+
+def examples_loss(per: torch.Tensor, weights: torch.Tensor | None, prior_weight: float | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, instance_loss, prior_loss) from each example's error `per`: each half's mean over its examples."""
     if weights is not None:
         per = per * weights.to(per.device, torch.float32)
     if prior_weight is None:

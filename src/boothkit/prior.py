@@ -12,12 +12,13 @@ import contextlib
 import io
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Iterator
 
 from . import config as C
 from . import data, models
-from .errors import BoothkitError, ConfigError
+from .errors import BoothkitError, ConfigError, Interrupted
 from .files import atomic_write_bytes, check_free_space, png_upper_bound, remove_stale_temps
 from .locks import folder_lock
 
@@ -91,7 +92,7 @@ def missing_indices(valid_names: set[str], count: int) -> list[int]:
 
 def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_size: int, seed: int, steps: int,
                         guidance: float, resolution: int, model_name: str, progress: bool = True,
-                        scheduler: str = "model") -> list[Path]:
+                        scheduler: str = "model", stop: threading.Event | None = None) -> list[Path]:
     """Make sure `class_dir` holds num_images readable class images; generate only the missing ones, with the
     sampler `scheduler` (a boothkit sampler name, or 'model' for the pipeline's own).
 
@@ -104,11 +105,12 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
     with folder_lock(class_dir, "--class-dir", "making class images", wait=True):
         return _fill_class_dir(pipe, class_dir, prompt=prompt, num_images=num_images, batch_size=batch_size,
                                seed=seed, steps=steps, guidance=guidance, resolution=resolution,
-                               model_name=model_name, progress=progress, scheduler=scheduler)
+                               model_name=model_name, progress=progress, scheduler=scheduler, stop=stop)
 
 
 def _fill_class_dir(pipe, class_dir: Path, *, prompt: str, num_images: int, batch_size: int, seed: int, steps: int,
-                    guidance: float, resolution: int, model_name: str, progress: bool, scheduler: str) -> list[Path]:
+                    guidance: float, resolution: int, model_name: str, progress: bool, scheduler: str,
+                    stop: threading.Event | None) -> list[Path]:
     from .generate import iter_batches
     from .progress import progress_bar
 
@@ -130,15 +132,21 @@ def _fill_class_dir(pipe, class_dir: Path, *, prompt: str, num_images: int, batc
             done = 0
             for batch in iter_batches(pipe, prompt, [seed + k for k in todo], steps=steps, guidance=guidance,
                                       width=resolution, height=resolution, batch_size=batch_size):
-                for img in batch:
-                    k = todo[done]
-                    _save_png(img, class_dir / class_image_name(k))
+                ks = todo[done:done + len(batch)]
+                for k in ks:
                     records[class_image_name(k)] = dict(seed=seed + k, steps=steps, guidance=guidance,
                                                         scheduler=sampler)
-                    done += 1
+                # records before pictures: a run killed in between leaves records of missing files, which the
+                # rerun drops, never a boothkit picture the manifest does not know
                 manifest["images"] = dict(sorted(records.items()))
-                write_manifest(class_dir, manifest)  # after every batch: a killed run keeps its records
+                write_manifest(class_dir, manifest)
+                for k, img in zip(ks, batch):
+                    _save_png(img, class_dir / class_image_name(k))
+                done += len(batch)
                 advance(len(batch))
+                if stop is not None and stop.is_set() and done < len(todo):  # the UI's Cancel
+                    raise Interrupted(f"interrupted while making class images ({done} of {len(todo)} made in "
+                                      f"{class_dir}; a rerun reuses them)")
         images = sorted(images + [class_dir / class_image_name(k) for k in todo])
     elif not (class_dir / MANIFEST).is_file() or read_manifest(class_dir) != manifest:
         write_manifest(class_dir, manifest)

@@ -24,7 +24,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from .config import RunConfig, fill, save_toml, validate_train
 from .batches import Batch, LatentBank, PromptEncoder, draw_batch, step_seed
-from .data import load_folder, load_image
+from .data import aspect_buckets, load_folder, load_image
 from . import ema, tokens
 from .errors import BoothkitError, ConfigError, Interrupted
 from .files import atomic_write_bytes, check_free_space
@@ -32,7 +32,8 @@ from .embeddings import Placeholder, add_placeholder, learned, save_embeddings, 
 from .interrupts import deferred_stop
 from .locks import folder_lock
 from .families import Family, family_of
-from .losses import add_noise, diffusion_target, min_snr_weights, mse, prior_preservation_loss, weighted_loss
+from .losses import (add_noise, diffusion_target, example_mse, examples_loss, min_snr_weights, mse,
+                     prior_preservation_loss, weighted_loss)
 from .sidecars import Sidecars, read_sidecars
 from .lora import (LORA_FILE, adapter_metadata, add_lora, adapters_disabled, canonical_text_encoder_keys,
                    lora_state_dict, save_lora_file)
@@ -53,25 +54,35 @@ def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Te
     With `frozen_predict` (--prior-target frozen) the class examples' target is the frozen model's own
     prediction for the same noisy latents and prompt, instead of the noise that was added. `snr_gamma`: min-SNR-γ
     weights per example; `noise_offset`: offset noise; `batch.masks`: the subject examples' loss masks.
+    A bucketed batch's subject and class examples (`batch.latents` a pair) take one pass each.
     """
-    latents = batch.latents
-    noise = torch.randn(latents.shape, generator=g).to(latents.device)
-    timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=g).to(latents.device)
+    parts = batch.latents if isinstance(batch.latents, tuple) else (batch.latents,)
+    device = parts[0].device
+    noises = [torch.randn(x.shape, generator=g).to(device) for x in parts]
+    timesteps = torch.randint(0, len(alphas_cumprod), (sum(len(x) for x in parts),), generator=g).to(device)
     if noise_offset:  # drawn last: with 0 (no draw) the noise and timesteps are a plain run's, bit for bit
-        per_channel = torch.randn(latents.shape[:2] + (1,) * (latents.ndim - 2), generator=g).to(latents.device)
-        noise = noise + noise_offset * per_channel
-    noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
-    time_ids = None if batch.time_ids is None else batch.time_ids.to(latents.device)
-    pred = unet(noisy, timesteps, **encode(batch.prompts).unet_kwargs(time_ids)).sample
-    target = diffusion_target(prediction_type, latents, noise, alphas_cumprod, timesteps)
+        noises = [e + noise_offset * torch.randn(e.shape[:2] + (1,) * (e.ndim - 2), generator=g).to(device)
+                  for e in noises]
+    time_ids = None if batch.time_ids is None else batch.time_ids.to(device)
+    noisy, preds, targets, start = [], [], [], 0
+    for x, e in zip(parts, noises):
+        at, start = slice(start, start + len(x)), start + len(x)
+        noisy.append(add_noise(x, e, alphas_cumprod, timesteps[at]))
+        kwargs = encode(batch.prompts[at]).unet_kwargs(None if time_ids is None else time_ids[at])
+        preds.append(unet(noisy[-1], timesteps[at], **kwargs).sample)
+        targets.append(diffusion_target(prediction_type, x, e, alphas_cumprod, timesteps[at]))
     if prior_weight is not None and frozen_predict is not None:
-        n = latents.shape[0] // 2
+        n = len(timesteps) // 2  # the class examples: the last n of the last pass
         with torch.no_grad():
-            frozen = frozen_predict(noisy[n:], timesteps[n:], batch.prompts[n:],
+            frozen = frozen_predict(noisy[-1][-n:], timesteps[n:], batch.prompts[n:],
                                     None if time_ids is None else time_ids[n:])
-        target = torch.cat([target[:n], frozen.to(target.dtype)])
+        targets[-1] = torch.cat([targets[-1][:-n], frozen.to(targets[-1].dtype)])
+    weights = None if snr_gamma is None else min_snr_weights(alphas_cumprod, timesteps, snr_gamma, prediction_type)
+    if len(parts) == 2:  # the loss is still each half's mean over its examples, as in one pass
+        per = torch.cat([example_mse(preds[0], targets[0], batch.masks), example_mse(preds[1], targets[1])])
+        return examples_loss(per, weights, prior_weight)
+    pred, target = preds[0], targets[0]
     if snr_gamma is not None or batch.masks is not None:
-        weights = None if snr_gamma is None else min_snr_weights(alphas_cumprod, timesteps, snr_gamma, prediction_type)
         return weighted_loss(pred, target, weights, batch.masks, prior_weight)
     if prior_weight is None:
         loss = mse(pred, target)
@@ -224,7 +235,7 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
         shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)  # an earlier run's checkpoints must not mix in
     main = accelerator.is_main_process
-    tr, resolved = _setup(cfg, accelerator, pipe, instance_images, progress and main, side)
+    tr, resolved = _setup(cfg, accelerator, pipe, instance_images, progress and main, side, stop)
     if main:  # after set-up: a bad photo, model or class folder is reported alone, on one line
         log.info("training on %d process(es), device %s, mixed precision %s", accelerator.num_processes,
                  accelerator.device, t.mixed_precision)
@@ -304,7 +315,7 @@ def _release_frozen(tr: Trainer) -> None:
 
 
 def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: bool,
-           side: Sidecars | None = None) -> tuple[Trainer, RunConfig]:
+           side: Sidecars | None = None, stop: threading.Event | None = None) -> tuple[Trainer, RunConfig]:
     """Make class images, add LoRA, build optimizer, schedule and latent banks for the loaded model and photos."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -333,7 +344,7 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
             paths = ensure_class_images(
                 pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
                 batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps, guidance=pr.class_guidance,
-                scheduler=pr.class_scheduler,
+                scheduler=pr.class_scheduler, stop=stop,
                 resolution=size, model_name=model_name(cfg.model.model, cfg.model.vae), progress=progress)
         class_images = [load_image(p) for p in paths]
 
@@ -359,7 +370,9 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
         cfg=cfg, accelerator=accelerator, pipe=pipe, family=family, unet=unet, text_encoders=text_encoders,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, params=[p for grp in groups for p in grp["params"]],
-        instance=LatentBank(instance_images, **bank, masks=side.masks),
+        instance=LatentBank(instance_images, **bank, masks=side.masks, buckets=_buckets(cfg, pipe, size)),
+        # class images stay square (made at the resolution, they have no aspect to keep): bucketing them would crop
+        # them and cache them once per bucket; a non-square bucket's class half takes its own UNet pass instead
         classes=LatentBank(class_images, **bank) if pr.prior else None,
         encode=PromptEncoder(family, [getattr(pipe, n) for n in family.tokenizers], text_encoders.values(),
                              [d.prompt, class_prompt, *(side.captions or []), *([""] if d.caption_dropout else [])],
@@ -374,6 +387,11 @@ def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: b
     resolved = cfg.replace("data", resolution=size, instance_prompt=d.prompt) \
                   .replace("prior", class_dir=str(class_dir), class_prompt=class_prompt).replace("train", optimizer=opt_kind)
     return tr, resolved
+
+
+def _buckets(cfg: RunConfig, pipe, size: int) -> list[tuple[int, int]] | None:
+    """--buckets: sides in multiples of 8 latent pixels, so that the UNet's downsamplings divide them."""
+    return aspect_buckets(size, int(pipe.vae_scale_factor) * 8) if cfg.data.buckets else None
 
 
 def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precision: str) -> list[dict]:
@@ -395,12 +413,12 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
             te.requires_grad_(False)
     else:
         unet.to(device, weight_dtype)
-        add_lora(unet, lo.unet_targets, lo.rank, lo.alpha, lo.dropout)
+        add_lora(unet, lo.unet_targets, lo.rank, lo.alpha, lo.dropout, lo.adapter)
         for te in encoders:
             te.requires_grad_(False)
             if train_te:
                 te.to(device, weight_dtype)
-                add_lora(te, lo.text_encoder_targets, lo.rank, lo.alpha, lo.dropout)
+                add_lora(te, lo.text_encoder_targets, lo.rank, lo.alpha, lo.dropout, lo.adapter)
     for model in (unet, *encoders):
         model.to(device)
         for p in _trainable(model).values():
@@ -465,6 +483,8 @@ def _fingerprint(cfg: RunConfig) -> dict:
     fp = {"model": model_ref(cfg.model.model), "full": lo.full, "train_text_encoder": lo.train_text_encoder}
     if not lo.full:
         fp.update(rank=lo.rank, unet_targets=list(lo.unet_targets))
+        if lo.adapter != "lora":  # absent for lora, so checkpoints written before --adapter still resume
+            fp["adapter"] = lo.adapter
         if lo.train_text_encoder:
             fp["text_encoder_targets"] = list(lo.text_encoder_targets)
     return fp
@@ -691,8 +711,8 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -
         if lo.method == "ti":
             return
     layers = {"unet": lora_state_dict(trained["unet"])}
-    adapters = {"unet": adapter_metadata(lo.unet_targets, lo.rank, lo.alpha)}
+    adapters = {"unet": adapter_metadata(lo.unet_targets, lo.rank, lo.alpha, lo.adapter)}
     for name in tr.family.text_encoders if lo.train_text_encoder else ():
         layers[name] = canonical_text_encoder_keys(lora_state_dict(trained[name]))
-        adapters[name] = adapter_metadata(lo.text_encoder_targets, lo.rank, lo.alpha)
-    save_lora_file(out / LORA_FILE, layers, adapters, info)
+        adapters[name] = adapter_metadata(lo.text_encoder_targets, lo.rank, lo.alpha, lo.adapter)
+    save_lora_file(out / LORA_FILE, layers, adapters, info, kind=lo.adapter)
