@@ -23,3 +23,10 @@ class DataError(BoothkitError):
 
 class ModelError(BoothkitError):
     """A model cannot be found or loaded."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): a library's error, said in one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+

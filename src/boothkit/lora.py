@@ -15,7 +15,7 @@ from typing import Iterator, Mapping
 import torch
 
 from .files import atomic_write_bytes
-from .errors import BoothkitError
+from .errors import BoothkitError, first_line
 from .safety import as_safetensors, is_pickle
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -128,11 +128,6 @@ def lora_file(path: str | Path) -> Path:
     return p
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def lora_header(path: str | Path) -> tuple[Path, dict[str, str], list[str]]:
     """The LoRA file `path` names, its metadata and tensor names, read without loading weights. A damaged file,
     another kind of file or a safetensors file without LoRA weights is a one-line error naming it."""
@@ -143,7 +138,7 @@ def lora_header(path: str | Path) -> tuple[Path, dict[str, str], list[str]]:
         with safe_open(str(file), "pt") as fh:
             meta, keys = dict(fh.metadata() or {}), list(fh.keys())
     except (SafetensorError, OSError) as exc:
-        raise BoothkitError(f"--lora {path}: not a LoRA safetensors file ({_first_line(exc)})") from None
+        raise BoothkitError(f"--lora {path}: not a LoRA safetensors file ({first_line(exc)})") from None
     # diffusers' own test of a LoRA checkpoint is that its names say 'lora' (PEFT, kohya, ComfyUI and LyCORIS do);
     # boothkit's LoKr/LoHa files carry peft's lokr_/hada_ names
     if not keys or not any(t in k for k in keys for t in ("lora", ".lokr_", ".hada_")):
@@ -184,7 +179,7 @@ def _misfit(exc: BaseException, model: str) -> str:
     text = str(exc)
     if "size mismatch" in text:
         return f"its layer shapes do not fit {model} (a LoRA for another model family or size?)"
-    return f"cannot be applied to {model} ({_first_line(exc)})"
+    return f"cannot be applied to {model} ({first_line(exc)})"
 
 
 def apply_lora(pipe, path: str | Path, given: str, adapter_name: str, model: str) -> None:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 from .config import opt
 from .files import atomic_write_bytes, file_sha256
-from .errors import ConfigError, DataError, ModelError
+from .errors import ConfigError, DataError, ModelError, first_line
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -168,7 +168,7 @@ def _load(loader, spec: str, target: str, flag: str, **kwargs):
             warnings.simplefilter("ignore")
             return loader.from_pretrained(target, **kwargs)
     except Exception as exc:  # hub/network/format errors come in many types; the user needs one line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"{flag} {spec}: cannot load ({first}); pass a local folder, or 'tiny' for a smoke run") from None
     finally:
         if bars:

@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .files import boothkit_home  # noqa: F401  (re-exported: where built-in models are cached)
 from .safety import REFUSAL, as_safetensors, is_pickle, pickle_allowed, pickled_only, refuse_pickle
 
@@ -277,7 +277,7 @@ def load_vae(spec: str, dtype: torch.dtype = torch.float32):
     except ModelError:
         raise
     except Exception as exc:  # diffusers and the hub raise many types; the remedy is the same
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"--vae {spec}: not a loadable AutoencoderKL folder or hub id ({first})") from None
 
 
@@ -319,7 +319,7 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
                                                      **family.pipeline_kwargs)
         # diffusers' and transformers' ways of saying a part is damaged (weights, config.json, a missing file)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ModelError(f"--model {spec}: cannot load the model folder ({first})") from None
     if path.suffix == ".safetensors" or is_pickle(path):
         if not path.is_file():
@@ -338,7 +338,7 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
         except Exception as exc:  # diffusers and safetensors raise many types; all mean the same to the user
             hint = "" if model_config else " (offline, pass --model-config <local diffusers folder>)"
             raise ModelError(f"--model {spec}: cannot load single-file checkpoint{hint}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                             f"{first_line(exc)}") from None
         if isinstance(dtype, dict):
             for name, part in pipe.components.items():
                 if isinstance(part, torch.nn.Module):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .errors import BoothkitError
+from .errors import BoothkitError, first_line
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 ALLOW_ENV = "BOOTHKIT_ALLOW_PICKLE"
@@ -62,7 +62,7 @@ def load_pickled_tensors(path: str | os.PathLike, flag: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BoothkitError(f"{flag} {path}: not loadable by torch's weights-only loader ({first})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # Lightning-style checkpoints keep the weights one level down

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 COMMON_BELOW = 10_000  # the 10,000 most frequent merges: dog 1929, owl 9899 — words the model knows well
 RARE_FROM = 40_000  # the rarest fifth of CLIP's merges: sks 48136, ohwx 47993
@@ -107,5 +107,5 @@ def load_tokenizer(model: str):
             return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     except Exception as exc:  # transformers and the hub raise many types; the remedy is the same
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"--model {model}: no loadable tokenizer/ ({first})") from None
