@@ -137,6 +137,36 @@ def test_lycoris_kohya_export_gives_the_same_deltas(runs, tmp_path, kind):
         assert json.loads(fh.metadata()["ss_network_args"]) == {"algo": kind}
 
 
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lycoris_own_loader_reads_the_export_to_the_picture_generate_draws(runs, tiny_path, tmp_path, kind,
+                                                                          demo_subject, caplog):
+    """LyCORIS's own kohya-format loader (lycoris-lora) merges the exported file into plain diffusers: the picture
+    `boothkit generate` draws from the run. LoHa at alpha = rank: lycoris-lora 3.4.0 scales a LoHa by (alpha/rank)²
+    (its get_weight and get_diff_weight each apply it), where A1111, ComfyUI and peft apply alpha/rank once."""
+    from lycoris import kohya
+
+    run = runs[kind] if kind == "lokr" else run_training(make_cfg(demo_subject, tmp_path / "run", adapter=kind,
+                                                                  alpha=4.0), progress=False)
+    out = tmp_path / "k.safetensors"
+    with caplog.at_level("WARNING", logger="boothkit"):
+        E.export(E.export_config(lora=str(runs["loha"]), format="kohya", out=str(tmp_path / "scaled.safetensors")))
+        assert "LoHa with alpha 8 != rank 4" in caplog.text  # the file LyCORIS's loader would read otherwise
+        caplog.clear()
+        E.export(E.export_config(lora=str(run), format="kohya", out=str(out)))
+    assert "(alpha/rank)²" not in caplog.text
+    plain, state = plain_pipe(tiny_path), load_file(str(out))
+    te = plain.text_encoder
+    if not hasattr(te, "text_model"):  # transformers 5 dropped the level the kohya names (lora_te_text_model_...) keep
+        te = torch.nn.Module()
+        te.text_model = plain.text_encoder
+    net, _ = kohya.create_network_from_weights(1.0, None, plain.vae, te, plain.unet, weights_sd=state)
+    assert len(net.unet_loras) + len(net.text_encoder_loras) == len(grouped(state))  # every module found its layer
+    net.merge_to(te, plain.unet, state, torch.float32, "cpu")
+    mine = picture(G.load_generation_pipeline(None, [(str(run), 1.0)]))
+    assert np.abs(mine - picture(plain_pipe(tiny_path))).max() > 0.01  # the adapter changes the picture
+    assert np.abs(mine - picture(plain)).max() < 1e-4
+
+
 @pytest.mark.parametrize("kind", ZERO_INIT)
 def test_merged_export_draws_what_generate_draws(runs, tmp_path, kind):
     out = tmp_path / "m"

@@ -28,8 +28,8 @@ class Vae(torch.nn.Module):
 
 
 def fake_bank(images, **kw):
-    bank = LatentBank(images, 256, Vae(), cache=False, flip=False, random_crop=False, device="cpu",
-                      buckets=B256, **kw)
+    bank = LatentBank(images, 256, Vae(), prompts=["s"] * len(images), cache=False, flip=False, random_crop=False,
+                      device="cpu", buckets=B256, **kw)
     bank._encode = lambda px: (torch.zeros(len(px), 4, px.shape[2] // 8, px.shape[3] // 8),
                                torch.ones(len(px), 4, px.shape[2] // 8, px.shape[3] // 8))
     return bank
@@ -80,7 +80,7 @@ def test_masks_follow_photos_into_their_bucket():
     mask = Image.new("L", (500, 300))
     mask.paste(255, (0, 0, 250, 300))  # the left half
     bank = fake_bank([Image.new("RGB", (500, 300))], masks=[mask])
-    batch = draw_batch(torch.Generator().manual_seed(0), bank, "s", 2, None, "")
+    batch = draw_batch(torch.Generator().manual_seed(0), bank, 2, None)
     assert batch.masks.shape == (2, 1, 24, 40)
     assert batch.masks[..., :19].min() > 0.95 and batch.masks[..., 21:].max() < 0.05
 

@@ -69,7 +69,8 @@ def test_state_json_records_a_checksum_of_every_file(trained):
     assert state["step"] == 4 and set(state["files"]) == set(ckpt.FILES)
     assert all(state["files"][n] == files.file_sha256(step_dir(trained[1], 4) / n) for n in ckpt.FILES)
     assert state["config"] == {"model": "tiny", "full": False, "train_text_encoder": False, "rank": 4,
-                               "unet_targets": list(C.LoraConfig().unet_targets)}
+                               "unet_targets": list(C.LoraConfig().unet_targets), "method": "lora",
+                               "resolution": 64, "crop": "center", "buckets": False, "ema": "off"}
 
 
 def _truncate(d: Path) -> None:
@@ -131,6 +132,11 @@ def test_no_usable_checkpoint_is_one_line(run_copy, capsys):
     ({"rank": 8}, "lora.rank: 4 in the checkpoint, 8 now"),
     ({"train_text_encoder": True}, "lora.text_encoder_targets: None in the checkpoint"),
     ({"model": "other"}, "model.model: 'tiny' in the checkpoint, "),
+    ({"resolution": 128}, "data.resolution: 64 in the checkpoint, 128 now"),
+    ({"crop": "random"}, "data.crop: 'center' in the checkpoint, 'random' now"),
+    ({"buckets": True}, "data.buckets: False in the checkpoint, True now"),
+    ({"ema_decay": 0.9}, "train.ema_decay: 'off' in the checkpoint, 'on' now"),
+    ({"method": "pivotal"}, "lora.method: 'lora' in the checkpoint, 'pivotal' now"),
 ])
 def test_checkpoint_of_another_config_is_refused(run_copy, tiny_path, over, why):
     photos, out, _ = run_copy
@@ -140,6 +146,19 @@ def test_checkpoint_of_another_config_is_refused(run_copy, tiny_path, over, why)
     with pytest.raises(BoothkitError, match=r"^--resume: checkpoint .*step-0000004 does not match this config") as exc:
         run_training(make_cfg(photos, out, resume=True, **over), progress=False)
     assert why in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_checkpoint_from_before_the_later_keys_still_resumes(run_copy):
+    """Checkpoints recorded before resolution, crop, buckets, EMA and method were: not compared on them."""
+    from boothkit.train import LATER_KEYS
+
+    photos, out, weights = run_copy
+    for step in (2, 4):
+        state = json.loads((step_dir(out, step) / "state.json").read_text())
+        assert set(LATER_KEYS) <= set(state["config"])
+        state["config"] = {k: v for k, v in state["config"].items() if k not in LATER_KEYS}
+        (step_dir(out, step) / "state.json").write_text(json.dumps(state))
+    run_training(make_cfg(photos, out, resume=True, resolution=128), progress=False)  # not compared: resumes
 
 
 @pytest.mark.parametrize("over, why", [

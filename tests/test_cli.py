@@ -33,7 +33,7 @@ def test_train_help_documents_every_config_key(capsys):
     assert code == 0
     for section, cls in C.TRAIN_SECTIONS.items():
         for f in dataclasses.fields(cls):
-            assert "--" + f.name.replace("_", "-") in out
+            assert (f.metadata.get("flag") or "--" + f.name.replace("_", "-")) in out
             assert f"{section}.{f.name}" in out
 
 

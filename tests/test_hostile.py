@@ -257,6 +257,17 @@ CATALOGUE = [
     ("value: empty generate prompt", lambda ctx: (["generate", "--model", "tiny", "--prompt", "", "--out",
                                                    ctx["tmp"] / "g"], ["generate.prompt"])),
     ("value: learning rate inf", lambda ctx: (_train(ctx, "--learning-rate", "inf"), ["train.learning_rate"])),
+    # several subjects
+    ("subjects: one identifier twice", lambda ctx: (_train(ctx, "--subject", ctx["tmp"], "SKS", "cat"),
+                                                    ["data.subjects[0]", "'SKS' is already data.token's"])),
+    ("subjects: one folder twice", lambda ctx: (_train(ctx, "--subject", ctx["instance"], "zwx", "cat"),
+                                                ["data.subjects[0]", "is already data.token's"])),
+    ("subjects: a table without token", _config(b'[[data.subjects]]\ninstance_dir = "x"\nclass_noun = "cat"\n',
+                                               "data.subjects[0].token is required")),
+    ("subjects: --subject with two values", lambda ctx: (_train(ctx, "--subject", ctx["tmp"], "zwx"),
+                                                         ["--subject", "3 arguments"])),
+    ("subjects: ti with two subjects", lambda ctx: (_train(ctx, "--method", "ti", "--subject", ctx["tmp"], "zwx",
+                                                           "cat"), ["lora.method ti", "one identifier"])),
     # model folders and files
     ("model: folder without unet/", _model("unet", None, "unet/")),
     ("model: folder without tokenizer/", _model("tokenizer", None, "tokenizer/")),

@@ -148,11 +148,11 @@ def test_micro_conditioning_follows_each_pictures_size_and_crop():
 
     wide = Image.new("RGB", (101, 80))   # resized to 81 x 64; centre crop left (81 - 64) // 2 = 8
     tall = Image.new("RGB", (64, 96))    # already 64 wide; centre crop top (96 - 64) // 2 = 16
-    bank = LatentBank([wide, tall], 64, Vae(), cache=False, flip=False, random_crop=False, device="cpu")
+    bank = LatentBank([wide, tall], 64, Vae(), prompts=["x", "x"], cache=False, flip=False, random_crop=False, device="cpu")
     bank._encode = lambda px: (torch.zeros(len(px), 4, 8, 8), torch.ones(len(px), 4, 8, 8))
     _, ids = bank.sample(torch.tensor([0, 1]), torch.Generator().manual_seed(0))
     assert ids.tolist() == [[80, 101, 0, 8, 64, 64], [96, 64, 16, 0, 64, 64]]
-    flipped = LatentBank([wide], 64, Vae(), cache=False, flip=True, random_crop=False, device="cpu")
+    flipped = LatentBank([wide], 64, Vae(), prompts=["x"], cache=False, flip=True, random_crop=False, device="cpu")
     flipped._encode = bank._encode
     flips = torch.rand(16, generator=torch.Generator().manual_seed(3)) < 0.5  # the bank's first draw
     _, ids = flipped.sample(torch.zeros(16, dtype=torch.long), torch.Generator().manual_seed(3))
@@ -226,3 +226,66 @@ def test_another_vae_trains_and_generates_with_it(xl_path, demo_subject, tmp_pat
               str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code != 0 and len(err) == 1 and "--vae" in err[0] and "nothing" in err[0]
+
+
+# ------------------------------------------------------------------------------ methods and adapters on SDXL
+
+def xl_cfg(demo_subject, out, **over):
+    return C.resolve(C.TRAIN_SECTIONS, {}, {
+        "model": "tiny-xl", "instance_dir": str(demo_subject), "token": "[ktn]", "class_noun": "dog",
+        "instance_prompt": "a photo of {token} {class_noun}", "output_dir": str(out), "max_steps": 4,
+        "prior": False, "rank": 4, "learning_rate": 1e-2, "text_encoder_lr": 1e-2, "ti_lr": 5e-2, **over})
+
+
+def ti_picture(pipe):
+    return pipe("a photo of [ktn] dog", num_inference_steps=2, guidance_scale=7.5, output_type="np",
+                generator=torch.Generator("cpu").manual_seed(0)).images[0]
+
+
+def plain_xl_with_embeddings(xl_path, run):
+    """Plain diffusers, as its docs load an SDXL embedding: clip_l into text_encoder, clip_g into text_encoder_2."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl_path))
+    state = load_file(run / "embeddings" / "ktn.safetensors")
+    assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape[0] == 2
+    pipe.load_textual_inversion(state["clip_l"], token="[ktn]", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="[ktn]", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    return pipe
+
+
+@pytest.mark.parametrize("method", ["ti", "pivotal"])
+def test_ti_and_pivotal_train_both_text_encoders_rows_and_load_in_plain_diffusers(xl_path, demo_subject, tmp_path,
+                                                                                   method, one_thread):
+    """The identifier becomes new tokens in both tokenizers; the A1111/ComfyUI file holds clip_l and clip_g, which
+    plain diffusers loads to the picture `boothkit generate --lora RUN` draws (pivotal: with the LoRA)."""
+    from boothkit.generate import load_generation_pipeline
+    from boothkit.train import run_training
+
+    run = run_training(xl_cfg(demo_subject, tmp_path / "run", method=method, ti_vectors=2,
+                              train_text_encoder=method == "pivotal"), progress=False)
+    plain = plain_xl_with_embeddings(xl_path, run)
+    if method == "pivotal":
+        plain.load_lora_weights(str(run))
+    ours = load_generation_pipeline(None, [(str(run), 1.0)])
+    reference = ti_picture(plain)
+    assert np.abs(ti_picture(ours) - reference).max() < 1e-5
+    untrained = plain_xl_with_embeddings(xl_path, run)  # the embeddings alone: the pivotal LoRA did something
+    assert method == "ti" or np.abs(ti_picture(untrained) - reference).max() > 1e-3
+
+
+def test_dora_on_sdxl_draws_what_plain_diffusers_draws(xl_path, demo_subject, tmp_path, one_thread):
+    from diffusers import StableDiffusionXLPipeline
+
+    from boothkit.generate import load_generation_pipeline
+    from boothkit.train import run_training
+
+    run = run_training(xl_cfg(demo_subject, tmp_path / "run", adapter="dora", train_text_encoder=True),
+                       progress=False)
+    plain = StableDiffusionXLPipeline.from_pretrained(str(xl_path))
+    plain.load_lora_weights(str(run))
+    ours = load_generation_pipeline(None, [(str(run), 1.0)])
+    assert np.abs(ti_picture(ours) - ti_picture(plain)).max() < 1e-5
+    assert np.abs(ti_picture(StableDiffusionXLPipeline.from_pretrained(str(xl_path))) - ti_picture(plain)).max() > 1e-3

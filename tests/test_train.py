@@ -208,8 +208,8 @@ def test_random_crop_trains_without_a_latent_cache(tmp_path):
     from boothkit.batches import LatentBank
 
     vae = load_pipeline("tiny").vae
-    bank = LatentBank([Image.open(p) for p in sorted(photos.iterdir())], 64, vae, cache=True, flip=False,
-                      random_crop=True, device="cpu")
+    bank = LatentBank([Image.open(p) for p in sorted(photos.iterdir())], 64, vae, prompts=["x"] * 3, cache=True,
+                      flip=False, random_crop=True, device="cpu")
     assert not bank.cache  # a random crop differs every step: nothing to cache
     idx = torch.zeros(1, dtype=torch.long)
     crops = {tuple(bank.sample(idx, torch.Generator().manual_seed(s))[1][0].tolist()) for s in range(8)}
@@ -239,11 +239,11 @@ def test_bf16_accumulation_and_schedule(instance_dir, tmp_path, monkeypatch):
 
 
 def test_gradient_checkpointing_changes_memory_not_the_weights(instance_dir, tmp_path, monkeypatch):
-    import boothkit.train as T
+    import boothkit.trainer as TR
 
     on = []
-    release = T._release_frozen
-    monkeypatch.setattr(T, "_release_frozen", lambda tr: (on.append(tr.pipe.unet.is_gradient_checkpointing),
+    release = TR.release_frozen
+    monkeypatch.setattr(TR, "release_frozen", lambda tr: (on.append(tr.pipe.unet.is_gradient_checkpointing),
                                                           release(tr)))
     plain = run_training(make_cfg(instance_dir, tmp_path / "a", max_steps=2), progress=False)
     ckpt = run_training(make_cfg(instance_dir, tmp_path / "b", max_steps=2, gradient_checkpointing=True),
@@ -364,11 +364,11 @@ def test_nan_loss_stops_at_once_and_keeps_the_checkpoint(instance_dir, tmp_path,
 ])
 def test_lora_loads_frozen_weights_in_the_run_precision_and_releases_what_it_no_longer_needs(
         instance_dir, class_dir, tmp_path, monkeypatch, over, released):
-    import boothkit.train as T
+    import boothkit.trainer as TR
 
     seen = {}
-    release = T._release_frozen
-    monkeypatch.setattr(T, "_release_frozen", lambda tr: (seen.update(
+    release = TR.release_frozen
+    monkeypatch.setattr(TR, "release_frozen", lambda tr: (seen.update(
         unet=next(p for n, p in tr.pipe.unet.named_parameters() if "lora" not in n).dtype,
         vae=tr.pipe.vae.dtype), release(tr), seen.update(tr=tr)))
     out = run_training(make_cfg(instance_dir, tmp_path / "o", class_dir, mixed_precision="bf16", max_steps=2, **over),
@@ -381,11 +381,11 @@ def test_lora_loads_frozen_weights_in_the_run_precision_and_releases_what_it_no_
 
 
 def test_full_finetune_keeps_fp32_master_weights_and_its_vae(instance_dir, tmp_path, monkeypatch):
-    import boothkit.train as T
+    import boothkit.trainer as TR
 
     seen = {}
-    release = T._release_frozen
-    monkeypatch.setattr(T, "_release_frozen", lambda tr: (release(tr), seen.update(tr=tr)))
+    release = TR.release_frozen
+    monkeypatch.setattr(TR, "release_frozen", lambda tr: (release(tr), seen.update(tr=tr)))
     run_training(make_cfg(instance_dir, tmp_path / "o", full=True, mixed_precision="bf16", max_steps=1),
                  progress=False)
     pipe = seen["tr"].pipe

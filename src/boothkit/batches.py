@@ -33,12 +33,14 @@ class LatentBank:
     (the picture's original size, the crop's top-left in the resized picture, the target size). `masks` (one
     grey image or None per picture, --masked-loss) follow their pictures through resize, crop and flip.
     With `buckets` ((width, height) pairs, --buckets) each picture is resized to cover the bucket nearest its
-    aspect and centre-cropped to it, instead of to a size x size square.
+    aspect and centre-cropped to it, instead of to a size x size square. `prompts`: each picture's prompt;
+    `groups`: each picture's subject (or class) in a several-subject run, None for one.
     """
 
-    def __init__(self, images, size: int, vae, *, cache: bool, flip: bool, random_crop: bool, device, masks=None,
-                 buckets: list[tuple[int, int]] | None = None):
+    def __init__(self, images, size: int, vae, *, prompts: list[str], cache: bool, flip: bool, random_crop: bool,
+                 device, masks=None, buckets: list[tuple[int, int]] | None = None, groups: list[int] | None = None):
         self.size, self.vae, self.flip, self.random_crop, self.device = size, vae, flip, random_crop, device
+        self.prompts, self.groups = list(prompts), None if groups is None else list(groups)
         self.original = [(img.height, img.width) for img in images]
         self.bucketed = buckets is not None
         self.targets = [nearest_bucket(img.size, buckets) if buckets else (size, size) for img in images]
@@ -72,12 +74,37 @@ class LatentBank:
 
     def pick(self, n: int, g: torch.Generator) -> torch.Tensor:
         """`n` pictures drawn from `g`; with buckets all from one bucket, drawn by its share of the pictures
-        (the bucket of a picture drawn uniformly), so that the batch's latents share a shape."""
+        (the bucket of a picture drawn uniformly), so that the batch's latents share a shape. With groups every
+        group is drawn as often as any other, however many pictures it has."""
+        if self.groups is not None:
+            return self._pick_balanced(n, g)
         if not self.bucketed:
             return torch.randint(len(self), (n,), generator=g)
         bucket = self.targets[int(torch.randint(len(self), (1,), generator=g))]
         members = torch.tensor([i for i, t in enumerate(self.targets) if t == bucket])
         return members[torch.randint(len(members), (n,), generator=g)]
+
+    def _pick_balanced(self, n: int, g: torch.Generator) -> torch.Tensor:
+        members = list(range(len(self)))
+        if self.bucketed:
+            first = int(torch.multinomial(self._balance(members), 1, generator=g))
+            members = [i for i in members if self.targets[i] == self.targets[first]]
+        return torch.tensor(members)[torch.multinomial(self._balance(members), n, replacement=True, generator=g)]
+
+    def _balance(self, members: list[int]) -> torch.Tensor:
+        """Weights over `members` that give each group present the same share."""
+        counts: dict[int, int] = {}
+        for i in members:
+            counts[self.groups[i]] = counts.get(self.groups[i], 0) + 1
+        return torch.tensor([1.0 / counts[self.groups[i]] for i in members], dtype=torch.float64)
+
+    def pick_in(self, groups: list[int], g: torch.Generator) -> torch.Tensor:
+        """One picture of each group in `groups`, drawn uniformly among that group's pictures."""
+        chosen = []
+        for k in groups:
+            members = [i for i, grp in enumerate(self.groups) if grp == k]
+            chosen.append(members[int(torch.randint(len(members), (1,), generator=g))])
+        return torch.tensor(chosen)
 
     def _encode_fp32(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
@@ -167,25 +194,28 @@ class Batch:
     masks: torch.Tensor | None = None  # --masked-loss: (B, 1, h, w) loss weights on the latent grid
 
 
-def draw_batch(g: torch.Generator, instance: LatentBank, instance_prompt: str | list[str], batch_size: int,
-               classes: LatentBank | None, class_prompt: str, caption_dropout: float = 0.0) -> Batch:
-    """Subject examples, then as many class examples when prior preservation is on.
+def draw_batch(g: torch.Generator, instance: LatentBank, batch_size: int, classes: LatentBank | None,
+               caption_dropout: float = 0.0, class_of: list[int] | None = None) -> Batch:
+    """Subject examples, then as many class examples when prior preservation is on, each with its picture's prompt.
 
-    `instance_prompt`: one prompt, or one per subject picture (--captions). With `caption_dropout` a subject
-    example's prompt becomes "" with that chance. Class examples get all-ones loss masks (they are not masked).
+    With `caption_dropout` a subject example's prompt becomes "" with that chance. Several subjects: `class_of[s]`
+    is subject s's group in `classes`, and each subject example gets a class example of its own class. Class
+    examples get all-ones loss masks (they are not masked).
     """
     idx = instance.pick(batch_size, g)
     latents, time_ids, masks = instance.draw(idx, g)
-    prompts = [instance_prompt] * batch_size if isinstance(instance_prompt, str) \
-        else [instance_prompt[i] for i in idx.tolist()]
+    prompts = [instance.prompts[i] for i in idx.tolist()]
     if caption_dropout > 0:  # no draw when off: a run without it keeps the draws it always had
         dropped = (torch.rand(batch_size, generator=g) < caption_dropout).tolist()
         prompts = ["" if drop else p for p, drop in zip(prompts, dropped)]
     drawn = [(latents, time_ids)]
     if classes is not None:
-        cidx = torch.randint(len(classes), (batch_size,), generator=g)
+        if class_of is None:
+            cidx = torch.randint(len(classes), (batch_size,), generator=g)
+        else:
+            cidx = classes.pick_in([class_of[instance.groups[i]] for i in idx.tolist()], g)
         drawn.append(classes.sample(cidx, g))
-        prompts += [class_prompt] * batch_size
+        prompts += [classes.prompts[i] for i in cidx.tolist()]
         if drawn[1][0].shape != latents.shape:  # a non-square bucket: the halves cannot share one tensor
             return Batch((latents, drawn[1][0]), prompts, torch.cat([time_ids, drawn[1][1]]), masks)
         masks = None if masks is None else torch.cat([masks, torch.ones_like(masks)])

@@ -35,7 +35,7 @@ def _options(sections: Mapping[str, type]) -> list[click.Option]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             tp, meta = hints[f.name], f.metadata
-            flag = "--" + f.name.replace("_", "-")
+            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
             default = f.default
             shown = ", ".join(default) if isinstance(default, tuple) else default
             where = f"{section}.{f.name}; required" if meta.get("required") else f"{section}.{f.name}; default: {shown}"
@@ -46,6 +46,12 @@ def _options(sections: Mapping[str, type]) -> list[click.Option]:
                 continue
             decls = [flag] + ([meta["short"]] if meta.get("short") else []) + [f.name]
             multiple = typing.get_origin(tp) is tuple
+            table = typing.get_args(tp)[0] if multiple else None
+            if dataclasses.is_dataclass(table):  # a list of tables: one flag per row, its fields in order
+                opts.append(click.Option(decls, nargs=len(table.FIELDS), multiple=True, default=None,
+                                         metavar=" ".join(x.upper() for x in table.FIELDS),
+                                         help=help_text + " (repeatable)"))
+                continue
             opts.append(click.Option(decls, type=_click_type(tp, meta), default=None, multiple=multiple,
                                      help=help_text + (" (repeatable)" if multiple else "")))
     return opts
@@ -213,21 +219,25 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @config_command(cli, "train", C.TRAIN_SECTIONS,
-                help="Fine-tune a model on photos of one subject (DreamBooth; LoRA by default, with prior preservation).")
+                help="Fine-tune a model on photos of a subject, or several (DreamBooth; LoRA by default, with prior preservation).")
 def _train(cfg: C.RunConfig) -> None:
     from .train import run_training
 
     out = run_training(cfg)
+    prompts = [s.instance_prompt for s in C.run_subjects(cfg.data, cfg.prior)]
+    prompt = prompts[0]
+    if len(prompts) > 1:
+        click.echo("subjects: " + "; ".join(f"'{p}'" for p in prompts))
     if cfg.lora.method == "ti":
         click.echo(f"embedding: {out / 'learned_embeds.safetensors'} (A1111/ComfyUI: {out / 'embeddings'})\n"
-                   f"next:  boothkit generate --lora {out} --prompt '{cfg.data.prompt} on the moon' "
+                   f"next:  boothkit generate --lora {out} --prompt '{prompt} on the moon' "
                    f"--out {out / 'samples'}")
     elif cfg.lora.full:
         click.echo(f"model: {out / 'model'}\nnext:  boothkit generate --model {out / 'model'} "
-                   f"--prompt '{cfg.data.prompt}' --out {out / 'samples'}")
+                   f"--prompt '{prompt}' --out {out / 'samples'}")
     else:
         click.echo(f"LoRA:  {out / 'pytorch_lora_weights.safetensors'}\nnext:  boothkit generate --lora {out} "
-                   f"--prompt '{cfg.data.prompt} on the moon' --unet-scale 0.8 --text-encoder-scale 0.8 "
+                   f"--prompt '{prompt} on the moon' --unet-scale 0.8 --text-encoder-scale 0.8 "
                    f"--out {out / 'samples'}")
 
 

@@ -33,7 +33,7 @@ else:  # pragma: no cover
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, short: str | None = None,
         min: float | None = None, max: float | None = None, required: bool = False, text: bool = False,
-        fields: tuple[str, ...] | None = None) -> Any:
+        fields: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
     """A config field with the help text and limits the CLI and the validator share.
 
     `required`: an empty value ('' or ()) is an error naming the key and its flag.
@@ -41,9 +41,10 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, short: str | N
     `fields`: the value is a template; a {name} placeholder other than these is warned about when the config is
     read (a typo would else reach the model unnoticed), and stays as written: braces are emphasis in some prompt
     dialects, so it is not refused.
+    `flag`: the CLI flag when it is not --field-name (a list of tables reads better singular: --subject).
     """
     meta = {"help": help, "choices": choices, "short": short, "min": min, "max": max, "required": required,
-            "text": text, "fields": fields}
+            "text": text, "fields": fields, "flag": flag}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -81,6 +82,31 @@ class ModelConfig:
                                    "fp16-fixed SDXL VAE); recorded in the LoRA, so generation uses it too.")
 
 
+DEFAULT_INSTANCE_PROMPT = "a photo of {token} {class_noun}"
+DEFAULT_CLASS_PROMPT = "a photo of {class_noun}"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject of a several-subject run: a [[data.subjects]] table, or --subject FOLDER TOKEN CLASS."""
+
+    instance_dir: str = opt("", "Folder with this subject's photos.", required=True)
+    token: str = opt("", "Its identifier; each subject of a run needs its own.", required=True, text=True)
+    class_noun: str = opt("", "Its class noun.", text=True)
+    instance_prompt: Optional[str] = opt(None, "Its instance prompt; default: data.instance_prompt's template.",
+                                         text=True, fields=("token", "class_noun"))
+    class_prompt: Optional[str] = opt(None, "Its class prompt; default: prior.class_prompt's template.", text=True,
+                                      fields=("class_noun",))
+    class_dir: Optional[str] = opt(None, "Folder of its class images; default: one folder per class under "
+                                         "prior.class_dir (or OUTPUT/class_images).")
+
+    FIELDS = ("instance_dir", "token", "class_noun")  # what --subject gives, in order
+
+    def validate(self) -> None:
+        if not self.class_noun and not (self.instance_prompt and self.class_prompt):
+            raise ConfigError("class_noun is required unless instance_prompt and class_prompt are given")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     instance_dir: str = opt("", "Folder with 3-20 photos of the subject (jpg, png, webp, gif, bmp, mpo, tiff).")
@@ -104,17 +130,22 @@ class DataConfig:
     buckets: bool = opt(False, "Aspect-ratio buckets: each photo is resized to cover the bucket (about resolution² "
                                "pixels, up to 2.5:1 either way) nearest its aspect and centre-cropped to it, not to "
                                "a square.")
+    subjects: tuple[Subject, ...] = opt((), "More subjects in the same run, each with its own folder, identifier "
+                                            "and class: --subject FOLDER TOKEN CLASS (repeatable), or [[data.subjects]] "
+                                            "tables (instance_dir, token, class_noun; optionally instance_prompt, "
+                                            "class_prompt, class_dir). --instance-dir may then be left out.",
+                                        flag="--subject")
 
     def validate(self) -> None:
-        if not self.instance_prompt and not self.class_noun:
+        first = self.instance_dir or not self.subjects  # --subject alone: the flat fields name no subject
+        if first and not self.instance_prompt and not self.class_noun:
             raise ConfigError("data.class_noun is required (--class-noun) unless --instance-prompt is given")
         if self.buckets and self.crop == "random":  # a bucket's crop is a few pixels: nothing to randomise
             raise ConfigError("--buckets crops each photo to its bucket's centre: it cannot be used with --crop random")
 
     @property
     def prompt(self) -> str:
-        return fill(self.instance_prompt or "a photo of {token} {class_noun}", token=self.token,
-                    class_noun=self.class_noun)
+        return fill(self.instance_prompt or DEFAULT_INSTANCE_PROMPT, token=self.token, class_noun=self.class_noun)
 
 
 @dataclass(frozen=True)
@@ -142,7 +173,20 @@ class PriorConfig:
                             choices=("class", "subject"))
 
     def prompt_for(self, class_noun: str) -> str:
-        return fill(self.class_prompt or "a photo of {class_noun}", class_noun=class_noun)
+        return fill(self.class_prompt or DEFAULT_CLASS_PROMPT, class_noun=class_noun)
+
+
+def run_subjects(data: DataConfig, prior: PriorConfig) -> list[Subject]:
+    """Every subject of a run, prompts filled in: --instance-dir's (when given) first, then data.subjects. The
+    first one's class folder is left to the class-folder rule (see prior.class_folders), as prior.class_dir is."""
+    listed = [Subject(data.instance_dir, data.token, data.class_noun)] if data.instance_dir else []
+    out = []
+    for s in listed + list(data.subjects):
+        instance = fill(s.instance_prompt or data.instance_prompt or DEFAULT_INSTANCE_PROMPT, token=s.token,
+                        class_noun=s.class_noun)
+        out.append(dataclasses.replace(s, instance_prompt=instance, class_prompt=fill(
+            s.class_prompt or prior.class_prompt or DEFAULT_CLASS_PROMPT, class_noun=s.class_noun)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -239,11 +283,12 @@ def check_output(path: str | os.PathLike, flag: str, *, folder: bool = True) -> 
 
 def validate_train(cfg: "RunConfig") -> "RunConfig":
     """Checks that span sections of a `train` config."""
-    if not cfg.data.instance_dir:
-        raise ConfigError("data.instance_dir is required (--instance-dir)")
+    if not cfg.data.instance_dir and not cfg.data.subjects:
+        raise ConfigError("data.instance_dir is required (--instance-dir, or --subject FOLDER TOKEN CLASS)")
     check_output(cfg.train.output_dir, "--output-dir")
     if cfg.prior.prior and cfg.prior.class_dir:
         check_output(cfg.prior.class_dir, "--class-dir")
+    _check_subjects(cfg)
     lo = cfg.lora
     if lo.full and lo.method not in ("lora", "full"):
         raise ConfigError(f"lora.full conflicts with lora.method {lo.method} (--full is --method full)")
@@ -269,6 +314,25 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
     return cfg
 
 
+
+
+def _check_subjects(cfg: "RunConfig") -> None:
+    """Several subjects: each its own identifier and folder; methods that learn one identifier refuse them."""
+    subjects = run_subjects(cfg.data, cfg.prior)
+    first = 1 if cfg.data.instance_dir else 0
+    where = lambda i: "data.token" if i < first else f"data.subjects[{i - first}]"  # noqa: E731
+    for i, s in enumerate(subjects):
+        for j in range(i):
+            if subjects[j].token.lower() == s.token.lower():  # CLIP lowercases: 'SKS' is 'sks'
+                raise ConfigError(f"{where(i)}: identifier {s.token!r} is already {where(j)}'s; each subject needs "
+                                  f"its own")
+            if Path(subjects[j].instance_dir).resolve() == Path(s.instance_dir).resolve():
+                raise ConfigError(f"{where(i)}: folder {s.instance_dir} is already {where(j)}'s")
+        if s.class_dir and cfg.prior.prior:
+            check_output(s.class_dir, f"{where(i)}.class_dir")
+    if len(subjects) > 1 and cfg.lora.method in ("ti", "pivotal"):
+        raise ConfigError(f"lora.method {cfg.lora.method} learns one identifier's embeddings per run; train several "
+                          f"subjects with --method lora or full, or one {cfg.lora.method} run per subject")
 
 
 @dataclass(frozen=True)
@@ -341,6 +405,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
         return _check_value(key, value, args[0], meta)
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
+        if dataclasses.is_dataclass(item_tp):
+            return _check_tables(key, value, item_tp)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -374,6 +440,23 @@ def _check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     return value
 
 
+def _check_tables(key: str, value: Any, cls: type) -> tuple:
+    """A list of tables (TOML [[key]]) or of positional rows (a repeated CLI flag with nargs) -> configs of `cls`."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list of tables ([[{key}]]), got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if isinstance(item, (list, tuple)):  # from the CLI: the fields cls.FIELDS in order
+            item = dict(zip(cls.FIELDS, item))
+        if isinstance(item, cls):
+            item = to_dict(item)
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a table, got {item!r}")
+        out.append(build(cls, item, where))
+    return tuple(out)
+
+
 def _check_text(key: str, value: str, meta: Mapping[str, Any]) -> None:
     """Text fields: not blank; a template's unknown {name} is reported now, not discovered in the pictures."""
     if meta.get("text") and not value.strip():
@@ -388,9 +471,15 @@ def check(cfg: Any, section: str) -> Any:
     """Required fields present, then the class's own checks across fields (its validate())."""
     for f in dataclasses.fields(cfg):
         if f.metadata.get("required") and getattr(cfg, f.name) in ("", (), None):
-            raise ConfigError(f"{section}.{f.name} is required (--{f.name.replace('_', '-')})")
+            flag = "" if "[" in section else f" (--{f.name.replace('_', '-')})"  # a table's key has no flag
+            raise ConfigError(f"{section}.{f.name} is required{flag}")
     if hasattr(cfg, "validate"):
-        cfg.validate()
+        try:
+            cfg.validate()
+        except ConfigError as exc:
+            if "[" in section:  # a table of a list (data.subjects[1]): its own checks name the bare key
+                raise ConfigError(f"{section}.{exc}") from None
+            raise
     return cfg
 
 
@@ -414,7 +503,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if value is None:
             continue
-        out[f.name] = list(value) if isinstance(value, tuple) else value
+        if isinstance(value, tuple):
+            value = [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        out[f.name] = value
     return out
 
 

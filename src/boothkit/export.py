@@ -28,6 +28,7 @@ Every file is safetensors (no pickles), metadata values are strings, and every w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ from .errors import BoothkitError, ConfigError, ModelError
 if TYPE_CHECKING:  # torch is imported where it is used, so `boothkit --help` stays fast
     import torch
 
+log = logging.getLogger("boothkit")
 FORMATS = ("diffusers", "kohya", "comfyui", "merged", "merged-single-file")
 PRECISIONS = ("fp32", "fp16", "bf16")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x; SDXL's are in boothkit.families
@@ -464,7 +466,8 @@ def lycoris_tensors(weights: LoraWeights, namer) -> dict[str, torch.Tensor]:
     """LyCORIS keys as A1111 and ComfyUI read them: <name>.lokr_w1 ... / <name>.hada_w1_a ... and <name>.alpha.
 
     Those readers scale a LoHa, and a LoKr with a rank-decomposed factor, by alpha / rank as peft does; a LoKr
-    of two full factors they do not scale at all, so peft's alpha / r goes into lokr_w1 and no alpha is written."""
+    of two full factors they do not scale at all, so peft's alpha / r goes into lokr_w1, and its alpha is the rank
+    (as LyCORIS writes it; LyCORIS's own loader needs the key, the others ignore it there)."""
     import torch
 
     out: dict[str, torch.Tensor] = {}
@@ -475,10 +478,10 @@ def lycoris_tensors(weights: LoraWeights, namer) -> dict[str, torch.Tensor]:
             if any(k.startswith(name + ".") for k in out):
                 raise BoothkitError(f"two adapter modules map to the same name '{name}'")
             parts = dict(parts)
-            if "lokr_w1" in parts and "lokr_w2" in parts:
+            full = "lokr_w1" in parts and "lokr_w2" in parts
+            if full:
                 parts["lokr_w1"] = parts["lokr_w1"] * scale
-            else:
-                out[f"{name}.alpha"] = torch.tensor(weights.alpha[comp])
+            out[f"{name}.alpha"] = torch.tensor(float(weights.rank[comp] if full else weights.alpha[comp]))
             out.update({f"{name}.{k}": v for k, v in parts.items()})
     return out
 
@@ -500,6 +503,11 @@ def export_adapter(cfg: ExportConfig, kind: str) -> Path:
     weights = read_lora(cfg.lora) if kind == "dora" else read_lycoris(cfg.lora)
     if cfg.format in ("merged", "merged-single-file"):  # fused through diffusers' fuse_lora like a LoRA
         return write_merged(weights, cfg)
+    if kind == "loha" and any(weights.alpha[c] != weights.rank[c] for c in weights.modules):
+        log.warning("--format %s: a LoHa with alpha %g != rank %d is read as written by A1111 and ComfyUI, but "
+                    "lycoris-lora 3.4's own loader scales it by (alpha/rank)²; train with --alpha equal to --rank "
+                    "for a file every reader takes alike", cfg.format, *next(
+                        (weights.alpha[c], weights.rank[c]) for c in weights.modules))
     namer, unet_config = _namer(weights, cfg)
     meta = _ss_metadata(weights, cfg, cfg.output_name or out.stem, _base_model_version(unet_config))
     meta.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kind}),

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +29,31 @@ MANIFEST = "boothkit_class_images.json"
 FORMAT = 1
 # Settings that define what the images show; differing values mean a different class set.
 CLASS_KEYS = ("model", "prompt", "resolution")
+
+
+def class_folders(subjects: list[C.Subject], class_dir: str | None, output_dir: str | Path) -> list[Path]:
+    """Each subject's class-image folder. Subjects with one class prompt share one; a run of one class uses
+    --class-dir (default OUTPUT/class_images) itself, a run of several classes one folder per class under it,
+    named after the class noun. A subject's own class_dir wins."""
+    root = Path(class_dir) if class_dir else Path(output_dir) / "class_images"
+    prompts = list(dict.fromkeys(s.class_prompt for s in subjects))
+    names: dict[str, Path] = {}
+    for prompt in prompts:
+        members = [s for s in subjects if s.class_prompt == prompt]
+        given = list(dict.fromkeys(s.class_dir for s in members if s.class_dir))
+        if len(given) > 1:
+            raise ConfigError(f"class_dir: subjects of the class prompt {prompt!r} share one class folder, but "
+                              f"name {given[0]} and {given[1]}")
+        if given:
+            names[prompt] = Path(given[0])
+            continue
+        stem = re.sub(r"[^a-z0-9]+", "-", (members[0].class_noun or prompt).lower()).strip("-") or "class"
+        name, k = root / stem, 1
+        while name in names.values():  # two prompts of one noun ("a photo of dog", "a dog")
+            k += 1
+            name = root / f"{stem}-{k}"
+        names[prompt] = root if len(prompts) == 1 else name
+    return [names[s.class_prompt] for s in subjects]
 
 
 def class_image_name(i: int) -> str:
@@ -185,23 +211,29 @@ def _pipeline_bar_off(pipe) -> Iterator[None]:
 
 
 def run_class_images(cfg: C.RunConfig) -> list[Path]:
-    """`boothkit class-images`: fill --class-dir with class images from the frozen base model."""
+    """`boothkit class-images`: fill --class-dir with class images from the frozen base model (with --subject, one
+    folder per class under it, as `train` would use them)."""
     from .generate import device
 
     prior = cfg.prior
     if not prior.class_dir:
         raise ConfigError("prior.class_dir is required for class-images (--class-dir)")
-    if not prior.class_prompt and not cfg.data.class_noun:
+    if not prior.class_prompt and not cfg.data.class_noun and not cfg.data.subjects:
         raise ConfigError("data.class_noun is required (--class-noun) unless --class-prompt is given")
-    prompt = prior.prompt_for(cfg.data.class_noun)
-    if Path(prior.class_dir).is_dir():  # a folder of another class fails now, not after loading the model
-        check_settings(Path(prior.class_dir), read_manifest(Path(prior.class_dir)),
-                       {"model": models.model_name(cfg.model.model, cfg.model.vae), "prompt": prompt})
+    subjects = C.run_subjects(cfg.data, prior)
+    if cfg.data.subjects:
+        jobs = dict(zip((s.class_prompt for s in subjects), class_folders(subjects, prior.class_dir, "")))
+    else:
+        jobs = {prior.prompt_for(cfg.data.class_noun): Path(prior.class_dir)}
+    name = models.model_name(cfg.model.model, cfg.model.vae)
+    for prompt, folder in jobs.items():
+        if folder.is_dir():  # a folder of another class fails now, not after loading the model
+            check_settings(folder, read_manifest(folder), {"model": name, "prompt": prompt})
     pipe = models.load_pipeline(cfg.model.model, model_config=cfg.model.model_config, vae=cfg.model.vae,
                                 revision=cfg.model.revision).to(device())
     resolution = cfg.data.resolution or models.native_resolution(pipe)
-    return ensure_class_images(
-        pipe, prior.class_dir, prompt=prompt, num_images=prior.num_class_images,
+    return [path for prompt, folder in jobs.items() for path in ensure_class_images(
+        pipe, folder, prompt=prompt, num_images=prior.num_class_images,
         batch_size=prior.class_batch_size, seed=prior.class_seed, steps=prior.class_steps,
         scheduler=prior.class_scheduler,
-        guidance=prior.class_guidance, resolution=resolution, model_name=models.model_ref(cfg.model.model))
+        guidance=prior.class_guidance, resolution=resolution, model_name=name)]

@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,25 +21,22 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
-from .config import RunConfig, fill, save_toml, validate_train
-from .batches import Batch, LatentBank, PromptEncoder, draw_batch, step_seed
-from .data import aspect_buckets, load_folder, load_image
-from . import ema, tokens
+from . import ema
+from .batches import Batch, draw_batch, step_seed
+from .config import RunConfig, run_subjects, save_toml, validate_train
+from .embeddings import learned, save_embeddings
 from .errors import BoothkitError, ConfigError, Interrupted
 from .files import atomic_write_bytes, check_free_space
-from .embeddings import Placeholder, add_placeholder, learned, save_embeddings, train_rows
 from .interrupts import deferred_stop
 from .locks import folder_lock
-from .families import Family, family_of
 from .losses import (add_noise, diffusion_target, example_mse, examples_loss, min_snr_weights, mse,
                      prior_preservation_loss, weighted_loss)
-from .sidecars import Sidecars, read_sidecars
-from .lora import (LORA_FILE, adapter_metadata, add_lora, adapters_disabled, canonical_text_encoder_keys,
-                   lora_state_dict, save_lora_file)
-from .models import load_pipeline, model_name, model_ref, native_resolution
+from .lora import LORA_FILE, adapter_metadata, adapters_disabled, canonical_text_encoder_keys, lora_state_dict, \
+    save_lora_file
+from .models import load_pipeline, model_ref, native_resolution
+from .trainer import Trainer, encoders_train, load_dtypes, read_photos, setup, trainable, validation_prompts
 
 log = logging.getLogger("boothkit")
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # frozen weights per precision
 LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder_lr")
 
 
@@ -90,48 +86,7 @@ def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Te
     return prior_preservation_loss(pred, target, prior_weight)
 
 
-# ------------------------------------------------------------------------------------------------ setup
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _make_optimizer(cfg: RunConfig, groups: list[dict]):
-    t = cfg.train
-    kind = t.optimizer
-    if kind in ("auto", "adamw8bit"):
-        try:
-            import bitsandbytes as bnb  # noqa: F401
-            have_bnb = torch.cuda.is_available()
-        except ImportError:
-            have_bnb = False
-        if kind == "adamw8bit" and not have_bnb:
-            raise ConfigError("train.optimizer adamw8bit needs bitsandbytes and a CUDA GPU")
-        kind = "adamw8bit" if have_bnb else "adamw"
-    cls = torch.optim.AdamW
-    if kind == "adamw8bit":
-        import bitsandbytes as bnb
-        cls = bnb.optim.AdamW8bit
-    opt = cls(groups, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
-    return opt, kind
-
-
-def _validation_prompts(cfg: RunConfig) -> list[str]:
-    d = cfg.data
-    if cfg.train.validation_prompts:
-        return [fill(p, token=d.token, class_noun=d.class_noun) for p in cfg.train.validation_prompts]
-    return [d.prompt, f"{d.prompt} in the snow", cfg.prior.prompt_for(d.class_noun)]
-
-
-def _check_identifier(tokenizer, token: str) -> None:
-    pieces = tokenizer.tokenize(token)
-    if len(pieces) > 1:
-        log.warning("identifier %r splits into %d tokens %s; a single rare token binds the subject best",
-                    token, len(pieces), pieces)
-    elif pieces and tokens.check(tokenizer, token).rarity == "common":
-        log.warning("identifier %r is a common word; the model must unlearn its meaning (see `boothkit token "
-                    "suggest` for rare ones)", token)
-
+# ------------------------------------------------------------------------------------------------ the log
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
@@ -182,31 +137,6 @@ def _output_lock(cfg: RunConfig):
     return folder_lock(cfg.train.output_dir, "--output-dir", "training")
 
 
-@dataclass
-class Trainer:
-    """What the loop needs, set up once: models, optimizer, schedule and the data to draw from."""
-
-    cfg: RunConfig
-    accelerator: object
-    pipe: object
-    family: Family
-    unet: torch.nn.Module
-    text_encoders: dict[str, torch.nn.Module]  # component name -> (prepared) text encoder
-    optimizer: object
-    lr_scheduler: object
-    params: list
-    instance: LatentBank
-    classes: LatentBank | None
-    encode: PromptEncoder
-    class_prompt: str
-    alphas_cumprod: torch.Tensor
-    prediction_type: str
-    captions: list[str] | None = None  # --captions: one subject prompt per photo
-    ema: object | None = None  # --ema-decay: diffusers' EMAModel of `params`
-    placeholder: Placeholder | None = None  # --method ti/pivotal: the identifier as new tokens
-    placeholder_ids: dict | None = None  # text encoder component -> the new tokens' ids
-
-
 def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     from accelerate import Accelerator
 
@@ -219,23 +149,20 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     if earlier and not (cfg.train.resume or cfg.train.overwrite):
         raise BoothkitError(f"--output-dir {out} holds an earlier run ({earlier[0].name}); pass --resume to "
                             f"continue it, --overwrite to replace it, or choose another folder")
-    d = cfg.data
-    photos = load_folder(d.instance_dir, skip_bad=d.skip_bad_images)
-    instance_images = [img for _, img in photos]
-    side = read_sidecars(photos, d)  # captions and masks: a bad one is reported before the model loads
+    photos = read_photos(cfg)  # photos, captions and masks: a bad one is reported before the model loads
     # auto on a CPU: what this model's own forward/backward runs fastest in (probed once, cached). The saved
     # config names the precision actually used, so a rerun elsewhere repeats it.
     precision = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu",
                         probe=lambda: _probe_speedup(cfg), model=model_ref(cfg.model.model))
     cfg = cfg.replace("train", mixed_precision=precision)
     pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision,
-                         vae=cfg.model.vae, dtype=_load_dtypes(cfg))
+                         vae=cfg.model.vae, dtype=load_dtypes(cfg))
     t = cfg.train
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
         shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)  # an earlier run's checkpoints must not mix in
     main = accelerator.is_main_process
-    tr, resolved = _setup(cfg, accelerator, pipe, instance_images, progress and main, side, stop)
+    tr, resolved = setup(cfg, accelerator, pipe, photos, progress and main, stop)
     if main:  # after set-up: a bad photo, model or class folder is reported alone, on one line
         log.info("training on %d process(es), device %s, mixed precision %s", accelerator.num_processes,
                  accelerator.device, t.mixed_precision)
@@ -258,7 +185,7 @@ def _output_bytes(tr: Trainer) -> int:
     """About what the run's result takes on disk: the LoRA weights, or with --full the whole model folder."""
     modules = [m for m in tr.pipe.components.values() if isinstance(m, torch.nn.Module)] if tr.cfg.lora.full \
         else list(_models(tr).values())
-    chosen = (lambda m: [*m.parameters(), *m.buffers()]) if tr.cfg.lora.full else (lambda m: _trainable(m).values())
+    chosen = (lambda m: [*m.parameters(), *m.buffers()]) if tr.cfg.lora.full else (lambda m: trainable(m).values())
     return sum(t.numel() * t.element_size() for m in modules for t in chosen(m)) + (1 << 20)
 
 
@@ -281,175 +208,6 @@ def _probe_speedup(cfg: RunConfig) -> float:
     return unet_step_speedup(pipe.unet, cfg.data.resolution or native_resolution(pipe))
 
 
-def _load_dtypes(cfg: RunConfig) -> torch.dtype | dict[str, torch.dtype]:
-    """LoRA: frozen weights load straight into the run's precision (the VAE in fp32: it overflows in fp16), so no
-    fp32 copy of the model is ever held. A full fine-tune keeps fp32 master weights."""
-    if cfg.lora.full:
-        return torch.float32
-    dtypes = {"default": WEIGHT_DTYPES[cfg.train.mixed_precision], "vae": torch.float32}
-    if _learns_tokens(cfg):  # the identifier's embeddings train in fp32 inside the text encoders (small)
-        dtypes.update(text_encoder=torch.float32, text_encoder_2=torch.float32)
-    return dtypes
-
-
-def _learns_tokens(cfg: RunConfig) -> bool:
-    return cfg.lora.method in ("ti", "pivotal")
-
-
-def _encoders_train(cfg: RunConfig) -> bool:
-    """Whether gradients flow into the text encoders (their LoRA, full weights, or the identifier's rows)."""
-    return cfg.lora.train_text_encoder or _learns_tokens(cfg)
-
-
-def _release_frozen(tr: Trainer) -> None:
-    """Free the VAE and frozen text encoders once latents and prompt embeddings are cached and nothing later
-    (validation samples, uncached batches, a full model save) needs them: on a GPU their memory goes to the step."""
-    cfg, pipe = tr.cfg, tr.pipe
-    later = bool(cfg.train.validate_every) or cfg.lora.full
-    keep_vae = later or not tr.instance.cache or (tr.classes is not None and not tr.classes.cache)
-    keep_te = later or _encoders_train(cfg) or tr.encode.cached is None
-    for module in ([] if keep_vae else [pipe.vae]) + ([] if keep_te else list(tr.text_encoders.values())):
-        module.to("meta")  # storage freed; the module stays, so a stray later use fails loudly
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # what class images and the latent cache held returns to the device
-
-
-def _setup(cfg: RunConfig, accelerator, pipe, instance_images: list, progress: bool,
-           side: Sidecars | None = None, stop: threading.Event | None = None) -> tuple[Trainer, RunConfig]:
-    """Make class images, add LoRA, build optimizer, schedule and latent banks for the loaded model and photos."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-
-    from .generate import warn_long_prompts
-
-    t, d, pr, lo = cfg.train, cfg.data, cfg.prior, cfg.lora
-    device = accelerator.device
-    pipe.set_progress_bar_config(disable=True)
-    family = family_of(pipe)
-    if not _learns_tokens(cfg):  # ti/pivotal make the identifier one new token, however it splits now
-        _check_identifier(pipe.tokenizer, d.token)
-    class_prompt = pr.prompt_for(d.class_noun)
-    side = side or Sidecars()
-    warn_long_prompts(pipe, {"--instance-prompt": [d.prompt], "--class-prompt": [class_prompt],
-                             "--validation-prompts": _validation_prompts(cfg), "--captions": side.captions or []})
-    size = d.resolution or native_resolution(pipe)
-    class_dir = Path(pr.class_dir) if pr.class_dir else Path(t.output_dir) / "class_images"
-    class_images = []
-    if pr.prior and pr.prior_images == "subject":  # the frozen model's prediction is the target: no class images
-        class_images = instance_images
-    elif pr.prior:
-        from .prior import ensure_class_images
-        # the main process generates, the others find them made; in the run's precision (autocast)
-        with accelerator.main_process_first(), accelerator.autocast():
-            paths = ensure_class_images(
-                pipe.to(device), class_dir, prompt=class_prompt, num_images=pr.num_class_images,
-                batch_size=pr.class_batch_size, seed=pr.class_seed, steps=pr.class_steps, guidance=pr.class_guidance,
-                scheduler=pr.class_scheduler, stop=stop,
-                resolution=size, model_name=model_name(cfg.model.model, cfg.model.vae), progress=progress)
-        class_images = [load_image(p) for p in paths]
-
-    groups = _make_trainable(cfg, pipe, family, device, accelerator.mixed_precision)
-    placeholder, placeholder_ids = None, None
-    if _learns_tokens(cfg):
-        placeholder, placeholder_ids, rows = _add_placeholder(cfg, pipe, family, device)
-        groups.append({"params": rows, "lr": lo.ti_lr, "weight_decay": 0.0})  # decay would move every row
-    optimizer, opt_kind = _make_optimizer(cfg, groups)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.max_steps)
-    text_encoders = {name: getattr(pipe, name) for name in family.text_encoders}
-    if _encoders_train(cfg):
-        unet, *prepared, optimizer = accelerator.prepare(pipe.unet, *text_encoders.values(), optimizer)
-        text_encoders = dict(zip(text_encoders, prepared))
-    else:
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
-
-    bank = dict(size=size, vae=pipe.vae, cache=d.cache_latents, flip=d.flip, random_crop=d.crop == "random",
-                device=device)
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    tr = Trainer(
-        cfg=cfg, accelerator=accelerator, pipe=pipe, family=family, unet=unet, text_encoders=text_encoders,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler, params=[p for grp in groups for p in grp["params"]],
-        instance=LatentBank(instance_images, **bank, masks=side.masks, buckets=_buckets(cfg, pipe, size)),
-        # class images stay square (made at the resolution, they have no aspect to keep): bucketing them would crop
-        # them and cache them once per bucket; a non-square bucket's class half takes its own UNet pass instead
-        classes=LatentBank(class_images, **bank) if pr.prior else None,
-        encode=PromptEncoder(family, [getattr(pipe, n) for n in family.tokenizers], text_encoders.values(),
-                             [d.prompt, class_prompt, *(side.captions or []), *([""] if d.caption_dropout else [])],
-                             cache=d.cache_latents and not _encoders_train(cfg),
-                             device=device, rewrite=placeholder.expand if placeholder else str),
-        class_prompt=class_prompt, alphas_cumprod=noise_sched.alphas_cumprod,
-        prediction_type=noise_sched.config.prediction_type, captions=side.captions, placeholder=placeholder,
-        placeholder_ids=placeholder_ids)
-    if t.ema_decay is not None:
-        tr.ema = ema.make_ema(tr.params, t.ema_decay, t.ema_on_cpu)
-    _release_frozen(tr)
-    resolved = cfg.replace("data", resolution=size, instance_prompt=d.prompt) \
-                  .replace("prior", class_dir=str(class_dir), class_prompt=class_prompt).replace("train", optimizer=opt_kind)
-    return tr, resolved
-
-
-def _buckets(cfg: RunConfig, pipe, size: int) -> list[tuple[int, int]] | None:
-    """--buckets: sides in multiples of 8 latent pixels, so that the UNet's downsamplings divide them."""
-    return aspect_buckets(size, int(pipe.vae_scale_factor) * 8) if cfg.data.buckets else None
-
-
-def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precision: str) -> list[dict]:
-    """Freeze what is not trained, add LoRA adapters (or unfreeze for --full); returns optimizer param groups.
-    --train-text-encoder trains every text encoder of the family (one learning rate for them)."""
-    t, lo = cfg.train, cfg.lora
-    unet, train_te = pipe.unet, lo.train_text_encoder
-    encoders = [getattr(pipe, name) for name in family.text_encoders]
-    weight_dtype = WEIGHT_DTYPES[mixed_precision]
-    pipe.vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
-    torch.manual_seed(t.seed)  # LoRA A matrices are drawn from the global RNG
-    if lo.full:
-        unet.requires_grad_(True)
-        for te in encoders:
-            te.requires_grad_(train_te)
-    elif lo.method == "ti":  # the model stays as it is; only the identifier's embeddings train
-        unet.requires_grad_(False).to(device, weight_dtype)
-        for te in encoders:
-            te.requires_grad_(False)
-    else:
-        unet.to(device, weight_dtype)
-        add_lora(unet, lo.unet_targets, lo.rank, lo.alpha, lo.dropout, lo.adapter)
-        for te in encoders:
-            te.requires_grad_(False)
-            if train_te:
-                te.to(device, weight_dtype)
-                add_lora(te, lo.text_encoder_targets, lo.rank, lo.alpha, lo.dropout, lo.adapter)
-    for model in (unet, *encoders):
-        model.to(device)
-        for p in _trainable(model).values():
-            p.data = p.data.float()  # trainable weights stay fp32; autocast handles the compute
-        if not train_te and model is not unet:
-            model.to(device, weight_dtype)
-    if t.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for te in encoders if train_te else ():
-            te.gradient_checkpointing_enable()
-    groups = [{"params": list(_trainable(unet).values()), "lr": t.learning_rate}] if lo.method != "ti" else []
-    if train_te:
-        groups.append({"params": [p for te in encoders for p in _trainable(te).values()], "lr": t.text_encoder_lr})
-    return groups
-
-
-def _add_placeholder(cfg: RunConfig, pipe, family: Family, device) -> tuple[Placeholder, dict, list]:
-    """--method ti/pivotal: the identifier as new tokens in every tokenizer, starting at the class noun's
-    embedding; returns it, its ids per text encoder, and the embedding weights to train (other rows masked)."""
-    placeholder = Placeholder(cfg.data.token, cfg.lora.ti_vectors)
-    ids, rows = {}, []
-    for component, tok in zip(family.text_encoders, family.tokenizers):
-        encoder = getattr(pipe, component)
-        ids[component] = add_placeholder(getattr(pipe, tok), encoder, placeholder, cfg.data.class_noun)
-        rows.append(train_rows(encoder, ids[component]))
-        encoder.to(device)
-    return placeholder, ids, rows
-
-
 def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
     """Restore the newest usable checkpoint; returns (step, log rows up to it).
 
@@ -465,7 +223,7 @@ def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
             state = ckpt.load_checkpoint(path)
             if state["step"] != step:
                 raise ckpt.CheckpointError(f"{path / 'state.json'}: says step {state['step']}, not {step}")
-            _check_fingerprint(tr.cfg, path, state["state"])
+            _check_fingerprint(tr, path, state["state"])
             _apply_checkpoint(tr, path, state)
         except ckpt.CheckpointError as exc:
             later = "using the one before it" if i + 1 < len(found) else "no older checkpoint is left"
@@ -477,10 +235,19 @@ def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
                         f"damaged, see the warnings); pass --overwrite to start again")
 
 
-def _fingerprint(cfg: RunConfig) -> dict:
-    """What a checkpoint's trainable weights depend on: a resume must match it."""
-    lo = cfg.lora
-    fp = {"model": model_ref(cfg.model.model), "full": lo.full, "train_text_encoder": lo.train_text_encoder}
+# Recorded by later versions only: a checkpoint without one of these keys is not compared on it.
+LATER_KEYS = {"method": "lora.method", "resolution": "data.resolution", "crop": "data.crop",
+              "buckets": "data.buckets", "ema": "train.ema_decay"}
+
+
+def _fingerprint(tr: Trainer) -> dict:
+    """What a checkpoint's trainable weights depend on, and what would silently change the training they had
+    (the pictures' size and framing, an EMA that would be dropped or started from nothing): a resume must match."""
+    cfg = tr.cfg
+    lo, d = cfg.lora, cfg.data
+    fp = {"model": model_ref(cfg.model.model), "full": lo.full, "train_text_encoder": lo.train_text_encoder,
+          "method": lo.method, "resolution": tr.instance.size, "crop": d.crop, "buckets": d.buckets,
+          "ema": "on" if cfg.train.ema_decay is not None else "off"}
     if not lo.full:
         fp.update(rank=lo.rank, unet_targets=list(lo.unet_targets))
         if lo.adapter != "lora":  # absent for lora, so checkpoints written before --adapter still resume
@@ -490,15 +257,17 @@ def _fingerprint(cfg: RunConfig) -> dict:
     return fp
 
 
-def _check_fingerprint(cfg: RunConfig, path: Path, state: dict) -> None:
-    saved, now = state.get("config"), _fingerprint(cfg)
+def _check_fingerprint(tr: Trainer, path: Path, state: dict) -> None:
+    saved, now = state.get("config"), _fingerprint(tr)
     if saved is None:  # written before checkpoints recorded their config: _restore compares the weights
         return
     if not isinstance(saved, dict):
         raise ckpt.CheckpointError(f"{path / 'state.json'}: its config record is damaged")
     for key in sorted(set(saved) | set(now)):
+        if key in LATER_KEYS and key not in saved:
+            continue
         if saved.get(key) != now.get(key):
-            where = "model.model" if key == "model" else f"lora.{key}"
+            where = "model.model" if key == "model" else LATER_KEYS.get(key, f"lora.{key}")
             raise BoothkitError(f"--resume: checkpoint {path} does not match this config ({where}: "
                                 f"{saved.get(key)!r} in the checkpoint, {now.get(key)!r} now)")
 
@@ -552,8 +321,7 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool,
                         for m in trained:
                             stack.enter_context(acc.no_sync(m))
                     with acc.autocast():
-                        batch = draw_batch(g, tr.instance, tr.captions or d.prompt, t.batch_size, tr.classes,
-                                           tr.class_prompt, d.caption_dropout)
+                        batch = draw_batch(g, tr.instance, t.batch_size, tr.classes, d.caption_dropout, tr.class_of)
                         losses = training_step(tr.unet, tr.encode, batch, tr.alphas_cumprod, tr.prediction_type,
                                                prior_weight, g, frozen_predict, snr_gamma=t.snr_gamma,
                                                noise_offset=t.noise_offset)
@@ -600,7 +368,7 @@ def _after_step(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:
 
 def _save_checkpoint(tr: Trainer, out: Path, done: int) -> Path:
     return ckpt.save_checkpoint(out, done, _weights(tr), tr.optimizer, tr.lr_scheduler, tr.cfg.train.checkpoints_keep,
-                                {"config": _fingerprint(tr.cfg)},
+                                {"config": _fingerprint(tr)},
                                 states={"ema": tr.ema.state_dict()} if tr.ema is not None else None)
 
 
@@ -623,7 +391,7 @@ def _stop_on_interrupt(tr: Trainer, out: Path, done: int, rows: list[dict]) -> N
 
 def _models(tr: Trainer) -> dict[str, torch.nn.Module]:
     """Component name -> unwrapped model, for every component that trains."""
-    trained = {"unet": tr.unet, **(tr.text_encoders if _encoders_train(tr.cfg) else {})}
+    trained = {"unet": tr.unet, **(tr.text_encoders if encoders_train(tr.cfg) else {})}
     return {name: tr.accelerator.unwrap_model(m) for name, m in trained.items()}
 
 
@@ -638,13 +406,13 @@ def _stop_on_nonfinite(out: Path, step: int, loss: float, precision: str) -> Non
 
 
 def _weights(tr: Trainer) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name, m in _models(tr).items() for k, v in _trainable(m).items()}
+    return {f"{name}.{k}": v for name, m in _models(tr).items() for k, v in trainable(m).items()}
 
 
 def _restore(tr: Trainer, path: Path, weights: dict[str, torch.Tensor]) -> None:
     models = {"unet": tr.unet, **tr.text_encoders}
     params = {f"{name}.{k}": p for name, m in models.items()
-              for k, p in _trainable(tr.accelerator.unwrap_model(m)).items()}
+              for k, p in trainable(tr.accelerator.unwrap_model(m)).items()}
     missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     wrong = [k for k in params if k in weights and weights[k].shape != params[k].shape]
     why = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
@@ -669,7 +437,7 @@ def _validate(tr: Trainer, folder: Path) -> None:
         for m, _ in modes:
             m.eval()
         with torch.random.fork_rng(), accelerator.autocast():
-            for i, prompt in enumerate(_validation_prompts(cfg)):
+            for i, prompt in enumerate(validation_prompts(cfg)):
                 imgs = generate_images(val, prompt, num_images=2, seed=0, steps=cfg.train.validation_steps,
                                        guidance=7.5)
                 for j, img in enumerate(imgs):
@@ -684,16 +452,21 @@ def _validate(tr: Trainer, folder: Path) -> None:
 
 def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -> None:
     """The trained LoRA (diffusers format, with boothkit metadata) or the full model folder."""
-    d, lo, pipe = cfg.data, cfg.lora, tr.pipe
+    lo, pipe = cfg.lora, tr.pipe
     trained = _models(tr)
-    info = {"base_model": model_ref(cfg.model.model), "token": d.token, "class_noun": d.class_noun,
-            "instance_prompt": d.prompt, "class_prompt": cfg.prior.prompt_for(d.class_noun),
+    subjects = run_subjects(cfg.data, cfg.prior)
+    first = subjects[0]
+    info = {"base_model": model_ref(cfg.model.model), "token": first.token, "class_noun": first.class_noun,
+            "instance_prompt": first.instance_prompt, "class_prompt": first.class_prompt,
             "prior_preservation": cfg.prior.prior, "prior_target": cfg.prior.prior_target,
             "prior_images": cfg.prior.prior_images, "rank": lo.rank, "alpha": lo.alpha,
             "unet_targets": ",".join(lo.unet_targets), "steps": cfg.train.max_steps, "resolution": resolved.data.resolution,
             "text_encoder_targets": ",".join(lo.text_encoder_targets) if lo.train_text_encoder else "",
             "family": tr.family.name, "vae": model_ref(cfg.model.vae) if cfg.model.vae else "",
             "version": __version__}
+    if len(subjects) > 1:  # every identifier the weights answer to
+        info["subjects"] = json.dumps([{"token": s.token, "class_noun": s.class_noun,
+                                        "instance_prompt": s.instance_prompt} for s in subjects])
     check_free_space(out, _output_bytes(tr), f"--output-dir {out}: the trained weights")
     if lo.full:
         for name, model in trained.items():
