@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,18 @@ def test_a_stop_event_ends_class_images_after_the_batch_and_keeps_them(base, tmp
     assert sorted(p.name for p in folder.glob("class-*.png")) == ["class-00000.png", "class-00001.png"]
     assert len(prior.ensure_class_images(base, folder, **{**SETTINGS, "num_images": 4, "batch_size": 2})) == 4
 
+
+
+def test_class_images_made_with_another_vae_are_the_ones_train_uses(tiny_path, demo_subject, tmp_path):
+    """`class-images --vae V` records the model as `train --vae V` looks for it, so training reuses them."""
+    from boothkit.train import run_training
+
+    vae = tmp_path / "my_vae"
+    shutil.copytree(tiny_path / "vae", vae)
+    flags = {"model": "tiny", "vae": str(vae), "class_noun": "dog", "num_class_images": 2, "class_steps": 1,
+             "class_dir": str(tmp_path / "class")}
+    prior.run_class_images(C.resolve(C.CLASS_IMAGES_SECTIONS, {}, flags))
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "class").glob("*.png")}
+    run_training(C.resolve(C.TRAIN_SECTIONS, {}, {**flags, "instance_dir": str(demo_subject), "max_steps": 1,
+                                                   "rank": 2, "output_dir": str(tmp_path / "run")}), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "class").glob("*.png")} == made  # reused, not remade

@@ -87,11 +87,12 @@ def validation_prompts(cfg: RunConfig) -> list[str]:
 
 
 def check_identifier(tokenizer, token: str) -> None:
-    pieces = tokenizer.tokenize(token)
-    if len(pieces) > 1:
+    """Warn, as the paper advises, about an identifier of several tokens or one that is a common word."""
+    c = tokens.check(tokenizer, token)
+    if not c.single:
         log.warning("identifier %r splits into %d tokens %s; a single rare token binds the subject best",
-                    token, len(pieces), pieces)
-    elif pieces and tokens.check(tokenizer, token).rarity == "common":
+                    token, len(c.pieces), [p for p, _ in c.pieces])
+    elif c.rarity == "common":
         log.warning("identifier %r is a common word; the model must unlearn its meaning (see `boothkit token "
                     "suggest` for rare ones)", token)
 
