@@ -12,7 +12,6 @@ the prompt. Prints a table and writes a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pathlib import Path
 from boothkit import bench, config as C
 from boothkit.data import load_folder
 from boothkit.embeddings import EMBEDDINGS_FILE
+from boothkit.experiment import write_rows
 from boothkit.generate import load_generation_pipeline
 from boothkit.lora import LORA_FILE
 from boothkit.speed import machine
@@ -78,10 +78,7 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{sum(r[k] for r in mine) / len(mine):.3f}"
                                           for k in ("DINO", "CLIP-I", "CLIP-T")) + " |")
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+        write_rows(Path(args.csv), rows)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ The base model (no training) gives the reference. Prints a table and writes a CS
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 
 from boothkit import bench, config as C
 from boothkit.data import load_folder
+from boothkit.experiment import write_rows
 from boothkit.generate import load_generation_pipeline
 from boothkit.lora import LORA_FILE
 from boothkit.speed import machine
@@ -99,10 +99,7 @@ def main() -> None:
         print(f"| {r['pair']} | {r['subject']} | {r['model']} | {r['DINO']:.3f} | {r['CLIP-I']:.3f} | "
               f"{r['CLIP-T']:.3f} | {r['DINO to the other subject']:.3f} |")
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+        write_rows(Path(args.csv), rows)
 
 
 if __name__ == "__main__":
