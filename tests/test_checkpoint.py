@@ -137,6 +137,8 @@ def test_no_usable_checkpoint_is_one_line(run_copy, capsys):
     ({"buckets": True}, "data.buckets: False in the checkpoint, True now"),
     ({"ema_decay": 0.9}, "train.ema_decay: 'off' in the checkpoint, 'on' now"),
     ({"method": "pivotal"}, "lora.method: 'lora' in the checkpoint, 'pivotal' now"),
+    ({"token": "zwx"}, "data.subjects (identifier, class noun): [['sks', 'dog']] in the checkpoint, [['zwx', 'dog']]"),
+    ({"class_noun": "cat"}, "[['sks', 'dog']] in the checkpoint, [['sks', 'cat']] now"),
 ])
 def test_checkpoint_of_another_config_is_refused(run_copy, tiny_path, over, why):
     photos, out, _ = run_copy
@@ -149,7 +151,7 @@ def test_checkpoint_of_another_config_is_refused(run_copy, tiny_path, over, why)
 
 
 def test_checkpoint_from_before_the_later_keys_still_resumes(run_copy):
-    """Checkpoints recorded before resolution, crop, buckets, EMA and method were: not compared on them."""
+    """Checkpoints recorded before resolution, crop, buckets, EMA, method and subjects were: not compared on them."""
     from boothkit.train import LATER_KEYS
 
     photos, out, weights = run_copy

@@ -237,17 +237,21 @@ def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
 
 # Recorded by later versions only: a checkpoint without one of these keys is not compared on it.
 LATER_KEYS = {"method": "lora.method", "resolution": "data.resolution", "crop": "data.crop",
-              "buckets": "data.buckets", "ema": "train.ema_decay"}
+              "buckets": "data.buckets", "ema": "train.ema_decay",
+              "subjects": "data.subjects (identifier, class noun)"}
 
 
 def _fingerprint(tr: Trainer) -> dict:
     """What a checkpoint's trainable weights depend on, and what would silently change the training they had
-    (the pictures' size and framing, an EMA that would be dropped or started from nothing): a resume must match."""
+    (the pictures' size and framing, an EMA that would be dropped or started from nothing, the subjects it learns):
+    a resume must match."""
     cfg = tr.cfg
     lo, d = cfg.lora, cfg.data
     fp = {"model": model_ref(cfg.model.model), "full": lo.full, "train_text_encoder": lo.train_text_encoder,
           "method": lo.method, "resolution": tr.instance.size, "crop": d.crop, "buckets": d.buckets,
-          "ema": "on" if cfg.train.ema_decay is not None else "off"}
+          "ema": "on" if cfg.train.ema_decay is not None else "off",
+          # not the folders: photos may move between a crash and its resume; what is learned is named by these
+          "subjects": [[s.token, s.class_noun] for s in run_subjects(d, cfg.prior)]}
     if not lo.full:
         fp.update(rank=lo.rank, unet_targets=list(lo.unet_targets))
         if lo.adapter != "lora":  # absent for lora, so checkpoints written before --adapter still resume
