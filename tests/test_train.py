@@ -254,6 +254,29 @@ def test_gradient_checkpointing_changes_memory_not_the_weights(instance_dir, tmp
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-7)
 
 
+def test_compiled_unet_trains_the_same_weights(instance_dir, tmp_path, monkeypatch):
+    """--compile: the same weights under the same names, also through the frozen-model prior (adapters switched off
+    inside the compiled UNet) and validation sampling. The aot_eager backend traces and differentiates as inductor
+    does without its C++ code generation (80 s for tiny on this CPU); BENCHMARKS.md times inductor itself."""
+    import boothkit.trainer as TR
+
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real(self, **{"backend": "aot_eager", **kw}))
+    compiled = []
+    release = TR.release_frozen
+    monkeypatch.setattr(TR, "release_frozen", lambda tr: (compiled.append(tr.pipe.unet._compiled_call_impl),
+                                                          release(tr)))
+    over = {"max_steps": 3, "prior_target": "frozen", "prior_images": "subject", "validate_every": 3,
+            "validation_steps": 2}
+    plain = run_training(make_cfg(instance_dir, tmp_path / "a", prior=True, **over), progress=False)
+    fast = run_training(make_cfg(instance_dir, tmp_path / "b", prior=True, compile=True, **over), progress=False)
+    assert compiled[0] is None and compiled[1] is not None
+    wa, wb = lora_tensors(plain), lora_tensors(fast)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)  # lora_B moved by ~1e-3: a lost op shows
+
+
 def test_validation_samples(instance_dir, tmp_path):
     out = run_training(make_cfg(instance_dir, tmp_path / "out", max_steps=2, validate_every=2, validation_steps=2),
                        progress=False)

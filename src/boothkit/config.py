@@ -234,6 +234,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     channels_last: bool = opt(False, "UNet convolutions in the channels-last memory layout (see BENCHMARKS.md for "
                                      "where it pays).")
+    compile: bool = opt(False, "Compile the UNet with torch.compile (inductor): the first step waits for the compiler "
+                               "(see BENCHMARKS.md for what it pays back).")
     checkpoint_every: int = opt(0, "Write a resumable checkpoint every N steps (0: never).", min=0)
     checkpoints_keep: int = opt(2, "Keep the newest K checkpoints.", min=1)
     resume: bool = opt(False, "Continue from the newest complete checkpoint in OUTPUT/checkpoints.")

@@ -26,6 +26,8 @@ CPU_CONFIGS: dict[str, dict[str, Any]] = {
     "LoRA UNet, prior, fp32": {"mixed_precision": "no"},
     "LoRA UNet, prior, bf16": {"mixed_precision": "bf16"},
     "LoRA UNet, prior, fp32, channels_last": {"mixed_precision": "no", "channels_last": True},
+    "LoRA UNet, prior, fp32, compiled": {"mixed_precision": "no", "compile": True},
+    "LoRA UNet, prior, bf16, compiled": {"mixed_precision": "bf16", "compile": True},
     "LoRA UNet + text encoder, prior, fp32": {"mixed_precision": "no", "train_text_encoder": True},
     "LoRA UNet, prior, fp32, gradient checkpointing": {"mixed_precision": "no", "gradient_checkpointing": True},
     "LoRA UNet, no prior, fp32": {"mixed_precision": "no", "prior": False},
@@ -38,6 +40,7 @@ GPU_CONFIGS: dict[str, dict[str, Any]] = {
     "LoRA UNet, prior, fp16": {"mixed_precision": "fp16"},
     "LoRA UNet, prior, fp32": {"mixed_precision": "no"},
     "LoRA UNet, prior, bf16, channels_last": {**_BF16, "channels_last": True},
+    "LoRA UNet, prior, bf16, compiled": {**_BF16, "compile": True},
     "LoRA UNet + text encoder, prior, bf16": {**_BF16, "train_text_encoder": True},
     "LoRA UNet, prior, bf16, gradient checkpointing": {**_BF16, "gradient_checkpointing": True},
     "LoRA UNet, no prior, bf16": {**_BF16, "prior": False},
@@ -205,7 +208,7 @@ def measure_config(s: SpeedConfig, name: str, overrides: dict, work: Path, flops
         flops_cache[json.dumps(key)] = _in_child({"flops": key}, name)["gflops"]
     step = statistics.median(got["step_seconds"])
     return {"config": name, "seconds_per_step": step, "subject_images_per_second": overrides.get("batch_size", 1) / step,
-            **{k: v for k, v in got.items() if k.endswith("_mib")},
+            **{k: v for k, v in got.items() if k.endswith("_mib")}, "until_first_step": got["until_first_step"],
             "gflops_per_step": flops_cache[json.dumps(key)], "mixed_precision": overrides.get("mixed_precision")}
 
 

@@ -309,6 +309,8 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
         unet.enable_gradient_checkpointing()
         for te in encoders if train_te else ():
             te.gradient_checkpointing_enable()
+    if t.compile:
+        unet.compile()  # in place (not torch.compile(unet)): parameter and state-dict names stay as they are
     groups = [{"params": list(trainable(unet).values()), "lr": t.learning_rate}] if lo.method != "ti" else []
     if train_te:
         groups.append({"params": [p for te in encoders for p in trainable(te).values()], "lr": t.text_encoder_lr})
