@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mask-subjects", default="girl,boy,backpack,car")
     ap.add_argument("--mask-background", default="dark blue")
     ap.add_argument("--mask-steps", type=int, default=400)
+    ap.add_argument("--mask-rules", default="area:0,image:0,image:0.1",
+                    help="masked runs as MEAN:OUTSIDE (--mask-mean, --mask-outside), comma-separated")
     ap.add_argument("--leak-prompts", default="an emoji of {token} {noun}|an emoji of {token} {noun} on a white "
                                               "background|an emoji of {token} {noun} on a pink background",
                     help="'|'-separated prompts that do not name the training background")
@@ -377,16 +379,22 @@ def mask_subject(ctx: Ctx, subject: str, photos: Path, colour, templates: list[s
     results = {"base model": evaluation("base", ctx.base_pipe, prompts),
                f"base model, prompt names {bg}": evaluation(
                    "base-named", ctx.base_pipe, [f"an emoji of {ctx.token} {noun} on a {bg} background"])}
-    for label, masked in (("trained, no mask", False), ("trained, --masked-loss", True)):
-        out = root / subject / ("masked" if masked else "unmasked")
+    runs = {"trained, no mask": ("unmasked", {})}
+    for rule in csv_list(a.mask_rules):
+        mean, outside = rule.split(":")
+        label = f"trained, --masked-loss --mask-mean {mean}" + (f" --mask-outside {outside}" if float(outside) else "")
+        runs[label] = (f"masked-{mean}-{outside}", {"masked_loss": True, "mask_mean": mean,
+                                                     "mask_outside": float(outside)})
+    for label, (name, extra) in runs.items():
+        out = root / subject / name
 
-        def make_pipe(out=out, masked=masked):
+        def make_pipe(out=out, extra=extra):
             t0 = time.perf_counter()
-            ov = ctx.overrides(subject, photos / subject, out, max_steps=a.mask_steps, masked_loss=masked)
+            ov = ctx.overrides(subject, photos / subject, out, max_steps=a.mask_steps, **extra)
             train_subject(ctx.train_values, ov, out, separate_process=False, progress=False)
             ctx.timed("mask: training", t0)
             return load_generation_pipeline(None, [(str(out), 1.0)])
-        results[label] = evaluation("masked" if masked else "unmasked", make_pipe, prompts)
+        results[label] = evaluation(name, make_pipe, prompts)
     rows.append({"experiment": "masked-loss", "variant": "training photos", "subject": subject,
                  "prompt": "(the 5 photos)", **mean_stats(train_photos, colour, a),
                  "n_images": len(train_photos)})
@@ -440,17 +448,22 @@ def print_mask(rows: list[dict], a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------- main
 
+COLUMNS = ["experiment", "variant", "steps", "subject", "n_subjects", "prompt", "n_images", "DINO", "CLIP-I",
+           "CLIP-T", "DIV", "instance DINO", "instance CLIP-I", "leak", "leak (loose)", "ring distance",
+           "DINO to training photos", "CLIP-I to training photos"]
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
-    columns = ["experiment", "variant", "steps", "subject", "n_subjects", "prompt", "n_images", "DINO", "CLIP-I",
-               "CLIP-T", "DIV", "instance DINO", "instance CLIP-I", "leak", "leak (loose)", "ring distance",
-               "DINO to training photos",
-               "CLIP-I to training photos"]
+    """The rows of the experiments this invocation ran, beside the CSV's rows of those it did not (--part)."""
+    from boothkit.experiment import write_rows
+
+    ran = {r["experiment"] for r in rows}
+    kept = []
+    if path.is_file():
+        with path.open(newline="") as fh:
+            kept = [r for r in csv.DictReader(fh) if r["experiment"] not in ran]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_rows(path, [{c: r.get(c) for c in COLUMNS} for r in kept + rows])
 
 
 def main(argv=None) -> None:

@@ -70,7 +70,8 @@ def test_state_json_records_a_checksum_of_every_file(trained):
     assert all(state["files"][n] == files.file_sha256(step_dir(trained[1], 4) / n) for n in ckpt.FILES)
     assert state["config"] == {"model": "tiny", "full": False, "train_text_encoder": False, "rank": 4,
                                "unet_targets": list(C.LoraConfig().unet_targets), "method": "lora",
-                               "resolution": 64, "crop": "center", "buckets": False, "ema": "off"}
+                               "resolution": 64, "crop": "center", "buckets": False, "ema": "off",
+                               "subjects": [["sks", "dog"]]}
 
 
 def _truncate(d: Path) -> None:

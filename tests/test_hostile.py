@@ -249,6 +249,8 @@ CATALOGUE = [
     ("config: nan", _config(b"[train]\nlearning_rate = nan\n", "train.learning_rate")),
     ("config: not UTF-8", _config("[data]\nclass_noun = 'chien \u00e9'\n".encode("latin-1"), "run.toml", "UTF-8")),
     ("config: a folder", lambda ctx: (["train", "--config", ctx["tmp"]], [str(ctx["tmp"])])),
+    ("config: a key with no effect", lambda ctx: (_train(ctx, "--mask-outside", "0.3"),
+                                                  ["data.mask_outside (--mask-outside)", "add --masked-loss"])),
     # identifier, class noun and prompts
     ("value: empty identifier", lambda ctx: (_train(ctx, "--token", ""), ["data.token"])),
     ("value: whitespace class noun", lambda ctx: (_train(ctx, "--class-noun", "  "), ["data.class_noun"])),

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from boothkit.losses import (add_noise, diffusion_target, example_mse, min_snr_weights, mse,
+from boothkit.losses import (MaskRule, add_noise, diffusion_target, example_mse, min_snr_weights, mse,
                              prior_preservation_loss, weighted_loss)
 
 
@@ -105,6 +105,26 @@ def test_weighted_loss_by_hand():
     assert [x.item() for x in weighted_loss(pred, target, None, None, 2.0)] == pytest.approx([x.item() for x in plain])
 
 
+@pytest.mark.parametrize("outside, mean", [(0.0, "image"), (0.0, "area"), (0.1, "image"), (0.25, "area")])
+def test_mask_rule_by_hand(outside, mean):
+    """Each example's weighted error, written out pixel by pixel: black counts `outside`, white 1, grey between."""
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, :, :, :1] = 1.0  # a quarter of the first picture
+    mask[1, :, 2:, :] = 0.5  # half of the second, grey
+    got = example_mse(pred, target, mask, MaskRule(outside, mean))
+    for b in range(2):
+        num = den = 0.0
+        for c in range(4):
+            for y in range(4):
+                for x in range(4):
+                    w = outside + (1 - outside) * float(mask[b, 0, y, x])
+                    num += w * float(pred[b, c, y, x] - target[b, c, y, x]) ** 2
+                    den += w if mean == "area" else 1.0
+        assert got[b].item() == pytest.approx(num / den, rel=1e-5)
+
+
 def test_masked_mse_ignores_what_lies_outside_the_mask():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -114,5 +134,6 @@ def test_masked_mse_ignores_what_lies_outside_the_mask():
     other[..., 3:] = 100.0  # outside the mask
     torch.testing.assert_close(example_mse(pred, target, mask), example_mse(other, target, mask), rtol=0, atol=0)
     inside = ((pred - target) ** 2)[..., :3].flatten(1).mean(1)
-    torch.testing.assert_close(example_mse(pred, target, mask), inside)
+    torch.testing.assert_close(example_mse(pred, target, mask, MaskRule(mean="area")), inside)
+    torch.testing.assert_close(example_mse(pred, target, mask), inside * 3 / 8)  # image mean: 3 of 8 columns
     assert not torch.allclose(example_mse(pred, target), inside)

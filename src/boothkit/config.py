@@ -65,6 +65,7 @@ def fill(template: str, **values: str) -> str:
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MASK_MEANS = ("image", "area")  # losses.MaskRule.mean
 METHODS = ("lora", "full", "ti", "pivotal")
 ADAPTERS = ("lora", "dora", "lokr", "loha")
 # Sampler names `boothkit generate --scheduler` accepts (built by generate.make_scheduler).
@@ -125,8 +126,14 @@ class DataConfig:
                                 "instance prompt.")
     caption_dropout: float = opt(0.0, "Chance that a subject example is trained with the empty prompt instead of its "
                                       "caption (drawn from the step's seed).", min=0.0, max=1.0)
-    masked_loss: bool = opt(False, "Average the subject examples' loss over NAME.mask.png beside each photo (white: "
-                                   "the subject, black: ignored); class examples stay unmasked.")
+    masked_loss: bool = opt(False, "Weigh the subject examples' loss by NAME.mask.png beside each photo (white: the "
+                                   "subject, black: data.mask_outside); class examples stay unmasked.")
+    mask_outside: float = opt(0.1, "--masked-loss: weight of the loss where the mask is black (0: ignored; "
+                                   "OneTrainer's 'unmasked weight'; 0.1 kept most of the subject on mini, "
+                                   "docs/method.md).", min=0.0, max=1.0)
+    mask_mean: str = opt("image", "--masked-loss: average the weighted error over the whole picture (image: kohya's "
+                                  "rule) or over the mask's weight (area: a small subject's gradient grows by one over "
+                                  "its share of the picture); see docs/method.md.", choices=MASK_MEANS)
     buckets: bool = opt(False, "Aspect-ratio buckets: each photo is resized to cover the bucket (about resolution² "
                                "pixels, up to 2.5:1 either way) nearest its aspect and centre-cropped to it, not to "
                                "a square.")
@@ -291,6 +298,11 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
     if cfg.prior.prior and cfg.prior.class_dir:
         check_output(cfg.prior.class_dir, "--class-dir")
     _check_subjects(cfg)
+    d, default = cfg.data, DataConfig()
+    for key, flag in (("mask_outside", "--mask-outside"), ("mask_mean", "--mask-mean")):
+        if not d.masked_loss and getattr(d, key) != getattr(default, key):
+            raise ConfigError(f"data.{key} ({flag}) weighs the masked loss, which is off: add --masked-loss "
+                              "(data.masked_loss)")
     lo = cfg.lora
     if lo.full and lo.method not in ("lora", "full"):
         raise ConfigError(f"lora.full conflicts with lora.method {lo.method} (--full is --method full)")

@@ -9,6 +9,8 @@ where the target is ε (epsilon-prediction models) or v = α_t ε − σ_t x (v-
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -81,22 +83,37 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def example_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error of each example, in float32; with `mask` (B, 1, h, w, weights in [0, 1]) the mean over
-    the masked area only, so what lies outside it has no effect."""
+@dataclass(frozen=True)
+class MaskRule:
+    """How a loss mask weighs an example's error: what the mask leaves out counts `outside` (0: not at all;
+    OneTrainer's "unmasked weight"), and the weighted error is averaged over the whole picture ("image", kohya's
+    rule: the subject's pixels pull as hard as without a mask) or over the mask's weight ("area": every example
+    counts fully, however small its subject: the gradient grows by one over the mask's share)."""
+
+    outside: float = 0.0
+    mean: str = "image"
+
+
+def example_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                rule: MaskRule = MaskRule()) -> torch.Tensor:
+    """Mean squared error of each example, in float32; with `mask` (B, 1, h, w, weights in [0, 1]) weighted and
+    averaged as `rule` says."""
     err = (pred.float() - target.float()) ** 2
     if mask is None:
         return err.flatten(1).mean(1)
     m = mask.to(err.device, torch.float32).expand_as(err)
-    return (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-8)
+    m = rule.outside + (1.0 - rule.outside) * m
+    if rule.mean == "area":
+        return (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-8)
+    return (err * m).flatten(1).mean(1)
 
 
 def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
-                  mask: torch.Tensor | None, prior_weight: float | None
+                  mask: torch.Tensor | None, prior_weight: float | None, rule: MaskRule = MaskRule()
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, instance_loss, prior_loss) from per-example errors times per-example `weights` (min-SNR), each
-    example's error averaged over its `mask`; with `prior_weight` the batch is [subject; class] halves."""
-    return examples_loss(example_mse(pred, target, mask), weights, prior_weight)
+    example's error weighted by its `mask` as `rule` says; with `prior_weight` the batch is [subject; class]."""
+    return examples_loss(example_mse(pred, target, mask, rule), weights, prior_weight)
 
 
 def examples_loss(per: torch.Tensor, weights: torch.Tensor | None, prior_weight: float | None

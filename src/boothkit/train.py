@@ -29,7 +29,7 @@ from .errors import BoothkitError, ConfigError, Interrupted
 from .files import atomic_write_bytes, check_free_space
 from .interrupts import deferred_stop
 from .locks import folder_lock
-from .losses import (add_noise, diffusion_target, example_mse, examples_loss, min_snr_weights, mse,
+from .losses import (MaskRule, add_noise, diffusion_target, example_mse, examples_loss, min_snr_weights, mse,
                      prior_preservation_loss, weighted_loss)
 from .lora import LORA_FILE, adapter_metadata, adapters_disabled, canonical_text_encoder_keys, lora_state_dict, \
     save_lora_file
@@ -44,12 +44,13 @@ LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder
 
 def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Tensor, prediction_type: str,
                   prior_weight: float | None, g: torch.Generator, frozen_predict: Callable | None = None,
-                  snr_gamma: float | None = None, noise_offset: float = 0.0):
+                  snr_gamma: float | None = None, noise_offset: float = 0.0, mask_rule: MaskRule = MaskRule()):
     """One forward pass over [subject; class] examples -> (loss, instance_loss, prior_loss).
 
     With `frozen_predict` (--prior-target frozen) the class examples' target is the frozen model's own
     prediction for the same noisy latents and prompt, instead of the noise that was added. `snr_gamma`: min-SNR-γ
-    weights per example; `noise_offset`: offset noise; `batch.masks`: the subject examples' loss masks.
+    weights per example; `noise_offset`: offset noise; `batch.masks`: the subject examples' loss masks, which
+    count as `mask_rule` says.
     A bucketed batch's subject and class examples (`batch.latents` a pair) take one pass each.
     """
     parts = batch.latents if isinstance(batch.latents, tuple) else (batch.latents,)
@@ -75,11 +76,12 @@ def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Te
         targets[-1] = torch.cat([targets[-1][:-n], frozen.to(targets[-1].dtype)])
     weights = None if snr_gamma is None else min_snr_weights(alphas_cumprod, timesteps, snr_gamma, prediction_type)
     if len(parts) == 2:  # the loss is still each half's mean over its examples, as in one pass
-        per = torch.cat([example_mse(preds[0], targets[0], batch.masks), example_mse(preds[1], targets[1])])
+        per = torch.cat([example_mse(preds[0], targets[0], batch.masks, mask_rule),
+                         example_mse(preds[1], targets[1])])
         return examples_loss(per, weights, prior_weight)
     pred, target = preds[0], targets[0]
     if snr_gamma is not None or batch.masks is not None:
-        return weighted_loss(pred, target, weights, batch.masks, prior_weight)
+        return weighted_loss(pred, target, weights, batch.masks, prior_weight, mask_rule)
     if prior_weight is None:
         loss = mse(pred, target)
         return loss, loss, torch.zeros_like(loss)
@@ -300,6 +302,7 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool,
     t, d = cfg.train, cfg.data
     trained = [tr.unet] + (list(tr.text_encoders.values()) if cfg.lora.train_text_encoder else [])
     prior_weight = cfg.prior.prior_weight if cfg.prior.prior else None
+    mask_rule = MaskRule(d.mask_outside, d.mask_mean)
     frozen_predict = None
     if cfg.prior.prior and cfg.prior.prior_target == "frozen":
         bare = [acc.unwrap_model(m) for m in (tr.unet, *tr.text_encoders.values())]
@@ -328,7 +331,7 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool,
                         batch = draw_batch(g, tr.instance, t.batch_size, tr.classes, d.caption_dropout, tr.class_of)
                         losses = training_step(tr.unet, tr.encode, batch, tr.alphas_cumprod, tr.prediction_type,
                                                prior_weight, g, frozen_predict, snr_gamma=t.snr_gamma,
-                                               noise_offset=t.noise_offset)
+                                               noise_offset=t.noise_offset, mask_rule=mask_rule)
                     acc.backward(losses[0] / n_micro)
                 totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
             stop_all = None
