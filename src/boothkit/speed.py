@@ -28,6 +28,7 @@ CPU_CONFIGS: dict[str, dict[str, Any]] = {
     "LoRA UNet, prior, fp32, channels_last": {"mixed_precision": "no", "channels_last": True},
     "LoRA UNet, prior, fp32, compiled": {"mixed_precision": "no", "compile": True},
     "LoRA UNet, prior, bf16, compiled": {"mixed_precision": "bf16", "compile": True},
+    "LoRA UNet, prior, bf16, channels_last": {"mixed_precision": "bf16", "channels_last": True},
     "LoRA UNet + text encoder, prior, fp32": {"mixed_precision": "no", "train_text_encoder": True},
     "LoRA UNet, prior, fp32, gradient checkpointing": {"mixed_precision": "no", "gradient_checkpointing": True},
     "LoRA UNet, no prior, fp32": {"mixed_precision": "no", "prior": False},
