@@ -32,3 +32,13 @@ def test_unknown_configuration_is_one_line(tmp_path, capsys):
         main(["bench", "speed", "--model", "tiny", "--only", "fp64", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code != 0 and len(err) == 1 and "--only fp64" in err[0]
+
+
+def test_only_selects_by_word_or_by_whole_name():
+    from boothkit.speed import CPU_CONFIGS, select
+
+    assert list(select(CPU_CONFIGS, ("LoRA UNet, prior, fp32",))) == ["LoRA UNet, prior, fp32"]
+    assert set(select(CPU_CONFIGS, ("compiled",))) == {"LoRA UNet, prior, fp32, compiled",
+                                                       "LoRA UNet, prior, bf16, compiled"}
+    assert len(select(CPU_CONFIGS, ("LoRA UNet, prior, fp32", "no prior"))) == 2
+    assert select(CPU_CONFIGS, ()) == CPU_CONFIGS

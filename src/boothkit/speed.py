@@ -53,6 +53,11 @@ GPU_CONFIGS: dict[str, dict[str, Any]] = {
 GPU_BUDGETS_GIB = (8, 12, 16, 24)
 
 
+def select(every: dict[str, dict], only: tuple[str, ...]) -> dict[str, dict]:
+    """The configurations `--only` names: a whole name alone, else every name that contains the word."""
+    return {n: o for n, o in every.items() if not only or any(w == n or (w not in every and w in n) for w in only)}
+
+
 def configs() -> dict[str, dict[str, Any]]:
     import torch
 
@@ -66,7 +71,8 @@ class SpeedConfig:
     resolution: int = opt(256, "Training and sampling resolution in pixels.", min=64)
     steps: int = opt(3, "Timed training steps per configuration.", min=1)
     warmup: int = opt(1, "Untimed training steps first (kernel selection, caches).", min=1)
-    only: tuple[str, ...] = opt((), "Run only configurations whose name contains one of these, e.g. 'fp32'.")
+    only: tuple[str, ...] = opt((), "Run only configurations whose name contains one of these, e.g. 'fp32' (a whole "
+                                    "name selects that configuration alone).")
     class_images: int = opt(2, "Class images timed per sampler setting (also the batch size).", min=1)
     end_to_end: int = opt(0, "Also time one whole run as a user starts it (100 class images with the defaults, "
                              "then this many steps, best precision); 0: skip.", min=0)
@@ -261,7 +267,7 @@ def run_speed(cfg) -> Path:
 
     s = cfg.speed
     out = Path(s.out)
-    chosen = {n: o for n, o in configs().items() if not s.only or any(w in n for w in s.only)}
+    chosen = select(configs(), s.only)
     if not chosen:
         raise ConfigError(f"--only {','.join(s.only)}: matches none of: {'; '.join(configs())}")
     gpu = _device() == "cuda"
