@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--csv", default="")
     ap.add_argument("--pairs", default="girl+dog,car+racing_car", help="a+b,c+d: subjects trained together")
+    ap.add_argument("--nouns", default="", help="SUBJECT=NOUN,...: a finer class noun for a subject (its prompts, "
+                                                "class images and identifier's class), e.g. racing_car=racing car")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--prompts-limit", type=int, default=6)
     ap.add_argument("--images", type=int, default=4, help="seeded images per prompt")
@@ -61,9 +63,12 @@ def main() -> None:
     ev = Evaluators(MetricsConfig(clip_model="mini", dino_model="mini", lpips_size=64))
     photos = {s: [img for _, img in load_folder(ds.root / s)] for p in args.pairs.split(",") for s in p.split("+")}
     rows, start = [], time.monotonic()
+    finer = dict(item.split("=", 1) for item in args.nouns.split(",") if item)
     for pair in args.pairs.split(","):
         a, b = pair.split("+")
-        nouns = {s: ds.classes[s] for s in (a, b)}
+        nouns = {s: finer.get(s, ds.classes[s]) for s in (a, b)}
+        if any(s in finer for s in (a, b)):  # its own runs: the models differ from the dataset nouns' ones
+            pair = f"{pair} ({', '.join(f'{s}: {finer[s]}' for s in (a, b) if s in finer)})"
         token = dict(zip((a, b), TOKENS))
         classes = out / "class"  # class images are shared by every run of a class
         joint_classes = classes / nouns[a] if nouns[a] == nouns[b] else classes  # one class: the folder itself
@@ -79,7 +84,7 @@ def main() -> None:
                 models[s][f"both in one run, {steps} steps"] = run
         for s in (a, b):
             other = b if s == a else a
-            prompts = bench.subject_prompts(ds, s, token[s], ("dog", "cat"), args.prompts_limit)
+            prompts = bench.subject_prompts(ds, s, token[s], ("dog", "cat"), args.prompts_limit, noun=nouns[s])
             for name, run in models[s].items():
                 folder = out / pair / "samples" / s / name.replace(" ", "_").replace(",", "")
                 got = sample(run, prompts, folder, args.images)
