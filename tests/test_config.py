@@ -132,3 +132,18 @@ def test_prompt_templates_fill_only_their_placeholders():
                     {"instance_dir": "p", "class_noun": "girl", "token": "[ktn]", "output_dir": "o"})
     assert cfg.data.prompt == "[ktn] girl {style} {}"
     assert cfg.prior.prompt_for("girl") == "an image of a girl"
+
+
+def test_readme_flags_table_names_real_train_flags():
+    """Every flag in the README's train flags table is one `boothkit train` takes (a renamed flag would leave the
+    README pointing at nothing)."""
+    import re
+
+    from boothkit.cli import cli
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| what | flags")[1].split("\n\n")[0]
+    named = set(re.findall(r"`(--[a-z][a-z0-9-]*)", table))
+    train = cli.commands["train"]
+    flags = {o for p in train.params for o in (*p.opts, *p.secondary_opts)}
+    assert len(named) > 40 and named <= flags, sorted(named - flags)
