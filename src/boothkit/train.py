@@ -23,7 +23,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from . import ema
 from .batches import Batch, draw_batch, step_seed
-from .config import RunConfig, run_subjects, save_toml, validate_train
+from .config import RunConfig, save_toml, validate_train
 from .embeddings import learned, save_embeddings
 from .errors import BoothkitError, ConfigError, Interrupted
 from .files import atomic_write_bytes, check_free_space
@@ -253,7 +253,7 @@ def _fingerprint(tr: Trainer) -> dict:
           "method": lo.method, "resolution": tr.instance.size, "crop": d.crop, "buckets": d.buckets,
           "ema": "on" if cfg.train.ema_decay is not None else "off",
           # not the folders: photos may move between a crash and its resume; what is learned is named by these
-          "subjects": [[s.token, s.class_noun] for s in run_subjects(d, cfg.prior)]}
+          "subjects": [[s.token, s.class_noun] for s in tr.subjects]}
     if not lo.full:
         fp.update(rank=lo.rank, unet_targets=list(lo.unet_targets))
         if lo.adapter != "lora":  # absent for lora, so checkpoints written before --adapter still resume
@@ -461,7 +461,7 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -
     """The trained LoRA (diffusers format, with boothkit metadata) or the full model folder."""
     lo, pipe = cfg.lora, tr.pipe
     trained = _models(tr)
-    subjects = run_subjects(cfg.data, cfg.prior)
+    subjects = tr.subjects
     first = subjects[0]
     info = {"base_model": model_ref(cfg.model.model), "token": first.token, "class_noun": first.class_noun,
             "instance_prompt": first.instance_prompt, "class_prompt": first.class_prompt,

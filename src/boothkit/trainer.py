@@ -33,6 +33,7 @@ class Trainer:
     """What the loop needs, set up once: models, optimizer, schedule and the data to draw from."""
 
     cfg: RunConfig
+    subjects: list[Subject]  # the run's subjects, prompts filled in (config.run_subjects, resolved once)
     accelerator: object
     pipe: object
     family: Family
@@ -209,7 +210,7 @@ def setup(cfg: RunConfig, accelerator, pipe, photos: Photos, progress: bool,
     several = len(subjects) > 1
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     tr = Trainer(
-        cfg=cfg, accelerator=accelerator, pipe=pipe, family=family, unet=unet, text_encoders=text_encoders,
+        cfg=cfg, subjects=subjects, accelerator=accelerator, pipe=pipe, family=family, unet=unet, text_encoders=text_encoders,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, params=[p for grp in groups for p in grp["params"]],
         instance=LatentBank(photos.images, **bank, prompts=photos.prompts, masks=photos.masks,
