@@ -26,7 +26,7 @@ from boothkit.cli import main
 from boothkit.errors import BoothkitError, Interrupted
 from boothkit.lora import LORA_FILE
 from boothkit.train import run_training
-from processes import kill_at, signal_at
+from processes import kill_at, paused, signal_at
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 Usage = collections.namedtuple("Usage", "total used free")
@@ -179,31 +179,34 @@ def test_checkpoint_without_a_config_record_is_compared_by_its_weights(run_copy,
         run_training(make_cfg(photos, out, resume=True, **over), progress=False)
 
 
-STEPS = 80
+STEPS, HELD = 12, 5  # HELD: the step after which the signal arrives (off the checkpoint cadence)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instance_dir, tmp_path, sig):
     """A real SIGINT (or a scheduler's SIGTERM): the run finishes its step, checkpoints it (off the
-    --checkpoint-every cadence), exits 130 with one line, and --resume ends where an uninterrupted run ends. Enough steps that the signal, sent once step 1 is logged,
-    lands mid-run even on a loaded machine (a tiny step takes ~50 ms)."""
+    --checkpoint-every cadence), exits 130 with one line, and --resume ends where an uninterrupted run ends. The run
+    holds after step HELD until the signal has arrived, so it lands there on a machine of any speed."""
     args = ["--instance-dir", instance_dir, "--class-noun", "dog", "--no-prior", "--max-steps", STEPS,
-            "--checkpoint-every", 50, "--rank", 4, "--alpha", 4, "--learning-rate", 1e-3, "--dropout", 0.1, "--flip", "--log-every", 1]
+            "--checkpoint-every", 50, "--rank", 4, "--alpha", 4, "--learning-rate", 1e-3, "--dropout", 0.1,
+            "--flip", "--log-every", 1]
     full = run_training(make_cfg(instance_dir, tmp_path / "full", max_steps=STEPS, checkpoint_every=50, dropout=0.1,
                                  flip=True, log_every=1), progress=False)
-    out, log = tmp_path / "stopped", tmp_path / "stopped.log"
-    cmd = [sys.executable, "-m", "boothkit", "train", *map(str, args), "--output-dir", str(out)]
-    rc = signal_at(cmd, out / "train_log.csv", ENV, sig, log=log)  # the log appears after step 1
+    out, log, marker = tmp_path / "stopped", tmp_path / "stopped.log", tmp_path / "held"
+    train = ["train", *args, "--output-dir", out]
+    cmd, extra = paused(train, f"boothkit.train:_after_step:{HELD}", marker)  # held after step HELD until signalled
+    rc = signal_at(cmd, marker, {**ENV, **extra}, sig, log=log)
     err = log.read_text()
     assert rc == 130, err
     kept = ckpt.list_checkpoints(out)
-    assert len(kept) == 1 and 1 <= kept[0][0] < STEPS, err
+    assert [s for s, _ in kept] == [HELD], err
     step, path = kept[0]
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         f"error: interrupted after step {step} of {STEPS}: checkpoint written to {path}; run the same command with "
         f"--resume to continue"]
     assert "Traceback" not in err and not (out / LORA_FILE).exists()
-    resumed = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True)
+    resumed = subprocess.run([sys.executable, "-m", "boothkit", *map(str, train), "--resume"], env=ENV,
+                             capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_file(full / LORA_FILE), load_file(out / LORA_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
@@ -305,9 +308,11 @@ def test_sigkill_during_class_images_then_rerun_completes(tmp_path):
     folder = tmp_path / "cls"
     args = ["class-images", "--class-dir", str(folder), "--class-noun", "dog", "--num-class-images", "6",
             "--class-batch-size", "1", "--class-steps", "2", "--resolution", "64"]
-    kill_at([sys.executable, "-m", "boothkit", *args], folder / prior.class_image_name(1), ENV)
+    marker = tmp_path / "held"
+    cmd, extra = paused(args, "boothkit.prior:_save_png:2", marker)  # killed once the second picture is saved
+    kill_at(cmd, marker, {**ENV, **extra})
     made = sorted(folder.glob("class-*.png"))
-    assert 2 <= len(made) < 6 and all(_complete_png(p) for p in made)  # whole images or none
+    assert len(made) == 2 and all(_complete_png(p) for p in made)  # whole images or none
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0

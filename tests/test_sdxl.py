@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from boothkit import config as C
 from boothkit.lora import LORA_FILE
-from processes import kill_at
+from processes import kill_at, paused
 
 PROMPT = "a photo of sks dog"
 
@@ -191,7 +191,8 @@ def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):
     full = subprocess.run(cli(*common, "--output-dir", tmp_path / "full"), env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    kill_at(cli(*common, "--output-dir", out), out / "checkpoints" / "step-0000008", env)
+    cmd, extra = paused(["train", *common, "--output-dir", out], "boothkit.train:_after_step:8", tmp_path / "held")
+    kill_at(cmd, tmp_path / "held", {**env, **extra})  # killed right after step 8 and its checkpoint
     resumed = subprocess.run(cli(*common, "--output-dir", out, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr
     a, b = load_file(tmp_path / "full" / LORA_FILE), load_file(out / LORA_FILE)

@@ -20,7 +20,7 @@ from boothkit.lora import LORA_FILE
 from boothkit.models import load_pipeline
 from boothkit.batches import Batch
 from boothkit.train import run_training, training_step
-from processes import kill_at
+from processes import kill_at, paused
 
 
 @pytest.fixture
@@ -118,7 +118,9 @@ def test_kill_and_resume_is_bit_identical(instance_dir, class_dir, tmp_path):
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "killed"
-    kill_at(_cli(*common, "--output-dir", out), out / "checkpoints" / "step-0000008", env)
+    cmd, extra = paused(["train", *common, "--output-dir", out], "boothkit.train:_after_step:8", tmp_path / "held")
+    kill_at(cmd, tmp_path / "held", {**env, **extra})  # killed right after step 8 and its checkpoint
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004", "step-0000008"]
     assert not (out / LORA_FILE).exists()
     resumed = subprocess.run(_cli(*common, "--output-dir", out, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
