@@ -60,13 +60,23 @@ def add_placeholder(tokenizer, text_encoder, placeholder: Placeholder, init_text
 
 
 def train_rows(text_encoder, ids: list[int]) -> torch.nn.Parameter:
-    """Make the input embedding trainable (fp32) with every row but `ids` masked out of the gradient."""
-    weight = text_encoder.get_input_embeddings().weight
+    """Make the input embedding trainable (fp32) with every row but `ids` masked out of the gradient.
+
+    Call it once the encoder holds the run's precision. The table becomes fp32 (master weights, as every trained
+    weight is) while the frozen rest of the encoder stays in the run's precision, so its lookups are handed on in
+    that precision, as peft hands a LoRA layer's output back in its base layer's dtype: an fp32 lookup would
+    promote the sum with the (bf16) position embedding to fp32, and a bf16 LayerNorm takes no fp32 input on a CPU,
+    autocast or not ("mixed dtype (CPU): expect parameter to have scalar type of Float")."""
+    embedding = text_encoder.get_input_embeddings()
+    weight = embedding.weight
+    frozen = weight.dtype
     weight.data = weight.data.float()
     weight.requires_grad_(True)
     mask = torch.zeros(weight.shape[0], 1)
     mask[ids] = 1.0
     weight.register_hook(lambda grad: grad * mask.to(grad))
+    if frozen != torch.float32:
+        embedding.register_forward_hook(lambda _module, _args, out: out.to(frozen))
     return weight
 
 

@@ -107,10 +107,8 @@ def load_dtypes(cfg: RunConfig) -> torch.dtype | dict[str, torch.dtype]:
     fp32 copy of the model is ever held. A full fine-tune keeps fp32 master weights."""
     if cfg.lora.full:
         return torch.float32
-    dtypes = {"default": WEIGHT_DTYPES[cfg.train.mixed_precision], "vae": torch.float32}
-    if learns_tokens(cfg):  # the identifier's embeddings train in fp32 inside the text encoders (small)
-        dtypes.update(text_encoder=torch.float32, text_encoder_2=torch.float32)
-    return dtypes
+    # ti/pivotal too: only the identifier's embedding table turns fp32 (embeddings.train_rows)
+    return {"default": WEIGHT_DTYPES[cfg.train.mixed_precision], "vae": torch.float32}
 
 
 def learns_tokens(cfg: RunConfig) -> bool:
