@@ -189,3 +189,46 @@ def test_class_folders_rule(tmp_path):
                                str(root), "out") == [root / "dog", root / "dog-2", Path("mine")]
     with pytest.raises(ConfigError, match="share one class folder"):
         prior.class_folders([s("a", "dog", folder="x"), s("b", "dog", folder="y")], None, "out")
+
+
+def test_the_shipped_openmoji_subjects_are_a_dreambooth_dataset():
+    """The second held-out style: 6 OpenMoji subjects x 5 pictures of 64 px, the Fluent set's prompts, attributed."""
+    from boothkit.bench import parse_dataset
+    from boothkit.subjects import OPENMOJI_SUBJECTS, dataset_dir, openmoji_dataset_dir
+
+    ds = parse_dataset(openmoji_dataset_dir())
+    assert ds.classes == {"dog": "dog", "cat": "cat", "teddy_bear": "teddy bear", "backpack": "backpack",
+                          "car": "car", "cup": "cup"} == {k: noun for k, (_, noun) in OPENMOJI_SUBJECTS.items()}
+    fluent = parse_dataset(dataset_dir())
+    assert (ds.object_prompts, ds.live_prompts) == (fluent.object_prompts, fluent.live_prompts)
+    assert sorted(p.name for p in ds.root.iterdir() if p.is_dir()) == sorted(ds.classes)
+    for subject in ds.classes:
+        pictures = sorted((ds.root / subject).iterdir())
+        assert [p.name for p in pictures] == [f"{i:02d}.png" for i in range(5)]
+        for p in pictures:
+            with Image.open(p) as im:
+                assert (im.format, im.mode, im.size) == ("PNG", "RGB", (64, 64))
+        # the same scenes as the Fluent subject of that name, another style: never the same picture
+        assert (ds.root / subject / "00.png").read_bytes() != (fluent.root / subject / "00.png").read_bytes()
+    source = (ds.root / "SOURCE.md").read_text(encoding="utf-8")
+    assert "All emojis designed by [OpenMoji](https://openmoji.org/)" in source and "CC BY-SA 4.0" in source
+
+
+def test_openmoji_names_are_its_unicode_emoji(tmp_path):
+    """openmoji.json's first entry of a name wins, skin-tone variants and OpenMoji's own extras left out."""
+    import io
+    import tarfile
+
+    from boothkit.emoji import openmoji_entries
+
+    entries = [{"annotation": "Dog", "hexcode": "E000", "group": "extras-openmoji", "skintone": ""},
+               {"annotation": "dog", "hexcode": "1F415-1F3FB", "group": "animals-nature", "skintone": 1},
+               {"annotation": "dog", "hexcode": "1F415", "group": "animals-nature", "skintone": ""},
+               {"annotation": "dog", "hexcode": "1F415-FE0F", "group": "animals-nature", "skintone": ""}]
+    data = json.dumps(entries).encode()
+    tgz = tmp_path / "openmoji-17.0.0.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        info = tarfile.TarInfo("package/data/openmoji.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert {k: e["hexcode"] for k, e in openmoji_entries(["cat", "dog"], tgz).items()} == {"dog": "1F415"}

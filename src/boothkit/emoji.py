@@ -2,7 +2,8 @@
 
 Two styles for pretraining: `emoji-datasource-google` (Noto Emoji, Apache-2.0) and `emoji-datasource-twitter`
 (Twemoji, CC-BY 4.0), 64 px PNGs named in emoji.json. A third style, `fluentui-emoji` (MIT, SVG rendered with
-resvg), never enters pretraining: DreamBooth subjects and the evaluator's held-out checks come from it.
+resvg), never enters pretraining: DreamBooth subjects and the evaluator's held-out checks come from it. A fourth,
+`openmoji` (CC BY-SA 4.0, colour SVG with black outlines, rendered with resvg), is a second held-out style.
 Packs are fetched with `npm pack` into the boothkit cache; only building data needs them, never loading `mini`.
 """
 from __future__ import annotations
@@ -25,15 +26,22 @@ PACKS = {  # style -> (npm package, version)
     "google": ("emoji-datasource-google", "16.0.0"),
     "twitter": ("emoji-datasource-twitter", "16.0.0"),
     "fluent": ("fluentui-emoji", "1.3.0"),
+    "openmoji": ("openmoji", "17.0.0"),
 }
 TRAIN_STYLES = ("google", "twitter")
 HELDOUT_STYLE = "fluent"
+OPENMOJI_STYLE = "openmoji"  # the second held-out style
 SIZE = 64
 LICENCES = {
     "google": "Noto Emoji by Google, Apache-2.0 (packaged by emoji-datasource-google, MIT)",
     "twitter": "Twemoji by Twitter/X, CC-BY 4.0 (packaged by emoji-datasource-twitter, MIT)",
     "fluent": "Fluent UI Emoji by Microsoft, MIT (npm fluentui-emoji)",
+    "openmoji": ("OpenMoji by Benedikt Groß, Daniel Utz and the OpenMoji contributors (HfG Schwäbisch Gmünd), "
+                 "CC BY-SA 4.0 (npm openmoji)"),
 }
+# The package's own attribution suggestion (README.md of npm openmoji 17.0.0).
+OPENMOJI_ATTRIBUTION = ("All emojis designed by [OpenMoji](https://openmoji.org/) – the open-source emoji and icon "
+                        "project. License: [CC BY-SA 4.0](https://creativecommons.org/licenses/by-sa/4.0/#)")
 
 # Which emoji make up the world: subcategories of emoji.json (flags, symbols, families and the long tail of
 # objects stay out, so a small model spends its steps on the things DreamBooth users draw).
@@ -145,22 +153,50 @@ def fluent_name(path: str) -> str | None:
     return (stem[: tone.start()] if tone else stem).replace("-", " ")
 
 
-def load_fluent(names: Sequence[str], tgz: Path | None = None) -> list[Emoji]:
-    """Held-out style: Fluent UI flat emoji rendered to 64 px RGBA with resvg."""
+def _svg_renderer():
     try:
         import resvg_py
     except ImportError:
         raise DataError("rendering the held-out emoji style needs resvg-py (pip install 'boothkit[data]')") from None
+    return lambda svg: _rgba(bytes(resvg_py.svg_to_bytes(svg_string=svg, width=SIZE, height=SIZE)))
+
+
+def load_fluent(names: Sequence[str], tgz: Path | None = None) -> list[Emoji]:
+    """Held-out style: Fluent UI flat emoji rendered to 64 px RGBA with resvg."""
+    render = _svg_renderer()
     tgz = tgz or fetch_pack(HELDOUT_STYLE)
     wanted, out = set(names), {}
     with tarfile.open(tgz) as tar:
         for member in tar.getmembers():
             name = fluent_name(member.name)
             if name in wanted and name not in out:
-                svg = tar.extractfile(member).read().decode("utf-8")
-                png = resvg_py.svg_to_bytes(svg_string=svg, width=SIZE, height=SIZE)
-                out[name] = Emoji(name, HELDOUT_STYLE, _rgba(bytes(png)))
+                out[name] = Emoji(name, HELDOUT_STYLE, render(tar.extractfile(member).read().decode("utf-8")))
     return [out[n] for n in names if n in out]
+
+
+def openmoji_entries(names: Sequence[str], tgz: Path | None = None) -> dict[str, dict]:
+    """name -> the openmoji.json entry (hexcode, openmoji_author, ...) of each Unicode emoji in `names`: the first
+    of that lower-case annotation, skin-tone variants and OpenMoji's own extras left out."""
+    tgz = tgz or fetch_pack(OPENMOJI_STYLE)
+    wanted, out = set(names), {}
+    with tarfile.open(tgz) as tar:
+        for e in json.load(tar.extractfile("package/data/openmoji.json")):
+            name = e["annotation"].lower()
+            if name in wanted and name not in out and not e.get("skintone") and not e["group"].startswith("extras"):
+                out[name] = e
+    return {n: out[n] for n in names if n in out}
+
+
+def load_openmoji(names: Sequence[str], tgz: Path | None = None) -> list[Emoji]:
+    """Second held-out style: OpenMoji colour SVGs (package/color/svg/<hexcode>.svg, 72 x 72 with black outlines;
+    the npm package has no PNGs) rendered to 64 px RGBA with resvg."""
+    render = _svg_renderer()
+    tgz = tgz or fetch_pack(OPENMOJI_STYLE)
+    entries = openmoji_entries(names, tgz)
+    with tarfile.open(tgz) as tar:
+        return [Emoji(name, OPENMOJI_STYLE,
+                      render(tar.extractfile(f"package/color/svg/{e['hexcode']}.svg").read().decode("utf-8")))
+                for name, e in entries.items()]
 
 
 def fluent_names(tgz: Path | None = None) -> list[str]:
@@ -188,7 +224,8 @@ def world(styles: Sequence[str] = TRAIN_STYLES) -> list[Emoji]:
     """The pretraining world's emoji in `styles`, cached as an .npz after the first build."""
     import hashlib
 
-    selection = hashlib.sha256(json.dumps([sorted(SUBCATEGORIES), PACKS], sort_keys=True).encode()).hexdigest()[:10]
+    packs = {s: PACKS[s] for s in (*TRAIN_STYLES, HELDOUT_STYLE)}  # as before openmoji: existing caches stay valid
+    selection = hashlib.sha256(json.dumps([sorted(SUBCATEGORIES), packs], sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"world-{'-'.join(styles)}-{selection}.npz"  # a changed selection builds a new file
     if path.is_file():
         return load_emoji(path)
