@@ -2,7 +2,8 @@
 
 For each subject (held-out styles: Fluent UI, OpenMoji), seed and recipe variant: train, then draw the identifier
 prompt, the class prompt and the identifier in the seed experiment's three scenes (6 fixed seeds each), and
-judge them against the base model's pictures of the same prompts (boothkit.binding): likeness of the identifier
+judge them against the base model's pictures of the same prompts (boothkit.binding); sheet.png beside each
+judgement shows the photos, base and trained pictures of both prompts, and the scenes: likeness of the identifier
 prompt, drift of the class prompt, scene fidelity. A variant binds (issue 30) when, averaged over subjects, the
 identifier's LPIPS to the subject falls by >= 0.08 while the class prompt's falls by <= a quarter of that.
 
@@ -14,6 +15,7 @@ Every finished run and judgement is kept (run folder + judged.json), so a rerun 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from pathlib import Path
@@ -34,44 +36,21 @@ FLUENT = ["dog", "cat", "teddy_bear", "backpack", "car", "cup", "baby", "man"]  
 # What every variant shares: mini's captions' words, class images made once per class noun and reused.
 COMMON = {"model": "mini", "instance_prompt": "an emoji of {token} {class_noun}",
           "class_prompt": "an emoji of a {class_noun}", "mixed_precision": "no", "token": "sks"}
-VARIANTS = {  # name -> config values over the model's own defaults
-    "example-2025": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                     "text_encoder_lr": 2e-4, "num_class_images": 50, "class_steps": 25, "class_scheduler": "model",
-                     "class_batch_size": 10},
-    "unet-only": {"rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "num_class_images": 50},
-    "te-5e-5": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3, "text_encoder_lr": 5e-5,
-                "num_class_images": 50},
-    "te-1e-3": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3, "text_encoder_lr": 1e-3,
-                "num_class_images": 50},
-    "te-3e-3": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3, "text_encoder_lr": 3e-3,
-                "num_class_images": 50},
-    "te-1e-3-no-prior": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                         "text_encoder_lr": 1e-3, "prior": False},
-    "te-1e-3-800": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                    "text_encoder_lr": 1e-3, "num_class_images": 50, "max_steps": 800},
-    "te-1e-3-r16": {"rank": 16, "alpha": 16.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                    "text_encoder_lr": 1e-3, "num_class_images": 50},
-    "te-1e-3-r16-600": {"rank": 16, "alpha": 16.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                        "text_encoder_lr": 1e-3, "num_class_images": 50, "max_steps": 600},
-    "te-1e-3-r16-600-frozen": {"rank": 16, "alpha": 16.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                               "text_encoder_lr": 1e-3, "num_class_images": 50, "max_steps": 600,
-                               "prior_target": "frozen"},
-    "te-1e-3-r16-600-lambda-2": {"rank": 16, "alpha": 16.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                                 "text_encoder_lr": 1e-3, "num_class_images": 50, "max_steps": 600,
-                                 "prior_weight": 2.0},
-    "te-1e-3-unet-5e-4": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 5e-4,
-                          "text_encoder_lr": 1e-3, "num_class_images": 50},
-    "te-1e-3-lambda-0.5": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                           "text_encoder_lr": 1e-3, "num_class_images": 50, "prior_weight": 0.5},
-    "te-1e-3-20-class": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                         "text_encoder_lr": 1e-3, "num_class_images": 20},
-    "te-1e-3-ktn": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                    "text_encoder_lr": 1e-3, "num_class_images": 50, "token": "[ktn]"},
-    "te-1e-3-known-word": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3,
-                           "text_encoder_lr": 1e-3, "num_class_images": 50, "token": "shiny"},
-    "pivotal": {"rank": 8, "alpha": 8.0, "train_text_encoder": True, "learning_rate": 1e-3, "text_encoder_lr": 1e-3,
-                "num_class_images": 50, "method": "pivotal"},
-    "default": {},  # the model's preset as `boothkit train --model mini` uses it
+VARIANTS = {  # name -> config values over the model's preset (presets/mini.toml), as flags would give them
+    "default": {},  # the preset: what `boothkit train --model mini` uses
+    "noise-target": {"prior_target": "images"},  # the paper's prior target: the noise that made the class image
+    "te-5e-5": {"text_encoder_lr": 5e-5},  # the SD default for the text encoder
+    "unet-only": {"train_text_encoder": False},
+    "no-prior": {"prior": False},
+    "rank-8-400": {"rank": 8, "alpha": 8.0, "max_steps": 400},
+    "lambda-0.5": {"prior_weight": 0.5},
+    "20-class": {"num_class_images": 20},
+    "conv": {"unet_targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]},  # ResNet convolutions too
+    "ktn": {"token": "[ktn]"},  # an identifier of four pieces
+    "known-word": {"token": "shiny"},  # a word of the vocabulary (never in mini's captions either)
+    "pivotal": {"method": "pivotal"},  # a new token whose embedding learns
+    "example-2025": {"rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "text_encoder_lr": 2e-4, "max_steps": 400,
+                     "prior_target": "images", "class_steps": 25, "class_scheduler": "model"},  # before the preset
 }
 MEASURES = ("likeness_lpips_base", "likeness_lpips", "class_lpips_base", "class_lpips", "class_moved_lpips", "DINO",
             "CLIP-I", "class_DINO", "scene_CLIP-T_base", "scene_CLIP-T")
@@ -121,20 +100,28 @@ def measure(args, ev: Evaluators) -> None:
                 base_cache[prompts.identifier] = binding.draw(base_pipe, prompts, args.images)
             for seed in map(int, args.seeds.split(",")):
                 where = out / label.replace(":", "-") / variant / f"seed{seed}"
-                if (where / "judged.json").is_file():
+                if (where / "judged.json").is_file() and (where / "sheet.png").is_file():
                     continue
                 t0 = time.monotonic()
                 run = train({**values, "instance_dir": str(folder), "class_noun": noun, "seed": seed,
                              "class_dir": str(out / "class" / class_folder(values, noun))}, where / "run")
                 trained = time.monotonic() - t0
                 pipe = load_generation_pipeline(None, [(str(run), 1.0)])
-                m = binding.judge(ev, binding.draw(pipe, prompts, args.images), base_cache[prompts.identifier],
-                                  photos, prompts)
+                drawn = binding.draw(pipe, prompts, args.images)
+                m = binding.judge(ev, drawn, base_cache[prompts.identifier], photos, prompts)
+                png = io.BytesIO()
+                binding.sheet(photos, drawn, base_cache[prompts.identifier], prompts).save(png, format="PNG")
+                atomic_write_bytes(where / "sheet.png", png.getvalue())
                 m.update(subject=label, variant=variant, seed=seed, train_s=round(trained, 1), **binding.summary(m))
                 atomic_write_bytes(where / "judged.json", json.dumps(m, indent=1).encode())
                 print(f"{label:>20} {variant:<20} seed {seed}: identifier {m['likeness_lpips_base']:.3f} -> "
                       f"{m['likeness_lpips']:.3f}, class {m['class_lpips_base']:.3f} -> {m['class_lpips']:.3f} "
                       f"(moved {m['class_moved_lpips']:.3f}), DINO {m['DINO']:.3f}, {trained:.0f} s", flush=True)
+
+
+def div(rows: list[dict]) -> str:
+    have = [r["DIV"] for r in rows if r.get("DIV") is not None]
+    return f"{mean(have):.3f}" if have else "–"
 
 
 def table(out: Path, csv: str) -> None:
@@ -158,7 +145,7 @@ def table(out: Path, csv: str) -> None:
         sd = f" (seed sd {mean(seeds_sd):.3f})" if seeds_sd else ""
         print(f"| {variant} | {len(per_subject)} × {len(mine) // len(per_subject)} | {g:.3f}{sd} | {d:.3f} | "
               f"{mean(r['class_moved_lpips'] for r in mine):.3f} | {ok} | {mean(r['DINO'] for r in mine):.3f} | "
-              f"{mean(r['class_DINO'] for r in mine):.3f} | {mean(r['scene_CLIP-T'] for r in mine):.3f} "
+              f"{mean(r['class_DINO'] for r in mine):.3f} | {div(mine)} | {mean(r['scene_CLIP-T'] for r in mine):.3f} "
               f"({mean(r['scene_CLIP-T_base'] for r in mine):.3f}) |")
 
 

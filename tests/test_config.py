@@ -147,3 +147,31 @@ def test_readme_flags_table_names_real_train_flags():
     train = cli.commands["train"]
     flags = {o for p in train.params for o in (*p.opts, *p.secondary_opts)}
     assert len(named) > 40 and named <= flags, sorted(named - flags)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in C.PRESETS.glob("*.toml")))
+def test_every_model_preset_is_a_valid_train_config(preset):
+    """Like litgpt's configs: each built-in model's preset resolves as a config of every command that reads it."""
+    values = C.model_preset(preset)
+    assert values, preset
+    cfg = C.resolve(C.TRAIN_SECTIONS, {**BASE, "model": {"model": preset}})
+    for name, table in values.items():
+        assert {k: getattr(getattr(cfg, name), k) for k in table} == {
+            k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    C.resolve(C.CLASS_IMAGES_SECTIONS, {"model": {"model": preset}, "data": {"class_noun": "dog"}})
+
+
+def test_a_model_preset_sits_between_the_defaults_and_the_config():
+    mini = C.model_preset("mini")
+    cfg = resolve({**BASE, "model": {"model": "mini"}})
+    assert cfg.train.text_encoder_lr == mini["train"]["text_encoder_lr"] != C.TrainConfig().text_encoder_lr
+    assert cfg.data.prompt == "an emoji of sks dog"
+    assert cfg.train.seed == C.TrainConfig().seed  # what the preset leaves out keeps the default
+    in_file = resolve({**BASE, "model": {"model": "mini"}, "lora": {"rank": 4}}, {"text_encoder_lr": 2e-5})
+    assert in_file.lora.rank == 4 and in_file.train.text_encoder_lr == 2e-5  # file and flags win
+    assert in_file.lora.train_text_encoder is True
+    flag = resolve(BASE, {"model": "mini", "max_steps": 7})
+    assert flag.train.max_steps == 7 and flag.train.learning_rate == mini["train"]["learning_rate"]
+    other = resolve({**BASE, "model": {"model": "tiny"}})  # no preset: the dataclass defaults
+    assert other.train.text_encoder_lr == C.TrainConfig().text_encoder_lr and other.data.prompt == "a photo of sks dog"
+    assert C.model_preset("../mini") == {} and C.model_preset("some/hub-id") == {}

@@ -76,3 +76,31 @@ def test_prior_preservation_keeps_the_class_off_the_subject(scores):
     assert float((drifted - base).mean()) > 0.015, (base, drifted)
     assert int((kept < drifted).sum()) >= 13, (kept, drifted)
     assert float((drifted - kept).mean()) > 0.025, (kept, drifted)
+
+
+@pytest.mark.slow
+def test_the_default_mini_recipe_binds_the_identifier(tmp_path, one_thread, lpips_weights):
+    """Issue 30's bar, by a judge boothkit did not train (real LPIPS): `boothkit train --model mini` with nothing but
+    the subject (mini's preset), shortened to 300 steps and 20 class images, on a held-out OpenMoji backpack: the
+    identifier prompt's distance to the nearest subject photo falls by >= 0.08, the class prompt's by at most a
+    quarter of that. Measured (AMD EPYC, fp32, seed 0): 0.513 -> 0.373 (0.140) and 0.509 -> 0.492 (0.017)."""
+    from boothkit import binding
+    from boothkit.data import load_folder
+    from boothkit.generate import load_generation_pipeline
+    from boothkit.metrics import Evaluators, MetricsConfig
+    from boothkit.subjects import openmoji_dataset_dir
+    from boothkit.train import run_training
+
+    folder = openmoji_dataset_dir() / "backpack"
+    cfg = C.resolve(C.TRAIN_SECTIONS, {}, {"model": "mini", "instance_dir": str(folder), "class_noun": "backpack",
+                                           "max_steps": 300, "num_class_images": 20,
+                                           "output_dir": str(tmp_path / "run")})
+    assert cfg.prior.prior and cfg.prior.prior_target == "frozen"  # the preset's recipe, not SD's defaults
+    run = run_training(cfg, progress=False)
+    prompts = binding.BindingPrompts(cfg.data.prompt, cfg.prior.prompt_for("backpack"))
+    assert prompts.identifier == "an emoji of sks backpack"
+    base = binding.draw(load_generation_pipeline("mini", []), prompts, 6, steps=20)
+    drawn = binding.draw(load_generation_pipeline(None, [(str(run), 1.0)]), prompts, 6, steps=20)
+    ev = Evaluators(MetricsConfig(clip_model="mini", dino_model="mini", lpips_size=64))
+    m = binding.judge(ev, drawn, base, [img for _, img in load_folder(folder)], prompts)
+    assert binding.binds(m), binding.summary(m)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .generate import generate_images
-from .metrics import Evaluators, lpips_pairs, mean_pairwise_cosine, rowwise_cosine
+from .generate import generate_images, make_grid
+from .metrics import Evaluators, lpips_pairs, mean_pairwise_cosine, mean_pairwise_lpips, rowwise_cosine
 from .subjects import SEED_SCENES
 
 
@@ -61,11 +61,8 @@ def judge(ev: Evaluators, drawn: dict[str, list], base: dict[str, list], photos:
           prompts: BindingPrompts) -> dict[str, Any]:
     """The three measures for one model's pictures, beside the base model's (same prompts and seeds)."""
     ident, klass = drawn[prompts.identifier], drawn[prompts.klass]
-    scenes = [img for p in prompts.scenes for img in drawn[p]]
     dino_real, clip_real = ev.dino.image_embeds(photos), ev.clip.image_embeds(photos)
-    text = ev.clip.text_embeds(list(prompts.scenes))
-    scene_text = text.repeat_interleave(len(drawn[prompts.scenes[0]]), dim=0) if prompts.scenes else text
-    return {
+    m = {
         "likeness_lpips": nearest_lpips(ev, ident, photos),
         "likeness_lpips_base": nearest_lpips(ev, base[prompts.identifier], photos),
         "class_lpips": nearest_lpips(ev, klass, photos),
@@ -74,12 +71,29 @@ def judge(ev: Evaluators, drawn: dict[str, list], base: dict[str, list], photos:
         "DINO": mean_pairwise_cosine(ev.dino.image_embeds(ident), dino_real),
         "CLIP-I": mean_pairwise_cosine(ev.clip.image_embeds(ident), clip_real),
         "class_DINO": mean_pairwise_cosine(ev.dino.image_embeds(klass), dino_real),
-        "scene_lpips": nearest_lpips(ev, scenes, photos) if scenes else None,
-        "scene_CLIP-T": float(rowwise_cosine(ev.clip.image_embeds(scenes), scene_text).mean()) if scenes else None,
-        "scene_CLIP-T_base": float(rowwise_cosine(
-            ev.clip.image_embeds([img for p in prompts.scenes for img in base[p]]), scene_text).mean())
-        if scenes else None,
+        "DIV": mean_pairwise_lpips(ev.lpips, ident, ev.cfg.lpips_size, ev.cfg.eval_batch_size),
     }
+    if prompts.scenes:  # CLIP-T of each scene picture to its own prompt, this model's and the base model's
+        text = ev.clip.text_embeds(list(prompts.scenes)).repeat_interleave(len(drawn[prompts.scenes[0]]), dim=0)
+        for key, pictures in (("scene_CLIP-T", drawn), ("scene_CLIP-T_base", base)):
+            flat = [img for p in prompts.scenes for img in pictures[p]]
+            m[key] = float(rowwise_cosine(ev.clip.image_embeds(flat), text).mean())
+        m["scene_lpips"] = nearest_lpips(ev, [img for p in prompts.scenes for img in drawn[p]], photos)
+    return m
+
+
+def sheet(photos: Sequence, drawn: dict[str, list], base: dict[str, list], prompts: BindingPrompts):
+    """One picture to look at: the subject's photos; the identifier prompt by the base model and by this one; the
+    class prompt likewise; then the scenes by this one. A column per seed."""
+    from PIL import Image
+
+    cols = len(drawn[prompts.identifier])
+    size = drawn[prompts.identifier][0].size
+    blank = Image.new("RGB", size, "white")
+    shown = [im.convert("RGB").resize(size) for im in photos[:cols]]
+    rows = [shown + [blank] * (cols - len(shown)), base[prompts.identifier], drawn[prompts.identifier],
+            base[prompts.klass], drawn[prompts.klass], *(drawn[p] for p in prompts.scenes)]
+    return make_grid([im for row in rows for im in row], cols)
 
 
 def summary(m: dict[str, Any]) -> dict[str, float]:

@@ -321,7 +321,8 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
                     "embedding trains); training without it")
         cfg = cfg.replace("prior", prior=False)
     if cfg.prior.prior and cfg.prior.prior_target == "frozen" and cfg.lora.full:
-        raise ConfigError("prior.prior_target frozen needs LoRA: a full fine-tune keeps no frozen copy of the model")
+        raise ConfigError("prior.prior_target frozen needs LoRA: a full fine-tune keeps no frozen copy of the model "
+                          "(--prior-target images)")
     if cfg.prior.prior and cfg.prior.prior_images == "subject" and cfg.prior.prior_target != "frozen":
         raise ConfigError("prior.prior_images subject needs prior.prior_target frozen: with the noise as target, "
                           "the subject's pictures would teach the class prompt to draw the subject")
@@ -539,9 +540,26 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{p}: cannot read config file ({exc.strerror or type(exc).__name__})") from None
 
 
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def model_preset(model: str) -> dict[str, dict[str, Any]]:
+    """A built-in model's own recipe (presets/<model>.toml), sectioned like a config file; {} for other models.
+    It sits between the dataclass defaults and the config file: what suits SD 1.5 at 512 px (lr 1e-4, a frozen
+    text encoder) learns nothing on a 6.7 M-parameter emoji model (docs/method.md)."""
+    path = PRESETS / f"{model}.toml"
+    return load_toml(path) if re.fullmatch(r"[a-z0-9-]+", model) and path.is_file() else {}
+
+
+def model_preset_flags(model: str) -> dict[str, Any]:
+    """The model's preset as flat option names (--rank ...), as forms and flags give values."""
+    return {key: value for table in model_preset(model).values() for key, value in table.items()}
+
+
 def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None = None,
             overrides: Mapping[str, Any] | None = None, *, where: str = "config") -> RunConfig:
-    """Merge defaults < file values (sectioned) < flat overrides (CLI flags) into a validated RunConfig."""
+    """Merge defaults < the built-in model's preset < file values (sectioned) < flat overrides (CLI flags) into a
+    validated RunConfig."""
     file_values = dict(file_values or {})
     per_section: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for name, table in file_values.items():
@@ -555,6 +573,10 @@ def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None 
         if key not in owner:
             raise ConfigError(f"unknown option '{key}'")
         per_section[owner[key]][key] = value
+    if "model" in per_section:  # a built-in model's own recipe fills what neither the file nor a flag set
+        preset = model_preset(per_section["model"].get("model", ModelConfig.model))
+        for name in preset.keys() & per_section.keys():
+            per_section[name] = {**preset[name], **per_section[name]}
     # Every key and type first, then the checks across fields: a typo is reported before a missing value.
     built = {name: build(cls, per_section[name], name, validate=False) for name, cls in sections.items()}
     for name, cfg in built.items():

@@ -34,11 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Quick test: built-in tiny model (CPU, under a minute)": dict(
         model="tiny", max_steps=40, rank=4, alpha=4.0, num_class_images=8, class_steps=5, validate_every=10,
         validation_steps=5, checkpoint_every=10),
-    "Built-in mini model, emoji subjects (CPU, minutes)": dict(  # examples/mini-dreambooth.toml
-        model="mini", instance_prompt="an emoji of {token} {class_noun}", class_prompt="an emoji of a {class_noun}",
-        num_class_images=50, class_steps=25, class_scheduler="model", class_batch_size=10, rank=8, alpha=8.0,
-        train_text_encoder=True, max_steps=400, learning_rate=1e-3, text_encoder_lr=2e-4, validate_every=100,
-        checkpoint_every=100),
+    "Built-in mini model, emoji subjects (CPU, minutes)": dict(  # mini's own recipe: presets/mini.toml
+        model="mini", **C.model_preset_flags("mini"), validate_every=100, checkpoint_every=100),
     "SD 1.5 LoRA (GPU)": dict(  # examples/sd15-lora.toml
         model="runwayml/stable-diffusion-v1-5", resolution=512, num_class_images=200, rank=16, alpha=16.0,
         train_text_encoder=True, max_steps=800, lr_scheduler="constant_with_warmup", lr_warmup_steps=50,
