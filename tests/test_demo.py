@@ -21,7 +21,7 @@ def test_demo_on_mini_end_to_end(tmp_path, lpips_weights, one_thread):
     assert all(-1.0 <= float(r["DINO"]) <= 1.0 and float(r["DIV"]) >= 0.0 for r in rows)
     page = (out / "index.html").read_text()
     for text in ("Before and after training", "Measures: guidance 7.5 vs 15", "next to a soft ice cream",
-                 "an image of [ktn] girl", "guidance sweep"):
+                 "an emoji of sks backpack", "an emoji of a backpack", "guidance sweep"):
         assert text in page, text
     assert "random weights" not in page
 

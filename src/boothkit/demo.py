@@ -32,27 +32,26 @@ class Profile:
     scenes: dict  # scene of the seed experiment -> prompt template ({token}, {class_noun})
     props: dict   # scene -> emoji name whose presence marks it (empty: not measurable)
     guidances: tuple[float, ...]  # the sweep's guidance axis (the seed's 7.5 and 15 among them)
-    max_steps: int
-    learning_rate: float
-    text_encoder_lr: float
+    recipe: dict  # training values over the model's own defaults (mini: none, its preset is the recipe)
 
 
 def profile(model: str) -> Profile:
-    """`mini` draws emoji: a held-out Fluent girl and the scenes in its captions' words, measured by its
-    evaluators over a guidance sweep. Any other model: the DreamBooth dog and the seed's own words."""
+    """`mini` draws emoji: a held-out OpenMoji backpack (a style mini never drew) and the scenes in its captions'
+    words, trained with mini's own recipe (presets/mini.toml), measured by its evaluators over a guidance sweep.
+    Any other model: the DreamBooth dog and the seed's own words."""
     if model == "mini":
-        from .subjects import SEED_SCENES
-        from .subjects import demo_subject_dir as emoji_girl
+        from .subjects import SEED_SCENES, openmoji_dataset_dir
 
-        return Profile(str(emoji_girl()), "[ktn]", "girl", "an image of {token} {class_noun}",
-                       "an image of a {class_noun}",
-                       {scene: "an image of {token} {class_noun} next to a " + prop for scene, prop in SEED_SCENES.items()},
-                       dict(SEED_SCENES), (1.5, 3.0, 5.0, 7.5, 10.0, 15.0), 400, 5e-4, 1e-4)
+        return Profile(str(openmoji_dataset_dir() / "backpack"), "sks", "backpack", "an emoji of {token} {class_noun}",
+                       "an emoji of a {class_noun}",
+                       {scene: "an emoji of {token} {class_noun} next to a " + prop for scene, prop in SEED_SCENES.items()},
+                       dict(SEED_SCENES), (1.5, 3.0, 5.0, 7.5, 10.0, 15.0), {})
     return Profile(str(demo_subject_dir()), "sks", "dog", "a photo of {token} {class_noun}", "a photo of {class_noun}",
                    {"eating ice cream": "an image of {token} {class_noun} eating ice cream",
                     "on the moon": "an image of {token} {class_noun} on the moon",
                     "in the Acropolis": "an image of {token} {class_noun} in the acropolis"}, {}, GUIDANCES,
-                   300, 1e-4, 5e-5)
+                   {"max_steps": 300, "learning_rate": 1e-4, "text_encoder_lr": 5e-5, "train_text_encoder": True,
+                    "rank": 8, "alpha": 8.0, "class_scheduler": "model", "mixed_precision": "no"})
 
 
 @dataclass(frozen=True)
@@ -60,11 +59,11 @@ class DemoConfig:
     out: str = opt("demo-output", "Output folder of the demo.")
     model: str = opt("mini", "Base model: 'mini' (built-in, pretrained on emoji), 'tiny' (random weights), or "
                              "any model `train --model` takes.")
-    instance_dir: str = opt("", "Subject photos (default: the demo subject of the model: a Fluent UI girl emoji on "
-                                "mini, the DreamBooth dog otherwise).")
-    token: str = opt("", "Identifier of the subject (default: [ktn] on mini, sks otherwise).")
-    class_noun: str = opt("", "Class noun of the subject (default: girl on mini, dog otherwise).")
-    max_steps: int = opt(0, "Training steps (0: the model's demo default).", min=0)
+    instance_dir: str = opt("", "Subject photos (default: the demo subject of the model: an OpenMoji backpack "
+                                "emoji on mini, the DreamBooth dog otherwise).")
+    token: str = opt("", "Identifier of the subject (default: sks).")
+    class_noun: str = opt("", "Class noun of the subject (default: backpack on mini, dog otherwise).")
+    max_steps: int = opt(0, "Training steps (0: the model's recipe).", min=0)
     num_class_images: int = opt(50, "Class images for prior preservation.", min=1)
     guidance: str = opt("", "Guidance scales of the sweep, comma-separated (default: 1.5,3,5,7.5,10,15 on mini, "
                             "7.5,15 otherwise); 7.5 and 15 must be among them.")
@@ -98,17 +97,15 @@ def _resolved(d: DemoConfig) -> tuple[Profile, str, str, str]:
 def train_config(d: DemoConfig) -> C.RunConfig:
     p, instance_dir, token, noun = _resolved(d)
     out = Path(d.out)
-    steps = d.max_steps or p.max_steps
-    return C.resolve(C.TRAIN_SECTIONS, {}, {
-        "model": d.model, "instance_dir": instance_dir, "token": token, "class_noun": noun,
-        "instance_prompt": p.instance_prompt, "class_prompt": p.class_prompt,
-        "output_dir": str(out / "lora"), "class_dir": str(out / "class_images"),
-        "num_class_images": d.num_class_images, "class_steps": d.steps, "class_batch_size": 8, "class_seed": d.seed,
-        "class_scheduler": "model",  # the model's own sampler, as when the demo's numbers were measured
-        "train_text_encoder": True, "rank": 8, "alpha": 8.0, "max_steps": steps, "learning_rate": p.learning_rate,
-        "text_encoder_lr": p.text_encoder_lr, "seed": d.seed, "validate_every": max(1, steps // 2),
-        "validation_steps": 20, "checkpoint_every": max(1, steps // 3), "overwrite": True,
-        "mixed_precision": "no"})  # fp32: the measured experiment gives the same numbers on every machine
+    values = {"model": d.model, "instance_dir": instance_dir, "token": token, "class_noun": noun,
+              "instance_prompt": p.instance_prompt, "class_prompt": p.class_prompt, **p.recipe,
+              "output_dir": str(out / "lora"), "class_dir": str(out / "class_images"),
+              "num_class_images": d.num_class_images, "class_seed": d.seed, "seed": d.seed, "overwrite": True}
+    if d.max_steps:
+        values["max_steps"] = d.max_steps
+    steps = C.resolve(C.TRAIN_SECTIONS, {}, values).train.max_steps  # the recipe's, unless --max-steps says
+    return C.resolve(C.TRAIN_SECTIONS, {}, {**values, "validate_every": max(1, steps // 2), "validation_steps": 20,
+                                            "checkpoint_every": max(1, steps // 3)})
 
 
 def prompts_of(d: DemoConfig) -> tuple[list[str], dict[str, str], str, str]:
@@ -265,12 +262,15 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
 
 
 def _before_after(rep, d: DemoConfig, sweep_dir: Path) -> None:
-    """The instance prompt and the scenes at guidance 7.5: base model (LoRA 0 / 0) above, trained (0.8 / 0.8) below."""
+    """Each prompt at guidance 7.5: base model (LoRA 0 / 0) above, trained (0.8 / 0.8) below: the identifier
+    learned, the scenes followed, and (last) the class prompt kept."""
     from .data import load_image
     from .sweep import Cell, image_paths
 
-    prompts = prompts_of(d)[0][:-1]
+    prompts = prompts_of(d)[0]
     rep.heading("Before and after training (guidance 7.5)")
+    rep.text("The identifier prompt should now draw the subject; the class prompt (last pair) should still draw the "
+             "class as the base model did: that is what the prior-preservation loss is for.")
     for k, prompt in enumerate(prompts):
         for label, scale in (("before (base model)", 0.0), ("after (LoRA 0.8 / 0.8)", UNET_SCALE)):
             cell = Cell(k, 7.5, scale, scale)

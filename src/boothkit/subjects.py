@@ -51,7 +51,8 @@ def openmoji_dataset_dir() -> Path:
 
 
 def demo_subject_dir() -> Path:
-    """Five pictures of one Fluent UI girl emoji: the demo subject on `mini`."""
+    """Five pictures of one Fluent UI girl emoji (close to mini's own girl: the demo's subject until the demo moved
+    to an OpenMoji backpack, which mini never drew); the speed benchmark and the learning tests train on it."""
     return dataset_dir() / "girl"
 
 
