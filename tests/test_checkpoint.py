@@ -3,9 +3,11 @@ class images and export. Each ends in one line naming the file or flag, and noth
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,10 +70,19 @@ def test_state_json_records_a_checksum_of_every_file(trained):
     state = json.loads((step_dir(trained[1], 4) / "state.json").read_text())
     assert state["step"] == 4 and set(state["files"]) == set(ckpt.FILES)
     assert all(state["files"][n] == files.file_sha256(step_dir(trained[1], 4) / n) for n in ckpt.FILES)
-    assert state["config"] == {"model": "tiny", "full": False, "train_text_encoder": False, "rank": 4,
-                               "unet_targets": list(C.LoraConfig().unet_targets), "method": "lora",
-                               "resolution": 64, "crop": "center", "buckets": False, "ema": "off",
-                               "subjects": [["sks", "dog"]]}
+    photos = hashlib.sha256()  # the photos' names and bytes, not their folder
+    for p in sorted(trained[0].iterdir()):
+        photos.update(f"{p.name}\0{p.stat().st_size}\0".encode() + p.read_bytes())
+    assert state["config"] == {
+        "model": "tiny", "revision": None, "vae": None, "method": "lora", "full": False, "train_text_encoder": False,
+        "adapter": "lora", "rank": 4, "alpha": 4.0, "dropout": 0.0, "unet_targets": list(C.LoraConfig().unet_targets),
+        "subjects": [["sks", "dog"]], "instance_prompts": ["a photo of {token} {class_noun}"],
+        "photos": [[3, photos.hexdigest()]], "resolution": 64, "crop": "center", "flip": False, "buckets": False,
+        "captions": False, "caption_dropout": 0.0, "masked_loss": False, "prior": False, "seed": 0,
+        "mixed_precision": "no", "batch_size": 1, "gradient_accumulation_steps": 1, "max_grad_norm": 1.0,
+        "snr_gamma": None, "noise_offset": 0.0, "optimizer": "adamw", "lr_scheduler": "constant",
+        "learning_rate": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 1e-2,
+        "ema": "off"}
 
 
 def _truncate(d: Path) -> None:
@@ -129,39 +140,119 @@ def test_no_usable_checkpoint_is_one_line(run_copy, capsys):
     assert "Traceback" not in err and (step_dir(out, 2) / "weights.safetensors").exists()  # nothing deleted
 
 
-@pytest.mark.parametrize("over, why", [
-    ({"rank": 8}, "lora.rank: 4 in the checkpoint, 8 now"),
-    ({"train_text_encoder": True}, "lora.text_encoder_targets: None in the checkpoint"),
-    ({"model": "other"}, "model.model: 'tiny' in the checkpoint, "),
-    ({"resolution": 128}, "data.resolution: 64 in the checkpoint, 128 now"),
-    ({"crop": "random"}, "data.crop: 'center' in the checkpoint, 'random' now"),
-    ({"buckets": True}, "data.buckets: False in the checkpoint, True now"),
-    ({"ema_decay": 0.9}, "train.ema_decay: 'off' in the checkpoint, 'on' now"),
-    ({"method": "pivotal"}, "lora.method: 'lora' in the checkpoint, 'pivotal' now"),
-    ({"token": "zwx"}, "data.subjects (identifier, class noun): [['sks', 'dog']] in the checkpoint, [['zwx', 'dog']]"),
-    ({"class_noun": "cat"}, "[['sks', 'dog']] in the checkpoint, [['sks', 'cat']] now"),
-])
-def test_checkpoint_of_another_config_is_refused(run_copy, tiny_path, over, why):
-    photos, out, _ = run_copy
-    if over.get("model") == "other":  # the same weights in another folder: another model as far as a run knows
-        shutil.copytree(tiny_path, out.parent / "other")
-        over = {"model": str(out.parent / "other")}
-    with pytest.raises(BoothkitError, match=r"^--resume: checkpoint .*step-0000004 does not match this config") as exc:
+PRIOR = dict(prior=True, num_class_images=2, class_steps=1, class_batch_size=2, max_steps=2, checkpoint_every=1,
+             ema_decay=0.9)
+CHANGED_PHOTO, OTHER_MODEL = object(), object()
+START_AGAIN = "; pass --overwrite instead of --resume to start again, or train into another --output-dir"
+
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory, trained):
+    """A 2-step run with prior preservation (2 class images) and an EMA, checkpointed at step 1; (photos, output)."""
+    root = tmp_path_factory.mktemp("prior")
+    return trained[0], run_training(make_cfg(trained[0], root / "out", **PRIOR), progress=False)
+
+
+REFUSED = [  # (the run resumed, what changes, what the message names)
+    ("trained", {"model": OTHER_MODEL}, "model.model: 'tiny' in the checkpoint, '"),
+    ("trained", {"method": "pivotal"}, "lora.method: 'lora' in the checkpoint, 'pivotal' now (--method)"),
+    ("trained", {"adapter": "dora"}, "lora.adapter: 'lora' in the checkpoint, 'dora' now (--adapter)"),
+    ("trained", {"rank": 8}, "lora.rank: 4 in the checkpoint, 8 now (--rank)"),
+    ("trained", {"train_text_encoder": True},
+     "lora.train_text_encoder: False in the checkpoint, True now (--train-text-encoder/--no-train-text-encoder)"),
+    ("trained", {"instance_dir": CHANGED_PHOTO},
+     r"data.instance_dir: 3 photos sha256:[0-9a-f]{12} in the checkpoint, 3 photos sha256:[0-9a-f]{12} now "
+     r"\(--instance-dir\)"),
+    ("trained", {"token": "zwx"}, "data.token: 'sks' in the checkpoint, 'zwx' now (--token)"),
+    ("trained", {"class_noun": "cat"}, "data.class_noun: 'dog' in the checkpoint, 'cat' now (--class-noun)"),
+    ("trained", {"instance_prompt": "an image of {token} {class_noun}"},
+     "data.instance_prompt: 'a photo of {token} {class_noun}' in the checkpoint, 'an image of {token} {class_noun}' "
+     "now (--instance-prompt)"),
+    ("trained", {"resolution": 128}, "data.resolution: 64 in the checkpoint, 128 now (--resolution)"),
+    ("trained", {"crop": "random"}, "data.crop: 'center' in the checkpoint, 'random' now (--crop)"),
+    ("trained", {"buckets": True}, "data.buckets: False in the checkpoint, True now (--buckets/--no-buckets)"),
+    ("trained", {"flip": True}, "data.flip: False in the checkpoint, True now (--flip/--no-flip)"),
+    ("trained", {"ema_decay": 0.9}, "train.ema_decay: 'off' in the checkpoint, 'on' now (--ema-decay)"),
+    ("trained", {"mixed_precision": "bf16"},
+     "train.mixed_precision: 'no' in the checkpoint, 'bf16' now (--mixed-precision)"),
+    ("trained", {"seed": 1}, "train.seed: 0 in the checkpoint, 1 now (--seed)"),
+    ("trained", {"learning_rate": 5e-4}, "train.learning_rate: 0.001 in the checkpoint, 0.0005 now (--learning-rate)"),
+    ("trained", {"rank": 8, "seed": 1}, ("lora.rank: 4 in the checkpoint, 8 now (--rank)",
+                                         "train.seed: 0 in the checkpoint, 1 now (--seed)")),
+    ("prior_run", {"prior": False}, "prior.prior: True in the checkpoint, False now (--prior/--no-prior)"),
+    ("prior_run", {"prior_weight": 0.5}, "prior.prior_weight: 1.0 in the checkpoint, 0.5 now (--prior-weight)"),
+    ("prior_run", {"prior_target": "frozen"},
+     "prior.prior_target: 'images' in the checkpoint, 'frozen' now (--prior-target)"),
+    ("prior_run", {"class_prompt": "a picture of {class_noun}", "class_dir": "other-class-images"},  # not compared
+     "prior.class_prompt: 'a photo of {class_noun}' in the checkpoint, 'a picture of {class_noun}' now "
+     "(--class-prompt)"),
+    ("prior_run", {"num_class_images": 3}, "prior.num_class_images: 2 in the checkpoint, 3 now (--num-class-images)"),
+    ("prior_run", {"ema_decay": 0.99}, "train.ema_decay: 0.9 in the checkpoint, 0.99 now (--ema-decay)"),
+]
+
+
+@pytest.mark.parametrize("base, over, why", [pytest.param(*case, id="-".join([case[0], *case[1]])) for case in REFUSED])
+def test_checkpoint_of_another_config_is_refused_naming_each_difference(request, tmp_path, tiny_path, demo_subject,
+                                                                        base, over, why):
+    """A resume that changes what the weights depend on is one line naming each changed key, its flag, both
+    values, and how to start again; the setting changed alongside it (an identifier in the default prompt, a class
+    folder) is not named."""
+    photos, run = request.getfixturevalue(base)
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    over = {**(PRIOR if base == "prior_run" else {}), **over}
+    if over.get("model") is OTHER_MODEL:  # the same weights in another folder: another model as far as a run knows
+        shutil.copytree(tiny_path, tmp_path / "other")
+        over["model"] = str(tmp_path / "other")
+    if over.get("instance_dir") is CHANGED_PHOTO:  # one photo replaced by another of the same name
+        shutil.copytree(photos, tmp_path / "photos")
+        shutil.copy(sorted(demo_subject.glob("*.jpg"))[3], tmp_path / "photos" / sorted(photos.iterdir())[0].name)
+        photos, over = tmp_path / "photos", {k: v for k, v in over.items() if k != "instance_dir"}
+    if "class_dir" in over:
+        over["class_dir"] = str(tmp_path / over["class_dir"])
+    step = ckpt.list_checkpoints(out)[-1][1]
+    with pytest.raises(BoothkitError) as exc:
         run_training(make_cfg(photos, out, resume=True, **over), progress=False)
-    assert why in str(exc.value) and "\n" not in str(exc.value)
+    msg, whys = str(exc.value), why if isinstance(why, tuple) else (why,)
+    assert msg.startswith(f"--resume: checkpoint {step} does not match this config (") and "\n" not in msg
+    assert msg.endswith(")" + START_AGAIN) and msg.count(" in the checkpoint, ") == len(whys), msg
+    for w in whys:
+        assert re.search(w if "sha256" in w else re.escape(w), msg), msg
+    if len(whys) == 2:
+        assert msg == f"--resume: checkpoint {step} does not match this config ({whys[0]}; {whys[1]}){START_AGAIN}"
+
+
+def test_resume_with_the_photos_in_another_folder_and_more_steps(run_copy, tmp_path):
+    """Not compared: where the photos are (the same photos, moved), how often logs and checkpoints are written, the
+    latent cache, and max_steps: a resume with more steps extends the run."""
+    photos, out, finished = run_copy
+    moved = tmp_path / "moved"
+    shutil.copytree(photos, moved)
+    run_training(make_cfg(moved, out, resume=True, checkpoint_every=3, checkpoints_keep=1, log_every=5,
+                          cache_latents=False), progress=False)
+    resumed = load_file(out / LORA_FILE)  # steps 5-6 again from step 4, the photos read from their new folder
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+    run_training(make_cfg(moved, out, resume=True, max_steps=8), progress=False)  # from step 4 on to step 8
+    rows = (out / "train_log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 9))
+
+
+FIRST_KEYS = ("model", "full", "train_text_encoder", "rank", "unet_targets")  # what the first checkpoints recorded
 
 
 def test_checkpoint_from_before_the_later_keys_still_resumes(run_copy):
-    """Checkpoints recorded before resolution, crop, buckets, EMA, method and subjects were: not compared on them."""
-    from boothkit.train import LATER_KEYS
-
+    """Checkpoints recorded before a key was are not compared on it; one without the adapter key was a LoRA's."""
     photos, out, weights = run_copy
     for step in (2, 4):
         state = json.loads((step_dir(out, step) / "state.json").read_text())
-        assert set(LATER_KEYS) <= set(state["config"])
-        state["config"] = {k: v for k, v in state["config"].items() if k not in LATER_KEYS}
+        state["config"] = {k: v for k, v in state["config"].items() if k in FIRST_KEYS}
         (step_dir(out, step) / "state.json").write_text(json.dumps(state))
-    run_training(make_cfg(photos, out, resume=True, resolution=128), progress=False)  # not compared: resumes
+    with pytest.raises(BoothkitError, match=r"\(lora.adapter: 'lora' in the checkpoint, 'dora' now \(--adapter\)\);"):
+        run_training(make_cfg(photos, out, resume=True, adapter="dora"), progress=False)
+    with pytest.raises(BoothkitError, match=r"\(lora.rank: 4 in the checkpoint, 8 now \(--rank\)\);"):
+        run_training(make_cfg(photos, out, resume=True, rank=8), progress=False)
+    run_training(make_cfg(photos, out, resume=True, resolution=128, seed=1, learning_rate=5e-4, token="zwx"),
+                 progress=False)  # none of these is compared: it resumes
 
 
 @pytest.mark.parametrize("over, why", [
