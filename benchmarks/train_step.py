@@ -32,7 +32,7 @@ def child(overrides: dict, steps: int, work: Path) -> None:
     from boothkit import config as C
     from boothkit.train import run_training
 
-    values = {"instance_dir": str(DEMO), "class_noun": "dog", "output_dir": str(work / f"out-{steps}"),
+    values = {"model": "tiny", "instance_dir": str(DEMO), "class_noun": "dog", "output_dir": str(work / f"out-{steps}"),
               "class_dir": str(work / "class"), "num_class_images": 8, "class_steps": 4, "max_steps": steps,
               "overwrite": True, **overrides}
     t0 = time.perf_counter()

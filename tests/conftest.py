@@ -15,6 +15,10 @@ os.environ.setdefault("BOOTHKIT_HOME", str(Path.home() / ".cache" / "boothkit"))
 # --mixed-precision auto means fp32 in tests: their numbers must not depend on which CPU runs them
 # (bf16 on one with AVX-512 BF16, fp32 on an AVX2-only one). tests/test_precision.py tests auto itself.
 os.environ["BOOTHKIT_AUTO_PRECISION"] = "no"
+# Train and class-images configs have no default --model (a user must name one, docs/errors.md). The suite's
+# configs and commands that name none mean the built-in tiny model: the one shared place that says so, for
+# in-process runs and the subprocesses that inherit this environment. Tests of the refusal use `no_default_model`.
+os.environ["BOOTHKIT_DEFAULT_MODEL"] = "tiny"
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SUBJECT = REPO / "src" / "boothkit" / "assets" / "demo_subject"
@@ -27,6 +31,12 @@ def tiny_path() -> Path:
     from boothkit.models import tiny_model_path
 
     return tiny_model_path()
+
+
+@pytest.fixture
+def no_default_model(monkeypatch):
+    """What a user's shell has: no BOOTHKIT_DEFAULT_MODEL, so a config without a model is refused."""
+    monkeypatch.delenv("BOOTHKIT_DEFAULT_MODEL")
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,8 @@ def _shot(page, name: str, full: bool = False) -> Path:
 
 
 def test_photos_to_pictures_in_a_browser(browser, server, demo_subject):
+    from boothkit import ui
+
     url, queue = server
     clock = time.monotonic()
     page = browser.new_page(viewport=VIEWPORT)
@@ -109,8 +111,12 @@ def test_photos_to_pictures_in_a_browser(browser, server, demo_subject):
     page.wait_for_function("document.querySelectorAll('#bk-thumbs img').length === 5")
     assert page.locator("#bk-photo-notes").inner_text().strip() == ""
 
-    # The quick-test preset is on; a short run with validation pictures along the way.
-    assert _field(page, "train-model").input_value() == "tiny"
+    # The page opens on the mini preset; the quick-test one (tiny) gives a short run with validation pictures.
+    assert _field(page, "train-model").input_value() == "mini"
+    quick = next(name for name, preset in ui.PRESETS.items() if preset["model"] == "tiny")
+    _field(page, "bk-preset").click()
+    page.get_by_role("option", name=quick, exact=True).click()
+    page.wait_for_function("document.querySelector('#train-model textarea, #train-model input')?.value === 'tiny'")
     for elem_id, value in (("train-class-noun", "dog"), ("train-max-steps", str(TOTAL_STEPS)),
                            ("train-num-class-images", "4"), ("train-validate-every", str(VALIDATE_EVERY))):
         _field(page, elem_id).fill(value)

@@ -51,7 +51,7 @@ def test_top_level_help_lists_commands(capsys):
     (["train", "--class-noun", "dog", "--output-dir", "o"], ["data.instance_dir"]),
     (["train", "--instance-dir", "/no/such/dir", "--class-noun", "dog", "--output-dir", "o"], ["/no/such/dir"]),
     (["train", "--config", "/no/such.toml"], ["/no/such.toml"]),
-    (["models", "path", "runwayml/stable-diffusion-v1-5"], ["no local folder"]),
+    (["models", "path", "stable-diffusion-v1-5/stable-diffusion-v1-5"], ["no local folder"]),  # a hub id
 ])
 def test_bad_input_is_one_line(args, needles, capsys):
     code, _, err = run(args, capsys)

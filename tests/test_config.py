@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from boothkit import config as C
+from boothkit import hub_ids
 from boothkit.errors import ConfigError
 from boothkit.files import atomic_write_bytes
 
@@ -109,6 +110,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_example_configs_are_valid(name):
     """Every shipped example stays in step with the config schema (a renamed key would break it)."""
     path = EXAMPLES / name
+    assert C.load_toml(path)["model"]["model"]  # every example names its model: there is no default
     cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(path), {"instance_dir": "p", "class_noun": "dog", "output_dir": "o"})
     if name.startswith("mini"):
         assert cfg.data.prompt == "an emoji of [ktn] dog" and cfg.prior.prompt_for("dog") == "an emoji of a dog"
@@ -124,6 +126,38 @@ def test_example_configs_are_valid(name):
 def test_required_fields_name_key_and_flag(sections, values, match):
     with pytest.raises(ConfigError, match=match):
         C.resolve(sections, values)
+
+
+def test_model_is_required_and_the_error_says_what_to_give(no_default_model):
+    """No default model: a config without one is refused in one line naming the choices (the random-weight tiny
+    model trains only when asked for)."""
+    assert C.ModelConfig().model == ""
+    with pytest.raises(ConfigError) as exc:
+        resolve()
+    said = str(exc.value)
+    assert said == f"model.model is required (--model): {C.MODEL_CHOICES}" and "\n" not in said
+    assert f"a hub id ({hub_ids.SD15})" in said and "mini (pretrained on emoji" in said and "tiny (random weights" in said
+    for values in ({**BASE, "model": {"model": ""}}, {**BASE, "model": {}}):  # an empty model is no model
+        with pytest.raises(ConfigError, match=r"^model\.model is required \(--model\): a hub id"):
+            resolve(values)
+    with pytest.raises(ConfigError, match=r"^model\.model is required"):
+        C.resolve(C.CLASS_IMAGES_SECTIONS, {"data": {"class_noun": "dog"}})
+    with pytest.raises(ConfigError, match="lora.rnak"):  # a typo is still reported before a missing value
+        resolve({**BASE, "lora": {"rnak": 4}})
+    with pytest.raises(ConfigError, match="model.model: expected a string"):
+        resolve({**BASE, "model": {"model": 3}})
+    assert resolve({**BASE, "model": {"model": "tiny"}}).model.model == "tiny"
+
+
+def test_default_model_from_the_environment_is_a_default(monkeypatch):
+    """BOOTHKIT_DEFAULT_MODEL (the test suite's tiny) fills only a model nobody named, and its preset applies."""
+    monkeypatch.setenv(C.DEFAULT_MODEL_ENV, "mini")
+    cfg = resolve()
+    assert cfg.model.model == "mini" and cfg.train.max_steps == C.model_preset("mini")["train"]["max_steps"]
+    assert resolve({**BASE, "model": {"model": "tiny"}}).model.model == "tiny"
+    assert resolve(BASE, {"model": "tiny"}).model.model == "tiny"
+    with pytest.raises(ConfigError, match="model.model is required"):  # an empty model given is still refused
+        resolve({**BASE, "model": {"model": ""}})
 
 
 def test_prompt_templates_fill_only_their_placeholders():

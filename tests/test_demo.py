@@ -3,6 +3,7 @@ import csv
 
 import pytest
 
+from boothkit import hub_ids
 from boothkit.cli import main
 
 
@@ -60,3 +61,4 @@ def test_demo_on_tiny_uses_the_dog_and_says_the_weights_are_random(tmp_path, one
     assert exc.value.code == 0
     page = (out / "index.html").read_text()
     assert "random weights" in page and "sks dog" in page and not (out / "measures.csv").exists()
+    assert f"boothkit train --model {hub_ids.SD15} --instance-dir my_photos" in page  # "The same on a real model"

@@ -6,6 +6,7 @@ Checkpoint and --resume inputs are held by tests/test_train.py.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import shutil
 import struct
@@ -18,8 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+from boothkit import hub_ids
 from boothkit import lora as L
 from boothkit.cli import main
+from boothkit.subjects import dataset_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -91,6 +94,7 @@ def loras(tmp_path_factory, tiny_path) -> dict[str, Path]:
         "size": L.save_lora_file(folder / "size.safetensors", {"unet": wider}, meta, {"base_model": "tiny"}),
         "family": L.save_lora_file(folder / "family.safetensors", {"unet": layers}, meta,
                                    {"base_model": "tiny", "family": "sdxl"}),
+        "nameless": L.save_lora_file(folder / "nameless.safetensors", {"unet": layers}, meta, {}),  # no base model
     }
     save_file({"model.weight": torch.zeros(2, 2)}, folder / "unknown.safetensors")
     files["unknown"] = folder / "unknown.safetensors"
@@ -240,6 +244,12 @@ CATALOGUE = [
     ("lora: truncated, export", _generate_lora("truncated", "not a LoRA", command="export")),
     ("lora: unknown keys, export", _generate_lora("unknown", "not a LoRA", command="export")),
     ("lora: another size, merged export", _generate_lora("size", "another model family or size", command="merged")),
+    ("lora: no base model, generate", lambda ctx: (["generate", "--lora", ctx["loras"]["nameless"], "--prompt", "x",
+                                                    "--out", ctx["tmp"] / "g"], ["does not name its base model",
+                                                                                 "pass --model"])),
+    ("lora: no base model, sweep", lambda ctx: (["sweep", "--lora", ctx["loras"]["nameless"], "--prompt", "x",
+                                                 "--out", ctx["tmp"] / "s"], ["does not name its base model",
+                                                                              "pass --model"])),
     # config files
     ("config: syntax error", _config(b"[lora\nrank = 4\n", "run.toml", "invalid TOML")),
     ("config: unknown key", _config(b"[lora]\nranc = 4\n", "lora.ranc")),
@@ -297,6 +307,125 @@ def test_refused_on_one_line(build, instance_dir, tmp_path, tiny_path, loras, ca
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+# ------------------------------------------------------------------------------ no --model, hub ids
+
+CHOICES = ["a hub id (" + hub_ids.SD15 + ")", "a local diffusers folder or .safetensors file",
+           "mini (pretrained on emoji, to try boothkit)", "tiny (random weights, for plumbing tests)"]
+
+
+@pytest.mark.usefixtures("no_default_model")
+@pytest.mark.parametrize("args, key", [
+    (["train", "--instance-dir", "photos", "--token", "sks", "--class-noun", "dog", "--output-dir", "run"],
+     "model.model is required (--model): "),
+    (["train", "--subject", "photos", "sks", "dog", "--output-dir", "run", "--no-prior"], "model.model is required"),
+    (["class-images", "--class-dir", "class", "--class-noun", "dog"], "model.model is required (--model): "),
+    (["generate", "--prompt", "x", "--out", "g"], "generate: give --lora (its metadata names the base model) or --model: "),
+    (["bench", "dreambench", "--dataset", dataset_dir(), "--out", "bench"],
+     "--train-config (not given): names no model ([model] model = ...): "),
+], ids=["train", "train several subjects", "class-images", "generate without --lora", "bench dreambench"])
+def test_no_model_is_refused_naming_what_to_give(args, key, tmp_path, monkeypatch, capsys):
+    """No default model: without --model nothing trains the random-weight tiny model unasked."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(args, capsys)
+    assert_refused(code, err, key, *CHOICES)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def _hub_http_error(cls: type, message: str) -> Exception:
+    """huggingface_hub's own HTTP error, as it raises it (its constructor takes the HTTP library's response)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    http = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
+    url = "https://huggingface.co/api/models/x/y/revision/main"
+    return cls(message, response=http.Response(401, request=http.Request("GET", url)))
+
+
+def _through_diffusers(spec: str, cause: Exception) -> OSError:
+    """What diffusers raises when the hub's metadata call fails and the repository is not cached: an OSError
+    raised from the hub's error, while the failed cache lookup is its context."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        try:
+            raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder for the specified "
+                                          "revision on the local disk and outgoing traffic has been disabled.")
+        except FileNotFoundError as lookup:
+            raise OSError(f"Cannot load model {spec}: the model is not fully cached locally ({lookup}) and an error "
+                          "occurred while trying to fetch metadata from the Hub.") from cause
+    except OSError as exc:
+        return exc
+
+
+def _hub_says(kind: str, spec: str) -> Exception:
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    not_found = "401 Client Error. Repository Not Found for url: https://huggingface.co/api/models/" + spec
+    return {
+        "not found": lambda: _hub_http_error(RepositoryNotFoundError, not_found),
+        "not found, through diffusers": lambda: _through_diffusers(spec, _hub_http_error(RepositoryNotFoundError,
+                                                                                          not_found)),
+        "not a valid model identifier": lambda: OSError(f"{spec} is not a local folder and is not a valid model "
+                                                        "identifier listed on 'https://huggingface.co/models'"),
+        "offline, not cached": lambda: LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder"),
+        "gated": lambda: _hub_http_error(GatedRepoError, "403 Client Error. Cannot access gated repo " + spec),
+    }[kind]()
+
+
+def _loader_raising(monkeypatch, cls_name: str, error: Exception) -> list:
+    """Replace diffusers' `cls_name`.from_pretrained with one that raises the hub's `error`; returns its calls."""
+    import diffusers
+
+    calls = []
+
+    def load(spec, *args, **kwargs):
+        calls.append(spec)
+        raise error
+
+    monkeypatch.setattr(getattr(diffusers, cls_name), "from_pretrained", load)
+    return calls
+
+
+REMOVED = next(iter(hub_ids.REMOVED))
+
+
+@pytest.mark.parametrize("kind", ["not found", "not found, through diffusers", "not a valid model identifier",
+                                  "offline, not cached"])
+def test_removed_hub_id_names_its_maintained_copy(kind, instance_dir, tmp_path, monkeypatch, capsys):
+    """An id taken off the hub fails at once (one load, no retry) with one line naming its maintained copy."""
+    calls = _loader_raising(monkeypatch, "DiffusionPipeline", _hub_says(kind, REMOVED))
+    code, _, err = run(["train", "--model", REMOVED, "--instance-dir", instance_dir, "--class-noun", "dog",
+                        "--output-dir", tmp_path / "run", "--no-prior", "--max-steps", 1], capsys)
+    assert_refused(code, err)
+    assert err.strip() == f"error: --model {REMOVED}: removed from the hub; use {hub_ids.REMOVED[REMOVED]}"
+    assert err.strip() == ("error: --model runwayml/stable-diffusion-v1-5: removed from the hub; use "
+                           "stable-diffusion-v1-5/stable-diffusion-v1-5")  # issue 31's wording
+    assert calls == [REMOVED] and not (tmp_path / "run" / L.LORA_FILE).exists()
+
+
+@pytest.mark.parametrize("kind, said", [
+    ("not found", "no such repository on the hub (check the id; a private one needs hf auth login)"),
+    ("not found, through diffusers", "no such repository on the hub"),
+    ("not a valid model identifier", "no such repository on the hub"),
+    ("offline, not cached", "not in the local hub cache, and the hub cannot be reached (offline); pass a local "
+                            "diffusers folder or .safetensors file, or a built-in model (--model mini, --model tiny)"),
+    ("gated", "a gated repository on the hub; accept its terms at https://huggingface.co/someone/no-such-model and "
+              "log in (hf auth login)"),
+])
+def test_hub_id_the_hub_lacks_is_one_line(kind, said, tmp_path, monkeypatch, capsys):
+    calls = _loader_raising(monkeypatch, "DiffusionPipeline", _hub_says(kind, "someone/no-such-model"))
+    code, _, err = run(["generate", "--model", "someone/no-such-model", "--prompt", "x", "--out", tmp_path / "g"],
+                       capsys)
+    assert_refused(code, err, f"--model someone/no-such-model: {said}")
+    assert calls == ["someone/no-such-model"] and not (tmp_path / "g").exists()
+
+
+def test_removed_hub_id_as_vae_names_its_maintained_copy(tmp_path, monkeypatch, capsys):
+    _loader_raising(monkeypatch, "AutoencoderKL", _hub_says("not found, through diffusers", REMOVED))
+    code, _, err = run(["generate", "--model", "tiny", "--vae", REMOVED, "--prompt", "x", "--out", tmp_path / "g"],
+                       capsys)
+    assert_refused(code, err, f"--vae {REMOVED}: removed from the hub; use {hub_ids.REMOVED[REMOVED]}")
 
 
 # ---------------------------------------------------------------------------------------- what trains

@@ -27,6 +27,7 @@ from boothkit.sweep import SWEEP_SECTIONS  # noqa: E402
 from boothkit.ui import forms as F  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+QUICK = next(name for name, preset in ui.PRESETS.items() if preset["model"] == "tiny")  # the quick-test preset
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,8 +75,8 @@ def form(sections, **changes):
 
 
 def train_form(**changes):
-    """The train form as the page first shows it (the quick-test preset), with `changes`."""
-    values = ui.preset_values(ui.DEFAULT_PRESET, {})
+    """The train form under the quick-test preset (the tiny model), with `changes`."""
+    values = ui.preset_values(QUICK, {})
     assert set(changes) <= set(values) | {"photos", "run_name"}
     return {**values, **changes}
 
@@ -104,7 +105,7 @@ def test_build_ui_has_a_field_for_every_option_at_its_default(tmp_path):
     app = ui.build_ui(tmp_path / "runs")
     comps = {b.elem_id: b for b in app.blocks.values() if isinstance(b, gr.components.Component) and b.elem_id}
     forms = {  # elem_id prefix: (sections, what the form shows first, fields the run sets instead)
-        "train": (C.TRAIN_SECTIONS, train_form(), ui.TRAIN_BY_RUN),
+        "train": (C.TRAIN_SECTIONS, ui.preset_values(ui.DEFAULT_PRESET, {}), ui.TRAIN_BY_RUN),
         "gen": (C.GENERATE_SECTIONS, ui.form_defaults(C.GENERATE_SECTIONS), F.GENERATE_BY_RUN),
         "sweep": (SWEEP_SECTIONS, ui.form_defaults(SWEEP_SECTIONS), F.GENERATE_BY_RUN),
         "eval": (EVALUATE_SECTIONS, ui.form_defaults(EVALUATE_SECTIONS), F.EVALUATE_BY_RUN),
@@ -125,16 +126,18 @@ def test_build_ui_has_a_field_for_every_option_at_its_default(tmp_path):
     assert all(isinstance(comps[f"gen-{k}"], gr.Slider) for k in ("guidance", "unet-scale", "text-encoder-scale"))
     assert comps["gen-unet-scale"].value == comps["gen-text-encoder-scale"].value == 0.8
     assert C.GenerateConfig().unet_scale == 1.0
-    assert comps["train-model"].value == "tiny" and comps["train-max-steps"].value == 40  # the quick-test preset
+    # the page opens on the mini preset: a pretrained model that learns a subject on a CPU (tiny draws noise)
+    assert ui.DEFAULT_PRESET == next(iter(ui.PRESETS)) and comps["train-model"].value == "mini"
+    assert comps["train-max-steps"].value == C.model_preset("mini")["train"]["max_steps"]
 
 
 def test_train_form_gives_the_cli_config(monkeypatch, tmp_path):
     # gr.Number hands back floats; tuples are one item per line; "" is an unset optional field.
-    values = form(C.TRAIN_SECTIONS, instance_dir="photos", class_noun="dog", token="zwx", max_steps=3.0, rank=4,
+    values = form(C.TRAIN_SECTIONS, model="tiny", instance_dir="photos", class_noun="dog", token="zwx", max_steps=3.0, rank=4,
                   learning_rate=0.001, prior=False, train_text_encoder=True,
                   validation_prompts="a photo of {token}\n\n  {token} on the moon ", lr_scheduler="cosine",
                   instance_prompt="", model_config="")
-    argv = ["train", "--instance-dir", "photos", "--class-noun", "dog", "--token", "zwx", "--output-dir",
+    argv = ["train", "--model", "tiny", "--instance-dir", "photos", "--class-noun", "dog", "--token", "zwx", "--output-dir",
             str(tmp_path), "--max-steps", "3", "--rank", "4", "--learning-rate", "0.001", "--no-prior",
             "--train-text-encoder", "--validation-prompts", "a photo of {token}", "--validation-prompts",
             "{token} on the moon", "--lr-scheduler", "cosine"]
@@ -173,6 +176,7 @@ def test_presets_fill_the_form_and_keep_the_subject(tmp_path):
 
 @pytest.mark.parametrize("change, key", [
     ({"max_steps": 0}, "train.max_steps"),
+    ({"model": ""}, "model.model is required"),  # a cleared model field: no silent default
     ({"rank": 2.5}, "lora.rank"),
     ({"max_steps": None}, "train.max_steps"),  # a cleared number field
     ({"class_noun": ""}, "data.class_noun"),

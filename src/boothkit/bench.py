@@ -310,8 +310,14 @@ def run_dreambench(cfg: C.RunConfig) -> Optional[Path]:
     ds = parse_dataset(b.dataset)
     subjects = select_subjects(ds, b.subjects)
     train_values = C.load_toml(b.train_config) if b.train_config else {}
-    tcfg = C.resolve(C.TRAIN_SECTIONS, train_values, {"instance_dir": "x", "class_noun": "x", "output_dir": "x"},
-                     where=str(b.train_config))  # a bad key fails now, not after the first subject
+    try:  # a bad key fails now, not after the first subject
+        tcfg = C.resolve(C.TRAIN_SECTIONS, train_values, {"instance_dir": "x", "class_noun": "x", "output_dir": "x"},
+                         where=str(b.train_config))
+    except ConfigError as exc:  # the model comes from the train config: bench has no --model to name
+        if not str(exc).startswith("model.model is required"):
+            raise
+        raise ConfigError(f"--train-config {b.train_config or '(not given)'}: names no model ([model] model = ...): "
+                          f"{C.MODEL_CHOICES}") from None
     if b.class_nouns == "none" and tcfg.prior.prior:
         raise ConfigError(f"--class-nouns none: {b.train_config or 'the train config'} has prior preservation on, "
                           "which needs a class noun; use a config with [prior] prior = false")

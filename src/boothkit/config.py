@@ -22,6 +22,7 @@ from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
 from .files import atomic_write_bytes
+from .hub_ids import SD15
 
 log = logging.getLogger("boothkit")
 
@@ -33,7 +34,7 @@ else:  # pragma: no cover
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, short: str | None = None,
         min: float | None = None, max: float | None = None, required: bool = False, text: bool = False,
-        fields: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
+        fields: tuple[str, ...] | None = None, flag: str | None = None, missing: str | None = None) -> Any:
     """A config field with the help text and limits the CLI and the validator share.
 
     `required`: an empty value ('' or ()) is an error naming the key and its flag.
@@ -42,9 +43,10 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, short: str | N
     read (a typo would else reach the model unnoticed), and stays as written: braces are emphasis in some prompt
     dialects, so it is not refused.
     `flag`: the CLI flag when it is not --field-name (a list of tables reads better singular: --subject).
+    `missing`: what the error for a missing required value adds after "is required (--flag): " (what to give).
     """
     meta = {"help": help, "choices": choices, "short": short, "min": min, "max": max, "required": required,
-            "text": text, "fields": fields, "flag": flag}
+            "text": text, "fields": fields, "flag": flag, "missing": missing}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -72,10 +74,19 @@ ADAPTERS = ("lora", "dora", "lokr", "loha")
 SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", "pndm")
 
 
+# What --model takes, said when it is missing: there is no default, so a run never trains a toy model unasked.
+MODEL_CHOICES = (f"a hub id ({SD15}), a local diffusers folder or .safetensors file, or a built-in: "
+                 "mini (pretrained on emoji, to try boothkit), tiny (random weights, for plumbing tests), "
+                 "tiny-xl (random weights, SDXL's layout)")
+# A --model for train and class-images configs that name none (test suites and scripts set it on purpose).
+DEFAULT_MODEL_ENV = "BOOTHKIT_DEFAULT_MODEL"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = opt("tiny", "Base model: 'tiny' (built-in), a hub id, a local diffusers folder or a single-file "
-                             ".safetensors checkpoint.")
+    model: str = opt("", f"Base model: a hub id (e.g. {SD15}), a local diffusers folder, a single-file "
+                         ".safetensors checkpoint, or a built-in: 'mini' (pretrained on emoji), 'tiny' (random "
+                         "weights).", required=True, missing=MODEL_CHOICES)
     model_config: Optional[str] = opt(None, "Local diffusers folder whose configs describe a single-file checkpoint "
                                             "(needed offline for .safetensors models).")
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of --model.")
@@ -377,7 +388,7 @@ class GenerateConfig:
 
     def validate(self) -> None:
         if not self.lora and not self.model:
-            raise ConfigError("generate: give --lora (its metadata names the base model) or --model")
+            raise ConfigError(f"generate: give --lora (its metadata names the base model) or --model: {MODEL_CHOICES}")
 
 
 TRAIN_SECTIONS: dict[str, type] = {
@@ -487,7 +498,8 @@ def check(cfg: Any, section: str) -> Any:
     for f in dataclasses.fields(cfg):
         if f.metadata.get("required") and getattr(cfg, f.name) in ("", (), None):
             flag = "" if "[" in section else f" (--{f.name.replace('_', '-')})"  # a table's key has no flag
-            raise ConfigError(f"{section}.{f.name} is required{flag}")
+            missing = f": {f.metadata['missing']}" if f.metadata.get("missing") else ""
+            raise ConfigError(f"{section}.{f.name} is required{flag}{missing}")
     if hasattr(cfg, "validate"):
         try:
             cfg.validate()
@@ -574,7 +586,10 @@ def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None 
             raise ConfigError(f"unknown option '{key}'")
         per_section[owner[key]][key] = value
     if "model" in per_section:  # a built-in model's own recipe fills what neither the file nor a flag set
-        preset = model_preset(per_section["model"].get("model", ModelConfig.model))
+        if "model" not in per_section["model"] and os.environ.get(DEFAULT_MODEL_ENV):
+            per_section["model"]["model"] = os.environ[DEFAULT_MODEL_ENV]
+        model = per_section["model"].get("model", ModelConfig.model)
+        preset = model_preset(model) if isinstance(model, str) else {}  # a wrong type is reported below
         for name in preset.keys() & per_section.keys():
             per_section[name] = {**preset[name], **per_section[name]}
     # Every key and type first, then the checks across fields: a typo is reported before a missing value.

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import config as C
 from .config import opt
 from .errors import ConfigError
+from .hub_ids import SD15
 
 GUIDANCES = (7.5, 15.0)
 UNET_SCALE = TEXT_ENCODER_SCALE = 0.8
@@ -246,7 +247,7 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
         rep.figure(plot, "training loss (instance + λ·prior)")
     rep.heading("The same on a real model")
     rep.settings({
-        "train": "boothkit train --model runwayml/stable-diffusion-v1-5 --instance-dir my_photos --token sks "
+        "train": f"boothkit train --model {SD15} --instance-dir my_photos --token sks "
                  "--class-noun dog --train-text-encoder --output-dir my_lora --max-steps 800",
         "generate": "boothkit generate --lora my_lora --prompt 'an image of sks dog on the moon' -n 4 "
                     "--guidance 7.5 --unet-scale 0.8 --text-encoder-scale 0.8 --seed 0 --steps 30 --out images",

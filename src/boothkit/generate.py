@@ -149,7 +149,7 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
     embeddings = [(emb, embedding_info(emb)) for (_, emb), _, _ in parts if emb is not None]
     if model is None:
         if not files and not embeddings:
-            raise ConfigError("generate: give --lora (its metadata names the base model) or --model")
+            raise ConfigError(f"generate: give --lora (its metadata names the base model) or --model: {C.MODEL_CHOICES}")
         model = base_model_of(files[0][0]) if files else embeddings[0][1].get("base_model")
         if not model:
             raise BoothkitError(f"--lora {embeddings[0][0]}: the embedding does not name its base model; pass --model")

@@ -37,9 +37,8 @@ if TYPE_CHECKING:
 from .config import opt
 from .files import atomic_write_bytes, file_sha256
 from .errors import ConfigError, DataError, ModelError, first_line
+from .hub_ids import CLIP as DEFAULT_CLIP, DINO as DEFAULT_DINO
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-DEFAULT_DINO = "facebook/dino-vits16"
 TINY = "tiny"
 TINY_SEED = 1234
 TINY_NOTE = "random-weight tiny evaluator: the numbers show the pipeline working and are NOT meaningful"

@@ -22,6 +22,7 @@ import torch
 
 from .errors import ModelError, first_line
 from .files import boothkit_home  # noqa: F401  (re-exported: where built-in models are cached)
+from .hub_ids import LOCAL_OR_BUILT_IN, hub_error
 from .safety import REFUSAL, as_safetensors, is_pickle, pickle_allowed, pickled_only, refuse_pickle
 
 log = logging.getLogger("boothkit")
@@ -278,7 +279,8 @@ def load_vae(spec: str, dtype: torch.dtype = torch.float32):
         raise
     except Exception as exc:  # diffusers and the hub raise many types; the remedy is the same
         first = first_line(exc)
-        raise ModelError(f"--vae {spec}: not a loadable AutoencoderKL folder or hub id ({first})") from None
+        said = None if local else hub_error("--vae", spec, exc)
+        raise ModelError(said or f"--vae {spec}: not a loadable AutoencoderKL folder or hub id ({first})") from None
 
 
 def _check_parts(folder: Path, spec: str, parts: tuple[str, ...]) -> None:
@@ -355,11 +357,11 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
         # loaded (other families ignore the two arguments)
         pipe = DiffusionPipeline.from_pretrained(spec, revision=revision, dtype=dtype, use_safetensors=_safetensors(),
                                                  **SD.pipeline_kwargs)
-    except Exception as exc:  # hub errors come in many types; the remedy is the same
+    except Exception as exc:  # hub errors come in many types: a missing or removed repository is said as such
         log.debug("hub load of %s failed: %s", spec, exc)
-        raise ModelError(f"--model {spec}: not a local path and not loadable from the model hub (offline, not "
-                         f"cached, or unknown id); pass a local diffusers folder or .safetensors file, "
-                         f"or use --model tiny") from None
+        raise ModelError(hub_error("--model", spec, exc, LOCAL_OR_BUILT_IN) or
+                         f"--model {spec}: not a local path and not loadable from the model hub ({first_line(exc)}); "
+                         f"{LOCAL_OR_BUILT_IN}") from None
     family_of(pipe)  # another kind of pipeline (SD3, Flux, ...) is refused by name
     return pipe
 

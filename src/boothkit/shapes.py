@@ -21,7 +21,7 @@ def _components(tokenizer_dir: Path) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    unet = UNet2DConditionModel(  # SD 1.5's unet/config.json (hub_ids.SD15)
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError, first_line
+from .hub_ids import LOCAL_OR_BUILT_IN, hub_error
 
 COMMON_BELOW = 10_000  # the 10,000 most frequent merges: dog 1929, owl 9899 — words the model knows well
 RARE_FROM = 40_000  # the rarest fifth of CLIP's merges: sks 48136, ohwx 47993
@@ -106,6 +107,6 @@ def load_tokenizer(model: str):
         if folder is not None:
             return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    except Exception as exc:  # transformers and the hub raise many types; the remedy is the same
-        first = first_line(exc)
-        raise ModelError(f"--model {model}: no loadable tokenizer/ ({first})") from None
+    except Exception as exc:  # transformers and the hub raise many types; a missing or removed id is said as such
+        said = None if folder is not None else hub_error("--model", model, exc, LOCAL_OR_BUILT_IN)
+        raise ModelError(said or f"--model {model}: no loadable tokenizer/ ({first_line(exc)})") from None

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping
 
 from .. import config as C
 from ..errors import BoothkitError, ConfigError
+from ..hub_ids import SD15, SDXL
 
 TRAIN_MAIN = ("token", "class_noun", "instance_prompt", "model", "max_steps", "learning_rate", "rank",
               "train_text_encoder", "prior", "num_class_images", "validate_every", "checkpoint_every")
@@ -30,18 +31,19 @@ UI_DEFAULTS: dict[str, dict[str, Any]] = {
 SLIDERS = {"guidance": (0.0, 20.0, 0.5), "unet_scale": (0.0, 1.5, 0.05), "text_encoder_scale": (0.0, 1.5, 0.05)}
 
 SUBJECT = ("instance_dir", "token", "class_noun")  # a preset leaves these as typed
+# The first is what the page opens on: mini, a pretrained model that learns a subject on a CPU (tiny draws noise).
 PRESETS: dict[str, dict[str, Any]] = {
+    "Built-in mini model, emoji subjects (CPU, minutes)": dict(  # mini's own recipe: presets/mini.toml
+        model="mini", **C.model_preset_flags("mini"), validate_every=100, checkpoint_every=100),
     "Quick test: built-in tiny model (CPU, under a minute)": dict(
         model="tiny", max_steps=40, rank=4, alpha=4.0, num_class_images=8, class_steps=5, validate_every=10,
         validation_steps=5, checkpoint_every=10),
-    "Built-in mini model, emoji subjects (CPU, minutes)": dict(  # mini's own recipe: presets/mini.toml
-        model="mini", **C.model_preset_flags("mini"), validate_every=100, checkpoint_every=100),
     "SD 1.5 LoRA (GPU)": dict(  # examples/sd15-lora.toml
-        model="runwayml/stable-diffusion-v1-5", resolution=512, num_class_images=200, rank=16, alpha=16.0,
+        model=SD15, resolution=512, num_class_images=200, rank=16, alpha=16.0,
         train_text_encoder=True, max_steps=800, lr_scheduler="constant_with_warmup", lr_warmup_steps=50,
         checkpoint_every=200, validate_every=200),
     "SDXL LoRA (GPU)": dict(  # docs/families.md
-        model="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024, num_class_images=200, rank=16,
+        model=SDXL, resolution=1024, num_class_images=200, rank=16,
         alpha=16.0, train_text_encoder=True, gradient_checkpointing=True, max_steps=800,
         lr_scheduler="constant_with_warmup", lr_warmup_steps=50, checkpoint_every=200, validate_every=200),
 }
