@@ -301,6 +301,48 @@ def test_cli_generate_writes_reproducible_pngs_grid_and_config(tiny_path, lora_a
         assert grid.size == (128, 128)  # 3 images, 2 columns
 
 
+def test_bf16_picture_is_reproduced_by_plain_diffusers_from_its_parameters(lora_a, tmp_path, capsys):
+    """A PNG's parameters chunk says everything its pixels depend on: plain diffusers, given only what it records
+    (model, precision as torch_dtype, LoRA and scales, sampler, steps, guidance, size, seed on its device), draws
+    the same picture. bf16 on a CPU without bf16 instructions is emulated: slower, the same numbers."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "gen"
+    code, err = run_cli(["generate", "--lora", str(lora_a.parent), "--prompt", PROMPT, "--negative-prompt", "blurry",
+                         "-n", "2", "--seed", "3", "--steps", str(STEPS), "--guidance", "5", "--unet-scale", "0.7",
+                         "--text-encoder-scale", "0.6", "--mixed-precision", "bf16", "--out", str(out)], capsys)
+    assert code == 0, err
+    png = out / "001-a-photo-of-sks-dog-s4.png"
+    with Image.open(png) as im:
+        p = G.parse_parameters(im.text["parameters"])
+        mine = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert (p["Precision"], p["Device"], p["Sampler"], p["Seed"]) == ("bfloat16", "cpu", "DDIM", "4") and "VAE" not in p
+    saved = tomllib.loads((out / "generate_config.toml").read_text())["generate"]
+    assert saved["mixed_precision"] == "bf16" and saved["seed"] == 3
+
+    plain = StableDiffusionPipeline.from_pretrained(p["Model"], torch_dtype=getattr(torch, p["Precision"]),
+                                                    safety_checker=None, requires_safety_checker=False)
+    assert type(plain.scheduler).__name__ == "DDIMScheduler"  # the model's own sampler, as "DDIM" says
+    lora, scale = G.parse_lora_spec(p["Lora"])
+    plain.load_lora_weights(lora, adapter_name="a")
+    plain.set_adapters(["a"], adapter_weights=[{"unet": float(p["UNet scale"]) * scale,
+                                                "text_encoder": float(p["TE scale"]) * scale}])
+    plain.set_progress_bar_config(disable=True)
+    width, height = map(int, p["Size"].split("x"))
+    theirs = plain(p["prompt"], negative_prompt=p["negative_prompt"], num_inference_steps=int(p["Steps"]),
+                   guidance_scale=float(p["CFG scale"]), width=width, height=height,
+                   generator=torch.Generator(p["Device"]).manual_seed(int(p["Seed"]))).images[0]
+    assert max_diff([mine], [np.asarray(theirs, dtype=np.int16)]) <= 1
+    code, err = run_cli(["generate", "--lora", str(lora_a.parent), "--prompt", PROMPT, "--negative-prompt", "blurry",
+                         "-n", "2", "--seed", "3", "--steps", str(STEPS), "--guidance", "5", "--unet-scale", "0.7",
+                         "--text-encoder-scale", "0.6", "--mixed-precision", "no", "--out", str(tmp_path / "fp32")],
+                        capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "fp32" / png.name) as im:
+        assert G.parse_parameters(im.text["parameters"])["Precision"] == "float32"
+        assert max_diff([mine], [np.asarray(im.convert("RGB"), dtype=np.int16)]) > 1  # the precision matters
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--lora", "/nonexistent/out", "--prompt", "x"], "--lora /nonexistent/out: no LoRA file found"),
     (["--lora", "{pt}", "--prompt", "x"], "a pickle file, which can run code"),

@@ -127,7 +127,7 @@ def select_subjects(ds: Dataset, wanted: Sequence[str]) -> list[str]:
 def generate_samples(pipe, prompts: Sequence[str], folder: Path, *, num_images: int, seed: int, steps: int,
                      guidance: float, progress: bool = True) -> list[tuple[str, Any]]:
     """Generate num_images per prompt (image i of every prompt uses seed + i), saved as PNGs + samples.json."""
-    from .generate import generate_images, parameters_text, sampler_label, save_png, slug
+    from .generate import generate_images, parameters_text, pipeline_fields, sampler_label, save_png, slug
     from .progress import progress_bar
     from .metrics import write_samples_manifest
     from .models import native_resolution
@@ -142,7 +142,7 @@ def generate_samples(pipe, prompts: Sequence[str], folder: Path, *, num_images: 
                 name = f"{p:02d}-{slug(prompt, 40)}-s{seed + i}.png"
                 params = parameters_text(prompt, "", steps=steps, sampler=sampler_label(pipe.scheduler),
                                          guidance=guidance, seed=seed + i, width=size, height=size,
-                                         model=str(getattr(pipe, "boothkit_model", "")),
+                                         **pipeline_fields(pipe),
                                          loras=[(p_, w) for _, p_, w in getattr(pipe, "boothkit_loras", [])],
                                          unet_scale=1.0, text_encoder_scale=1.0)
                 save_png(img, folder / name, params)

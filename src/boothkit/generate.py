@@ -252,13 +252,17 @@ def _quote(value: str) -> str:
 
 def parameters_text(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance: float, seed: int,
                     width: int, height: int, model: str, loras: Sequence[tuple[str, float]],
-                    unet_scale: float, text_encoder_scale: float, text_encoder_2_scale: float | None = None) -> str:
-    """AUTOMATIC1111-style generation parameters: prompt, negative prompt, then one 'Key: value' line."""
+                    unet_scale: float, text_encoder_scale: float, text_encoder_2_scale: float | None = None,
+                    precision: str = "", vae: str = "", device: str = "") -> str:
+    """AUTOMATIC1111-style generation parameters: prompt, negative prompt, then one 'Key: value' line.
+
+    precision, vae, device (pipeline_fields gives them with the model): what else the pixels depend on; the
+    precision is the torch dtype's name, as plain diffusers takes it (torch_dtype=torch.bfloat16)."""
     from . import __version__
 
     fields = {
         "Steps": str(steps), "Sampler": sampler, "CFG scale": f"{guidance:g}", "Seed": str(seed),
-        "Size": f"{width}x{height}", "Model": model,
+        "Size": f"{width}x{height}", "Model": model, "VAE": vae, "Precision": precision, "Device": device,
         "Lora": ", ".join(f"{path}:{weight:g}" for path, weight in loras),
         "UNet scale": f"{unet_scale:g}", "TE scale": f"{text_encoder_scale:g}",
         "TE2 scale": "" if text_encoder_2_scale is None else f"{text_encoder_2_scale:g}",
@@ -266,6 +270,12 @@ def parameters_text(prompt: str, negative_prompt: str, *, steps: int, sampler: s
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v != "")
     return f"{prompt}\nNegative prompt: {negative_prompt}\n{line}"
+
+
+def pipeline_fields(pipe) -> dict[str, str]:
+    """The model, VAE, precision and device a boothkit pipeline draws with, for parameters_text."""
+    return {"model": str(getattr(pipe, "boothkit_model", "") or ""),
+            "vae": str(getattr(pipe, "boothkit_vae", "") or ""), "precision": str(pipe.unet.dtype).removeprefix("torch."), "device": pipe.device.type}
 
 
 _FIELD = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -343,7 +353,7 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     C.save_toml(out / "generate_config.toml", resolved.to_dict())
     params = functools.partial(parameters_text, negative_prompt=g.negative_prompt, steps=g.steps,
                                sampler=sampler_label(pipe.scheduler), guidance=g.guidance, width=width,
-                               height=height, model=pipe.boothkit_model, loras=loras, unet_scale=g.unet_scale,
+                               height=height, **pipeline_fields(pipe), loras=loras, unet_scale=g.unet_scale,
                                text_encoder_scale=g.text_encoder_scale,
                                text_encoder_2_scale=g.text_encoder_2_scale)
     written: list[Path] = []

@@ -252,7 +252,7 @@ def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequ
             for i, (img, path) in enumerate(zip(images, image_paths(out, cell, prompt, s.num_images, s.seed))):
                 text = G.parameters_text(prompt, s.negative_prompt, steps=s.steps, sampler=sampler,
                                          guidance=cell.guidance, seed=s.seed + i, width=width, height=height,
-                                         model=pipe.boothkit_model, loras=loras,
+                                         **G.pipeline_fields(pipe), loras=loras,
                                          unet_scale=cell.unet_scale, text_encoder_scale=cell.text_encoder_scale)
                 G.save_png(img, path, text)
             advance(s.num_images)
