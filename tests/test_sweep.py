@@ -218,3 +218,25 @@ def test_rerun_after_the_lora_changed_is_refused(lora_path, tmp_path):
     save_file({k: v + 1 for k, v in load_file(lora).items()}, lora, metadata=meta)
     with pytest.raises(BoothkitError, match="earlier version of --lora"):
         S.run_sweep(cfg)
+
+
+@pytest.mark.parametrize("broken, said", [
+    ("lpips", "are not imported"),  # LPIPS weights never imported
+    ("clip", "--clip-model"),  # a CLIP model that cannot be loaded
+])
+def test_metrics_evaluators_fail_before_any_sampling(lora_path, tmp_path, monkeypatch, broken, said):
+    """--metrics loads its evaluators first: a missing one fails before the sweep draws a picture."""
+    from boothkit import metrics as M
+
+    values = dict(lora=str(lora_path), prompt=[PROMPT], guidance="2", unet_scale="1", text_encoder_scale="0",
+                  num_images=2, steps=2, out=str(tmp_path / "s"), metrics=True)
+    if broken == "lpips":
+        monkeypatch.setattr(M, "lpips_weights_path", lambda net: tmp_path / "nowhere" / f"{net}.safetensors")
+        cfg = sweep_cfg(**values)
+    else:
+        cfg = C.resolve(S.SWEEP_SECTIONS, {"metrics": {"clip_model": str(tmp_path / "no-clip")}}, values)
+    drawn = []
+    monkeypatch.setattr(S, "generate_cells", lambda *a, **k: drawn.append(a))
+    with pytest.raises(BoothkitError, match=said):
+        S.run_sweep(cfg)
+    assert drawn == [] and not list((tmp_path / "s").glob("**/*.png"))

@@ -271,10 +271,9 @@ def run_sweep(cfg: C.RunConfig) -> Path:
     s = cfg.sweep
     out = C.check_output(s.out, "--out")
     prompts, axes = load_prompts(s), s.axes()
-    if s.metrics:
-        from .metrics import pick_device
-
-        pick_device(cfg.metrics.device)  # a device this machine lacks fails now, not after the whole sweep
+    # the evaluators load before any sampling: a device this machine lacks, LPIPS weights never imported or a CLIP
+    # model that cannot be loaded fail now, not after the whole sweep
+    judges = sweep_judges(cfg.metrics) if s.metrics else None
     digest = file_sha256(lora_header(parse_lora_spec(s.lora)[0])[0])  # a wrong or damaged file fails now
     check_same_sweep(out, s, digest)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,20 +289,28 @@ def run_sweep(cfg: C.RunConfig) -> Path:
             for c in cells for i, path in enumerate(image_paths(out, c, prompts[c.prompt_index], s.num_images, s.seed))]
     write_csv(out / "sweep.csv", ("prompt_index", "prompt", "guidance", "unet_scale", "text_encoder_scale", "image",
                                   "seed", "file"), rows)
-    if s.metrics:
-        write_metrics(out, s, cfg.metrics, prompts, cells)
+    if judges is not None:
+        write_metrics(out, s, cfg.metrics, prompts, cells, judges)
     return out
 
 
 # -------------------------------------------------------------------------------------------- metrics
 
-def cell_metrics(images_by_cell: Sequence[Sequence], prompts_by_cell: Sequence[str], mcfg) -> list[dict[str, Any]]:
-    """CLIP-T (image-prompt cosine, averaged) and DIV (mean pairwise LPIPS; None for one image) of every cell."""
+def sweep_judges(mcfg) -> tuple[Any, Any]:
+    """(LPIPS, CLIP evaluator) of --metrics, on the metrics device."""
     from . import metrics as M
 
     device = M.pick_device(mcfg.device)
     lpips = M.load_lpips(mcfg.lpips_net, device)  # first: the cheapest error (weights not imported)
-    clip = M.ClipEvaluator(mcfg.clip_model, device, mcfg.eval_batch_size)
+    return lpips, M.ClipEvaluator(mcfg.clip_model, device, mcfg.eval_batch_size)
+
+
+def cell_metrics(images_by_cell: Sequence[Sequence], prompts_by_cell: Sequence[str], mcfg,
+                 judges: tuple[Any, Any]) -> list[dict[str, Any]]:
+    """CLIP-T (image-prompt cosine, averaged) and DIV (mean pairwise LPIPS; None for one image) of every cell."""
+    from . import metrics as M
+
+    lpips, clip = judges
     unique = list(dict.fromkeys(prompts_by_cell))
     text = clip.text_embeds(unique)
     rows = []
@@ -315,14 +322,15 @@ def cell_metrics(images_by_cell: Sequence[Sequence], prompts_by_cell: Sequence[s
     return rows
 
 
-def write_metrics(out: Path, s: SweepConfig, mcfg, prompts: Sequence[str], cells: Sequence[Cell]) -> Path:
+def write_metrics(out: Path, s: SweepConfig, mcfg, prompts: Sequence[str], cells: Sequence[Cell],
+                  judges: tuple[Any, Any]) -> Path:
     """metrics.csv (one row per cell) and metrics.png: DIV against CLIP-T, one series per guidance value."""
     from . import metrics as M
     from .data import load_image
 
     images = [[load_image(p) for p in image_paths(out, c, prompts[c.prompt_index], s.num_images, s.seed)]
               for c in cells]
-    values = cell_metrics(images, [prompts[c.prompt_index] for c in cells], mcfg)
+    values = cell_metrics(images, [prompts[c.prompt_index] for c in cells], mcfg, judges)
     fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
     write_csv(out / "metrics.csv", ("prompt_index", "prompt", "guidance", "unet_scale", "text_encoder_scale",
                                     "CLIP-T", "DIV"),
