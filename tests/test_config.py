@@ -113,8 +113,13 @@ def test_example_configs_are_valid(name):
     assert C.load_toml(path)["model"]["model"]  # every example names its model: there is no default
     cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(path), {"instance_dir": "p", "class_noun": "dog", "output_dir": "o"})
     if name.startswith("mini"):
-        assert cfg.data.prompt == "an emoji of [ktn] dog" and cfg.prior.prompt_for("dog") == "an emoji of a dog"
-    else:
+        token = C.load_toml(path)["data"]["token"]
+        assert cfg.data.prompt == f"an emoji of {token} dog" and cfg.prior.prompt_for("dog") == "an emoji of a dog"
+    if name.startswith("mini-default"):  # mini's own recipe: the preset's values, nothing else
+        preset = C.model_preset("mini")
+        assert (cfg.lora.rank, cfg.train.text_encoder_lr, cfg.prior.prior_target) == \
+               (preset["lora"]["rank"], preset["train"]["text_encoder_lr"], preset["prior"]["prior_target"])
+    elif not name.startswith("mini"):
         assert cfg.data.prompt == "a photo of sks dog"
 
 
