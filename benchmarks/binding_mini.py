@@ -124,14 +124,11 @@ def div(rows: list[dict]) -> str:
     return f"{mean(have):.3f}" if have else "–"
 
 
-def table(out: Path, csv: str) -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*/judged.json"))]
-    if csv:
-        write_rows(Path(csv), rows, fieldnames=sorted({k for r in rows for k in r}))
-    print(f"\n{machine()}; {len(rows)} runs\n")
-    print("| variant | subjects × seeds | identifier LPIPS gain ↑ | class LPIPS gain (drift) ↓ | class moved ↓ | "
-          "binds | DINO | class DINO | scene CLIP-T (base) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def variant_rows(rows: list[dict]) -> None:
+    """One line per variant: gains averaged per subject first (each subject weighs the same), then over subjects."""
+    print("| variant | subjects / runs | identifier LPIPS gain ↑ | class LPIPS gain (drift) ↓ | class moved ↓ | "
+          "binds | DINO | class DINO | DIV | scene CLIP-T (base) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         per_subject = {}
@@ -143,10 +140,120 @@ def table(out: Path, csv: str) -> None:
         g, d = mean(gains), mean(drift)
         ok = "yes" if g >= 0.08 and d <= 0.25 * g else "no"
         sd = f" (seed sd {mean(seeds_sd):.3f})" if seeds_sd else ""
-        print(f"| {variant} | {len(per_subject)} × {len(mine) // len(per_subject)} | {g:.3f}{sd} | {d:.3f} | "
+        print(f"| {variant} | {len(per_subject)} / {len(mine)} | {g:.3f}{sd} | {d:.3f} | "
               f"{mean(r['class_moved_lpips'] for r in mine):.3f} | {ok} | {mean(r['DINO'] for r in mine):.3f} | "
               f"{mean(r['class_DINO'] for r in mine):.3f} | {div(mine)} | {mean(r['scene_CLIP-T'] for r in mine):.3f} "
               f"({mean(r['scene_CLIP-T_base'] for r in mine):.3f}) |")
+
+
+def subject_rows(rows: list[dict], variant: str) -> None:
+    """One line per subject of `variant`, its seeds averaged."""
+    print("| subject | seeds | identifier LPIPS base → trained | class LPIPS base → trained | DINO | class DINO |")
+    print("|---|---|---|---|---|---|")
+    for subject in dict.fromkeys(r["subject"] for r in rows if r["variant"] == variant):
+        rs = [r for r in rows if r["variant"] == variant and r["subject"] == subject]
+        m = {k: mean(r[k] for r in rs) for k in MEASURES if all(k in r for r in rs)}
+        print(f"| {subject} | {len(rs)} | {m['likeness_lpips_base']:.3f} → {m['likeness_lpips']:.3f} | "
+              f"{m['class_lpips_base']:.3f} → {m['class_lpips']:.3f} | {m['DINO']:.3f} | {m['class_DINO']:.3f} |")
+
+
+def _means(rows: list[dict]) -> tuple[float, float]:
+    """(identifier gain, class gain) averaged per subject first, then over subjects."""
+    per_subject = {}
+    for r in rows:
+        per_subject.setdefault(r["subject"], []).append(r)
+    return (mean(mean(r["identifier_gain"] for r in rs) for rs in per_subject.values()),
+            mean(mean(r["class_gain"] for r in rs) for rs in per_subject.values()))
+
+
+def paired_rows(rows: list[dict], variants: list[str]) -> None:
+    print("| variant | runs | identifier LPIPS gain ↑ | class LPIPS gain (drift) ↓ | class moved ↓ | DINO | class DINO |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        pairs = {(r["subject"], r["seed"]) for r in mine}
+        base = [r for r in rows if r["variant"] == "default" and (r["subject"], r["seed"]) in pairs]
+        mine = [r for r in mine if (r["subject"], r["seed"]) in {(b["subject"], b["seed"]) for b in base}]
+        if not mine:
+            continue
+        (g, d), (bg, bd) = _means(mine), _means(base)
+        pick = lambda rs, k: mean(r[k] for r in rs)  # noqa: E731
+        print(f"| {variant} | {', '.join(sorted(r['subject'] for r in mine))} | {g:.3f} ({bg:.3f}) | {d:.3f} ({bd:.3f}) | "
+              f"{pick(mine, 'class_moved_lpips'):.3f} ({pick(base, 'class_moved_lpips'):.3f}) | "
+              f"{pick(mine, 'DINO'):.3f} ({pick(base, 'DINO'):.3f}) | "
+              f"{pick(mine, 'class_DINO'):.3f} ({pick(base, 'class_DINO'):.3f}) |")
+
+
+def table(out: Path, csv: str) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*/judged.json"))]
+    if csv:
+        write_rows(Path(csv), rows, fieldnames=sorted({k for r in rows for k in r}))
+    print(f"\n{machine()}; {len(rows)} runs\n\nEvery run:\n")
+    variant_rows(rows)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    if "default" in variants and len(variants) > 1:
+        print("\nEach variant beside the default on the same subject-seed runs (default's numbers in brackets):\n")
+        paired_rows(rows, [v for v in variants if v != "default"])
+    if "default" in variants:
+        print("\nThe default recipe, per subject:\n")
+        subject_rows(rows, "default")
+
+
+def sheet_row(sheet, r: int, cols: int = 6) -> list:
+    """Row r of a binding sheet (square pictures, `cols` a row)."""
+    side = sheet.width // cols
+    return [sheet.crop((c * side, r * side, (c + 1) * side, (r + 1) * side)) for c in range(cols)]
+
+
+def style_control(out: Path, ev: Evaluators) -> None:
+    """Is a lower scene CLIP-T the subject's style? mini's CLIP-T to the class prompt ("an emoji of a dog") of the
+    subject's own photos, beside the base model's class pictures and the trained identifier pictures (seed 0 of the
+    default recipe, cut from its sheet.png: row 2 trained identifier, row 3 base class)."""
+    from PIL import Image
+
+    from boothkit.metrics import rowwise_cosine
+
+    print("\nmini's CLIP-T to the class prompt: the held-out photos themselves, the base model's class pictures, the "
+          "trained identifier pictures (default, seed 0):\n")
+    print("| subject | photos | base: class prompt | trained: identifier prompt |")
+    print("|---|---|---|---|")
+    labels = {label: (folder, noun) for label, folder, noun in subjects("all")}
+    for path in sorted(out.glob("*/default/seed0/sheet.png")):
+        label = path.parts[-4].replace("-", ":", 1)
+        folder, noun = labels[label]
+        sheet = Image.open(path).convert("RGB")
+        text = ev.clip.text_embeds([C.fill(COMMON["class_prompt"], class_noun=noun)])
+        clip_t = {name: float(rowwise_cosine(ev.clip.image_embeds(imgs), text.expand(len(imgs), -1)).mean())
+                  for name, imgs in (("photos", [im for _, im in load_folder(folder)]), ("base", sheet_row(sheet, 3)),
+                                     ("trained", sheet_row(sheet, 2)))}
+        print(f"| {label} | {clip_t['photos']:.3f} | {clip_t['base']:.3f} | {clip_t['trained']:.3f} |")
+
+
+ROWS = ("subject photos", "base: identifier prompt", "trained: identifier prompt", "base: class prompt",
+        "trained: class prompt", "trained: next to a soft ice cream", "trained: next to a full moon",
+        "trained: next to a classical building")
+
+
+def figure(out: Path, variants: list[str], labels: list[str], path: Path) -> None:
+    """Seed 0's sheets of each subject in `labels` under each of `variants`, side by side, rows named on the left."""
+    from PIL import Image, ImageDraw
+
+    columns = [(label, variant) for label in labels for variant in variants]
+    sheets = [Image.open(out / label.replace(":", "-") / variant / "seed0" / "sheet.png").convert("RGB")
+              for label, variant in columns]
+    w, h = sheets[0].size
+    left, top, gap = 230, 24, 12
+    fig = Image.new("RGB", (left + len(sheets) * (w + gap), top + h), "white")
+    draw = ImageDraw.Draw(fig)
+    for k, ((label, variant), sheet) in enumerate(zip(columns, sheets)):
+        x = left + k * (w + gap)
+        fig.paste(sheet, (x, top))
+        draw.text((x + 4, 6), label.replace(":", " ") + ("" if len(variants) == 1 else f", {variant}"), fill="black")
+    for r, name in enumerate(ROWS):
+        draw.text((6, top + r * (h // len(ROWS)) + h // len(ROWS) // 2 - 6), name, fill="black")
+    png = io.BytesIO()
+    fig.quantize(256, method=Image.Quantize.MEDIANCUT).save(png, format="PNG", optimize=True)  # a third the bytes
+    atomic_write_bytes(path, png.getvalue())
 
 
 def main() -> None:
@@ -158,10 +265,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=6, help="seeded pictures per prompt")
     ap.add_argument("--table", action="store_true", help="only print the table of what is measured")
     ap.add_argument("--csv", default="")
+    ap.add_argument("--figure", default="", help="write seed 0's sheets of --subjects under --variants here (a PNG)")
     args = ap.parse_args()
+    if args.figure:
+        figure(Path(args.out), args.variants.split(","), args.subjects.split(","), Path(args.figure))
+        return
+    ev = Evaluators(MetricsConfig(clip_model="mini", dino_model="mini", lpips_size=64))
     if not args.table:
-        measure(args, Evaluators(MetricsConfig(clip_model="mini", dino_model="mini", lpips_size=64)))
+        measure(args, ev)
     table(Path(args.out), args.csv)
+    style_control(Path(args.out), ev)
 
 
 if __name__ == "__main__":
