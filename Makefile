@@ -28,6 +28,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports  # the wings import downward only, no cycles (pyproject [tool.importlinter])
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

@@ -16,16 +16,17 @@ import time
 from pathlib import Path
 
 
-from boothkit import bench, config as C
-from boothkit.data import load_folder
-from boothkit.embeddings import EMBEDDINGS_FILE
-from boothkit.experiment import write_rows
-from boothkit.generate import load_generation_pipeline
-from boothkit.lora import LORA_FILE
-from boothkit.speed import machine
-from boothkit.metrics import Evaluators, MetricsConfig, evaluate_images
-from boothkit.subjects import dataset_dir
-from boothkit.train import run_training
+from boothkit.evaluate import bench
+from boothkit.core import config as C
+from boothkit.train.data import load_folder
+from boothkit.adapters.embeddings import EMBEDDINGS_FILE
+from boothkit.evaluate.experiment import write_rows
+from boothkit.generate.generation import load_generation_pipeline
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.evaluate.speed import machine
+from boothkit.evaluate.metrics import Evaluators, MetricsConfig, evaluate_images
+from boothkit.mini.subjects import dataset_dir
+from boothkit.train.loop import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples" / "mini-dreambooth.toml"

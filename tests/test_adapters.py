@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import export as E
-from boothkit import generate as G
-from boothkit.errors import BoothkitError, ConfigError
-from boothkit.lora import LORA_FILE
-from boothkit.train import run_training
+from boothkit.core import config as C
+from boothkit.export import formats as E
+from boothkit.generate import generation as G
+from boothkit.core.errors import BoothkitError, ConfigError
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.train.loop import run_training
 
 PROMPT = "a photo of sks dog"
 U, T = 0.8, 0.6  # distinct, non-unit scales: swapped or ignored scales show up

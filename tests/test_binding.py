@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit import binding
-from boothkit import metrics as M
-from boothkit.subjects import SEED_SCENES
+from boothkit.evaluate import binding
+from boothkit.evaluate import metrics as M
+from boothkit.mini.subjects import SEED_SCENES
 
 
 def _pictures(seed: int, n: int) -> list:

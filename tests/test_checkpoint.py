@@ -20,14 +20,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from boothkit import checkpoint as ckpt
-from boothkit import config as C
-from boothkit import export as E
-from boothkit import files, prior
+from boothkit.train import checkpoint as ckpt
+from boothkit.core import config as C
+from boothkit.export import formats as E
+from boothkit.core import files
+from boothkit.train import prior
 from boothkit.cli import main
-from boothkit.errors import BoothkitError, Interrupted
-from boothkit.lora import LORA_FILE
-from boothkit.train import run_training
+from boothkit.core.errors import BoothkitError, Interrupted
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.train.loop import run_training
 from processes import kill_at, paused, signal_at
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -285,7 +286,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instanc
                                  flip=True, log_every=1), progress=False)
     out, log, marker = tmp_path / "stopped", tmp_path / "stopped.log", tmp_path / "held"
     train = ["train", *args, "--output-dir", out]
-    cmd, extra = paused(train, f"boothkit.train:_after_step:{HELD}", marker)  # held after step HELD until signalled
+    cmd, extra = paused(train, f"boothkit.train.loop:_after_step:{HELD}", marker)  # held after step HELD until signalled
     rc = signal_at(cmd, marker, {**ENV, **extra}, sig, log=log)
     err = log.read_text()
     assert rc == 130, err
@@ -400,7 +401,7 @@ def test_sigkill_during_class_images_then_rerun_completes(tmp_path):
     args = ["class-images", "--class-dir", str(folder), "--class-noun", "dog", "--num-class-images", "6",
             "--class-batch-size", "1", "--class-steps", "2", "--resolution", "64"]
     marker = tmp_path / "held"
-    cmd, extra = paused(args, "boothkit.prior:_save_png:2", marker)  # killed once the second picture is saved
+    cmd, extra = paused(args, "boothkit.train.prior:_save_png:2", marker)  # killed once the second picture is saved
     kill_at(cmd, marker, {**ENV, **extra})
     made = sorted(folder.glob("class-*.png"))
     assert len(made) == 2 and all(_complete_png(p) for p in made)  # whole images or none

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from boothkit import cli
-from boothkit import config as C
-from boothkit.lora import LORA_FILE
+from boothkit.core import config as C
+from boothkit.adapters.lora import LORA_FILE
 
 
 def run(args, capsys):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from boothkit import export as E
-from boothkit.errors import BoothkitError
-from boothkit.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
+from boothkit.export import formats as E
+from boothkit.core.errors import BoothkitError
+from boothkit.adapters.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -170,7 +170,7 @@ def test_merged_folder_loads_in_diffusers_and_reproduces_lora(loras, native, tin
 def test_merged_single_file_loads_in_diffusers_and_boothkit(loras, native, tiny_path, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from boothkit.models import load_pipeline
+    from boothkit.models.loading import load_pipeline
 
     out = E.export(E.export_config(lora=str(loras["both"]), format="merged-single-file",
                                    out=str(tmp_path / "dog.safetensors"), unet_scale=U, text_encoder_scale=T))

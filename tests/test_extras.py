@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import tokens as TK
-from boothkit.batches import Batch, LatentBank, PromptEncoder, draw_batch
+from boothkit.core import config as C
+from boothkit.models import tokens as TK
+from boothkit.train.batches import Batch, LatentBank, PromptEncoder, draw_batch
 from boothkit.cli import main
-from boothkit.errors import BoothkitError, ConfigError, DataError
-from boothkit.families import Conditioning
-from boothkit.lora import LORA_FILE
-from boothkit.train import run_training, training_step
+from boothkit.core.errors import BoothkitError, ConfigError, DataError
+from boothkit.models.families import Conditioning
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.train.loop import run_training, training_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +33,7 @@ def lora(out):
 
 def first_losses(monkeypatch):
     """Record every training_step's (loss, instance_loss, prior_loss) as floats, and its keyword arguments."""
-    import boothkit.train as T
+    import boothkit.train.loop as T
 
     seen, real = [], T.training_step
 
@@ -292,7 +292,7 @@ def write_masks(instance_dir, size=None, fill=255):
 
 
 def test_masked_run_trains_and_masks_are_not_photos(instance_dir, tmp_path):
-    from boothkit.data import load_folder
+    from boothkit.train.data import load_folder
 
     write_masks(instance_dir)
     assert len(load_folder(instance_dir)) == 3

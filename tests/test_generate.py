@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit import cli, config as C, generate as G, lora as L
-from boothkit.errors import BoothkitError, ConfigError
+from boothkit import cli
+from boothkit.core import config as C
+from boothkit.generate import generation as G
+from boothkit.adapters import lora as L
+from boothkit.core.errors import BoothkitError, ConfigError
 
 PROMPT = "a photo of sks dog"
 STEPS, GUIDANCE = 4, 7.5

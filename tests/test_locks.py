@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from boothkit import config as C
-from boothkit import prior
+from boothkit.core import config as C
+from boothkit.train import prior
 from boothkit.cli import main
-from boothkit.errors import BoothkitError
-from boothkit.locks import LOCK_NAME, folder_lock
-from boothkit.train import run_training
+from boothkit.core.errors import BoothkitError
+from boothkit.core.locks import LOCK_NAME, folder_lock
+from boothkit.train.loop import run_training
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

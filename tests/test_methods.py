@@ -8,13 +8,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import generate as G
-from boothkit.embeddings import EMBEDDINGS_FILE
-from boothkit.errors import ConfigError
-from boothkit.lora import LORA_FILE
-from boothkit.models import load_pipeline
-from boothkit.train import run_training
+from boothkit.core import config as C
+from boothkit.generate import generation as G
+from boothkit.adapters.embeddings import EMBEDDINGS_FILE
+from boothkit.core.errors import ConfigError
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.models.loading import load_pipeline
+from boothkit.train.loop import run_training
 
 TOKEN = "[ktn]"
 PROMPT = "a photo of [ktn] dog"

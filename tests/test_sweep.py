@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit import config as C
-from boothkit import generate as G
-from boothkit import sweep as S
-from boothkit.errors import BoothkitError, ConfigError
-from boothkit.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
+from boothkit.core import config as C
+from boothkit.generate import generation as G
+from boothkit.evaluate import sweep as S
+from boothkit.core.errors import BoothkitError, ConfigError
+from boothkit.adapters.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
 
 PROMPT = "a photo of sks dog"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -162,7 +162,7 @@ def test_axis_values_are_validated(tmp_path):
 def test_metrics_per_cell_and_plot(swept):
     from transformers import CLIPModel, CLIPProcessor
 
-    from boothkit.metrics import tiny_evaluator_path
+    from boothkit.evaluate.metrics import tiny_evaluator_path
 
     out, flags = swept
     S.run_sweep(sweep_cfg(**flags, metrics=True))  # every cell is finished: only the metrics are computed

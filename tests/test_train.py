@@ -13,13 +13,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit.losses import add_noise
-from boothkit.families import Conditioning
-from boothkit.lora import LORA_FILE
-from boothkit.models import load_pipeline
-from boothkit.batches import Batch
-from boothkit.train import run_training, training_step
+from boothkit.core import config as C
+from boothkit.train.losses import add_noise
+from boothkit.models.families import Conditioning
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.models.loading import load_pipeline
+from boothkit.train.batches import Batch
+from boothkit.train.loop import run_training, training_step
 from processes import kill_at, paused
 
 
@@ -118,7 +118,7 @@ def test_kill_and_resume_is_bit_identical(instance_dir, class_dir, tmp_path):
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "killed"
-    cmd, extra = paused(["train", *common, "--output-dir", out], "boothkit.train:_after_step:8", tmp_path / "held")
+    cmd, extra = paused(["train", *common, "--output-dir", out], "boothkit.train.loop:_after_step:8", tmp_path / "held")
     kill_at(cmd, tmp_path / "held", {**env, **extra})  # killed right after step 8 and its checkpoint
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004", "step-0000008"]
     assert not (out / LORA_FILE).exists()
@@ -171,7 +171,7 @@ def test_v_prediction_model_trains(instance_dir, tmp_path, tiny_path, monkeypatc
     sched = json.loads((vmodel / "scheduler" / "scheduler_config.json").read_text())
     sched["prediction_type"] = "v_prediction"
     (vmodel / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
-    import boothkit.train as T
+    import boothkit.train.loop as T
 
     targets = []
     real = T.diffusion_target
@@ -207,7 +207,7 @@ def test_random_crop_trains_without_a_latent_cache(tmp_path):
     photos.mkdir()
     for i in range(3):
         Image.new("RGB", (160, 64), (40 * i, 90, 200)).save(photos / f"{i}.png")
-    from boothkit.batches import LatentBank
+    from boothkit.train.batches import LatentBank
 
     vae = load_pipeline("tiny").vae
     bank = LatentBank([Image.open(p) for p in sorted(photos.iterdir())], 64, vae, prompts=["x"] * 3, cache=True,
@@ -225,7 +225,7 @@ def test_random_crop_trains_without_a_latent_cache(tmp_path):
 
 
 def test_bf16_accumulation_and_schedule(instance_dir, tmp_path, monkeypatch):
-    import boothkit.train as T
+    import boothkit.train.loop as T
 
     micro = []
     real = T.training_step
@@ -241,7 +241,7 @@ def test_bf16_accumulation_and_schedule(instance_dir, tmp_path, monkeypatch):
 
 
 def test_gradient_checkpointing_changes_memory_not_the_weights(instance_dir, tmp_path, monkeypatch):
-    import boothkit.trainer as TR
+    import boothkit.train.trainer as TR
 
     on = []
     release = TR.release_frozen
@@ -260,7 +260,7 @@ def test_compiled_unet_trains_the_same_weights(instance_dir, tmp_path, monkeypat
     """--compile: the same weights under the same names, also through the frozen-model prior (adapters switched off
     inside the compiled UNet) and validation sampling. The aot_eager backend traces and differentiates as inductor
     does without its C++ code generation (80 s for tiny on this CPU); BENCHMARKS.md times inductor itself."""
-    import boothkit.trainer as TR
+    import boothkit.train.trainer as TR
 
     real = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real(self, **{"backend": "aot_eager", **kw}))
@@ -333,7 +333,7 @@ def test_frozen_prior_target_anchors_the_class_to_the_frozen_model(instance_dir,
 
 
 def test_frozen_prior_target_needs_lora(instance_dir, tmp_path):
-    from boothkit.errors import ConfigError
+    from boothkit.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="prior.prior_target frozen needs LoRA"):
         run_training(make_cfg(instance_dir, tmp_path / "o", tmp_path, prior_target="frozen", full=True))
@@ -342,7 +342,7 @@ def test_frozen_prior_target_needs_lora(instance_dir, tmp_path):
 def test_prior_from_subject_pictures_needs_no_class_images(instance_dir, tmp_path):
     """--prior-images subject: the class prompt on the subject's own latents, anchored to the frozen model's
     prediction; nothing is generated, and the prior term still moves the weights (unlike no prior at all)."""
-    from boothkit.errors import ConfigError
+    from boothkit.core.errors import ConfigError
 
     out = run_training(make_cfg(instance_dir, tmp_path / "out", tmp_path / "unused", prior=True,
                                 prior_target="frozen", prior_images="subject", max_steps=4), progress=False)
@@ -361,8 +361,8 @@ def test_prior_from_subject_pictures_needs_no_class_images(instance_dir, tmp_pat
 def test_nan_loss_stops_at_once_and_keeps_the_checkpoint(instance_dir, tmp_path, monkeypatch):
     """A non-finite loss ends the run with a message naming the step, before the optimizer steps on it; the
     checkpoint written before stays, and --resume finishes the run from it."""
-    from boothkit import train as T
-    from boothkit.errors import BoothkitError
+    from boothkit.train import loop as T
+    from boothkit.core.errors import BoothkitError
 
     real, calls = T.training_step, []
 
@@ -389,7 +389,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_checkpoint(instance_dir, tmp_path,
 ])
 def test_lora_loads_frozen_weights_in_the_run_precision_and_releases_what_it_no_longer_needs(
         instance_dir, class_dir, tmp_path, monkeypatch, over, released):
-    import boothkit.trainer as TR
+    import boothkit.train.trainer as TR
 
     seen = {}
     release = TR.release_frozen
@@ -406,7 +406,7 @@ def test_lora_loads_frozen_weights_in_the_run_precision_and_releases_what_it_no_
 
 
 def test_full_finetune_keeps_fp32_master_weights_and_its_vae(instance_dir, tmp_path, monkeypatch):
-    import boothkit.trainer as TR
+    import boothkit.train.trainer as TR
 
     seen = {}
     release = TR.release_frozen

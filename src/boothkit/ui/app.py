@@ -8,11 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .. import config as C
-from .. import runs as R
+from ..core import config as C
+from ..evaluate.metrics import EVALUATE_SECTIONS
+from ..evaluate.sweep import SWEEP_SECTIONS
+from ..export.formats import EXPORT_SECTIONS
 from . import handlers as H
-from .forms import DEFAULT_PRESET, EVALUATE_BY_RUN, EXPORT_MAIN, GENERATE_BY_RUN, GENERATE_MAIN, PRESETS, SWEEP_MAIN, \
-    TRAIN_BY_RUN, TRAIN_MAIN, _form, _gradio, preset_values, user_errors
+from . import runs as R
+from .forms import (
+    DEFAULT_PRESET,
+    EVALUATE_BY_RUN,
+    EXPORT_MAIN,
+    GENERATE_BY_RUN,
+    GENERATE_MAIN,
+    PRESETS,
+    SWEEP_MAIN,
+    TRAIN_BY_RUN,
+    TRAIN_MAIN,
+    _form,
+    _gradio,
+    preset_values,
+    user_errors,
+)
 
 MAX_UPLOAD = "50mb"  # per file: a 50-megapixel phone JPEG is ~25 MB
 POLL_SECONDS = 1.0
@@ -120,9 +136,6 @@ def _train_tab(gr, queue: R.RunQueue) -> dict[str, Any]:
 
 def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
     """Pick a finished run, then pictures, a sweep of guidance and LoRA scales, or an evaluation report."""
-    from ..metrics import EVALUATE_SECTIONS
-    from ..sweep import SWEEP_SECTIONS
-
     gen_run = gr.Dropdown(label="run", choices=[], value=None, elem_id="bk-gen-run",
                           info="A finished run; its instance prompt (with the identifier) fills the prompts.")
     with gr.Tab("Pictures"), gr.Row():
@@ -188,7 +201,6 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
 def build_ui(root: str | Path = R.DEFAULT_ROOT):
     """The Blocks app over the runs under `root` (its RunQueue is `app.boothkit_runs`)."""
     gr = _gradio()
-    from ..export import EXPORT_SECTIONS
 
     queue = R.RunQueue(root)
     with gr.Blocks(title="boothkit", analytics_enabled=False) as app:

@@ -8,9 +8,9 @@ import types
 import typing
 from typing import Any, Iterator, Mapping
 
-from .. import config as C
-from ..errors import BoothkitError, ConfigError
-from ..hub_ids import SD15, SDXL
+from ..core import config as C
+from ..core.errors import BoothkitError, ConfigError
+from ..core.hub_ids import SD15, SDXL
 
 TRAIN_MAIN = ("token", "class_noun", "instance_prompt", "model", "max_steps", "learning_rate", "rank",
               "train_text_encoder", "prior", "num_class_images", "validate_every", "checkpoint_every")
