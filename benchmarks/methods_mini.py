@@ -62,7 +62,7 @@ def main() -> None:
             assert (run / LORA_FILE).is_file() and ("method" not in over or (run / EMBEDDINGS_FILE).is_file())
             pipe = load_generation_pipeline(None, [(str(run), 1.0)])
             prompts = bench.subject_prompts(ds, subject, "[ktn]", ("dog", "cat"), args.prompts_limit)
-            got = bench._load_or_generate(pipe, prompts, folder / "samples", num_images=args.images, seed=0,
+            got = bench.load_or_generate(pipe, prompts, folder / "samples", num_images=args.images, seed=0,
                                           steps=25, guidance=7.5, progress=False)
             res = evaluate_images(ev, got, photos)["overall"]
             rows.append({"subject": subject, "variant": name, "DINO": res["DINO"], "CLIP-I": res["CLIP-I"],

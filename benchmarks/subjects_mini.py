@@ -42,7 +42,7 @@ def train(values: dict, out: Path) -> Path:
 
 def sample(run: Path | None, prompts: list[str], folder: Path, images: int) -> list:
     pipe = load_generation_pipeline("mini" if run is None else None, [] if run is None else [(str(run), 1.0)])
-    got = bench._load_or_generate(pipe, prompts, folder, num_images=images, seed=0, steps=25, guidance=7.5,
+    got = bench.load_or_generate(pipe, prompts, folder, num_images=images, seed=0, steps=25, guidance=7.5,
                                   progress=False)
     del pipe
     return got

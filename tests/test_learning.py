@@ -30,7 +30,7 @@ def train(tmp_path, name: str, prior: bool, steps: int):
 
 def dino_to_subject(images, dino):
     from boothkit.train.data import load_folder
-    from boothkit.evaluate.metrics import _unit
+    from boothkit.evaluate.metrics import unit_rows as _unit
     from boothkit.mini.subjects import demo_subject_dir
 
     real = _unit(dino.image_embeds([img for _, img in load_folder(demo_subject_dir())]).double())

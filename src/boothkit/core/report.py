@@ -51,7 +51,8 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _figure_png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes, drawn on its own Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -75,7 +76,7 @@ def plot_metric_distributions(per_prompt: Sequence[Mapping[str, Any]],
         ax.set_title(metric)
         ax.set_xticks([])
     fig.suptitle("per-prompt metric distributions")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_diversity_vs_fidelity(rows: Sequence[Mapping[str, Any]], fidelity: str = "CLIP-T",
@@ -104,7 +105,7 @@ def plot_diversity_vs_fidelity(rows: Sequence[Mapping[str, Any]], fidelity: str 
     if any(labels):
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 class Report:

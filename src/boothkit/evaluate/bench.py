@@ -170,7 +170,8 @@ def generate_samples(pipe, prompts: Sequence[str], folder: Path, *, num_images: 
     return out
 
 
-def _load_or_generate(pipe, prompts, folder: Path, **kw) -> list[tuple[str, Any]]:
+def load_or_generate(pipe, prompts, folder: Path, **kw) -> list[tuple[str, Any]]:
+    """The samples in `folder` if a finished run left them there (its manifest), else generated and saved now."""
     if (folder / SAMPLES_MANIFEST).is_file():
         return load_samples(folder)
     return generate_samples(pipe, prompts, folder, **kw)
@@ -265,9 +266,9 @@ def run_subject(cfg: C.RunConfig, ds: Dataset, subject: str, train_values: Mappi
     prompts = subject_prompts(ds, subject, tcfg.data.token, b.live_classes, b.prompts_limit, noun=trained)
     pipe = load_generation_pipeline(None, [(str(run), 1.0)])
     kw = dict(seed=b.sample_seed, steps=b.sample_steps, guidance=b.guidance)
-    samples = _load_or_generate(pipe, prompts, folder / "samples", num_images=b.images_per_prompt, **kw)
+    samples = load_or_generate(pipe, prompts, folder / "samples", num_images=b.images_per_prompt, **kw)
     class_prompt = tcfg.prior.prompt_for(noun)  # PRES: the true class, whatever noun training used
-    class_samples = _load_or_generate(pipe, [class_prompt], folder / "class_samples", num_images=b.pres_images, **kw)
+    class_samples = load_or_generate(pipe, [class_prompt], folder / "class_samples", num_images=b.pres_images, **kw)
     before, after = instance_before_after(pipe, tcfg.data.prompt, folder, b.pres_images,
                                           learned_tokens=tcfg.lora.method in ("ti", "pivotal"), **kw)
     del pipe
@@ -288,10 +289,10 @@ def instance_before_after(pipe, prompt: str, folder: Path, num_images: int, lear
 
     base = load_generation_pipeline(pipe.boothkit_model, []) if learned_tokens else pipe
     set_lora_scales(pipe, 0.0, 0.0)
-    before = _load_or_generate(base, [prompt], folder / "instance_before", num_images=num_images, **kw)
+    before = load_or_generate(base, [prompt], folder / "instance_before", num_images=num_images, **kw)
     del base
     set_lora_scales(pipe, 1.0, 1.0)
-    after = _load_or_generate(pipe, [prompt], folder / "instance_after", num_images=num_images, **kw)
+    after = load_or_generate(pipe, [prompt], folder / "instance_after", num_images=num_images, **kw)
     return [img for _, img in before], [img for _, img in after]
 
 

@@ -17,7 +17,7 @@ from ..core import config as C
 from ..core.config import opt
 from ..core.errors import ConfigError
 from ..core.hub_ids import SD15
-from ..core.report import Report, _figure_png
+from ..core.report import Report, figure_png
 from ..mini.subjects import SEED_SCENES, openmoji_dataset_dir
 from .experiment import measure_cells, plot_guidance, reading, summarise, write_rows
 from .metrics import MetricsConfig, import_lpips_weights, lpips_weights_path
@@ -198,7 +198,7 @@ def _loss_plot(log_csv: Path) -> bytes | None:
         ax.plot(steps, [float(r[key]) for r in rows], label=key, lw=0.8)
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timings: list[tuple[str, float]],

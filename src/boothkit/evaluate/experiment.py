@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from ..core.files import atomic_write_bytes
-from ..core.report import _figure_png
+from ..core.report import figure_png
 from . import metrics as M
 from .recognition import names_in_halves, reference
 from .sweep import cells_of, image_paths
@@ -36,7 +36,7 @@ def measure_cells(sweep_dir: Path, s, prompts: Sequence[str], props: Mapping[str
     dino = M.DinoEvaluator(mcfg.dino_model, device, mcfg.eval_batch_size)
     ref_names, _, ref_arrays = reference()
     refs = [Image.fromarray(a) for a in ref_arrays]
-    ref_emb = M._unit(clip.image_embeds(refs).double())
+    ref_emb = M.unit_rows(clip.image_embeds(refs).double())
     dino_real, clip_real = dino.image_embeds(photos), clip.image_embeds(photos)
     text = clip.text_embeds(list(prompts))
     rows = []
@@ -126,7 +126,7 @@ def plot_guidance(rows: Sequence[Mapping[str, Any]], scales: tuple[float, float]
         ax.grid(alpha=0.3)
     fig.suptitle(f"scene prompts, LoRA {scales[0]:g} / {scales[1]:g}", fontsize=9)
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:

@@ -236,13 +236,14 @@ def _embed_images(ev, images: Sequence, embed) -> "torch.Tensor":
 
 # ------------------------------------------------------------------------------------------------ numbers
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit length (embeddings before a cosine)."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor, exclude_diagonal: bool = False) -> float:
     """Mean cosine similarity over all pairs (a_i, b_j); `exclude_diagonal` drops i == j (a and b the same set)."""
-    sim = _unit(a.double()) @ _unit(b.double()).T
+    sim = unit_rows(a.double()) @ unit_rows(b.double()).T
     if exclude_diagonal:
         if sim.shape[0] != sim.shape[1] or sim.shape[0] < 2:
             raise ValueError("exclude_diagonal needs two equal sets of at least two embeddings")
@@ -253,7 +254,7 @@ def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor, exclude_diagonal: boo
 
 def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a_i, b_i) for each row i."""
-    return (_unit(a.double()) * _unit(b.double())).sum(-1)
+    return (unit_rows(a.double()) * unit_rows(b.double())).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------- LPIPS

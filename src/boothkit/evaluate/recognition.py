@@ -18,7 +18,7 @@ from ..core.report import Report
 from ..mini.scenes import with_article
 from ..mini.subjects import SUBJECTS, dataset_dir
 from ..models.mini import mini_dir
-from .metrics import ClipEvaluator, DinoEvaluator, _unit, load_lpips, lpips_tensor
+from .metrics import ClipEvaluator, DinoEvaluator, unit_rows, load_lpips, lpips_tensor
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 
@@ -81,8 +81,8 @@ def nearest_by_clip(clip, images: Sequence, ref_images: Sequence = (), ref_emb=N
     """Reference indices ordered by cosine of CLIP image embeddings, for each image; pass `ref_emb` (unit rows)
     to reuse the references' embeddings."""
     if ref_emb is None:
-        ref_emb = _unit(clip.image_embeds(list(ref_images)).double())
-    return (_unit(clip.image_embeds(list(images)).double()) @ ref_emb.T).argsort(dim=1, descending=True)
+        ref_emb = unit_rows(clip.image_embeds(list(ref_images)).double())
+    return (unit_rows(clip.image_embeds(list(images)).double()) @ ref_emb.T).argsort(dim=1, descending=True)
 
 
 def names_in_halves(clip, images: Sequence, ref_emb, ref_names: Sequence[str], k: int = 3) -> list[tuple[set, set]]:
@@ -160,7 +160,7 @@ def evaluator_checks(clip, dino) -> dict[str, float]:
     gallery = [im for _, _, im in photos] + [im for _, im in same_name]
     owner = [s for s, _, _ in photos] + [f"reference:{n}" for n, _ in same_name]
     for label, model in (("DINO", dino), ("CLIP-I", clip)):
-        emb = _unit(model.image_embeds(gallery).double())
+        emb = unit_rows(model.image_embeds(gallery).double())
         sim = emb[: len(photos)] @ emb.T
         sim[torch.arange(len(photos)), torch.arange(len(photos))] = -2.0  # not itself
         best = sim.argmax(dim=1).tolist()
@@ -201,7 +201,7 @@ def run_mini_bench(cfg) -> Path:
               "LPIPS top-5": recognition(by_lpips, want, ref_names, 5)}
     # two objects: each must be among the 3 nearest references of one half, the other object of the other half
 
-    ref_emb = _unit(clip.image_embeds(ref_images).double())
+    ref_emb = unit_rows(clip.image_embeds(ref_images).double())
     both = []
     for i, (left, right) in enumerate(names_in_halves(clip, pair_images, ref_emb, ref_names)):
         subject, prop = pairs[i // b.seeds]

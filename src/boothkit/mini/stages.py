@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..core.errors import ConfigError
 from ..core.progress import progress_bar
-from ..core.report import _figure_png
+from ..core.report import figure_png
 from ..models.mini import (
     CLIP_MEAN,
     CLIP_STD,
@@ -351,7 +351,7 @@ def plot_curves(work: Path) -> bytes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def run_pretrain(cfg) -> Path:

@@ -24,8 +24,8 @@ from .forms import (
     SWEEP_MAIN,
     TRAIN_BY_RUN,
     TRAIN_MAIN,
-    _form,
-    _gradio,
+    form_components,
+    require_gradio,
     preset_values,
     user_errors,
 )
@@ -88,7 +88,7 @@ def _train_tab(gr, queue: R.RunQueue) -> dict[str, Any]:
             thumbs = gr.Gallery(label="as training sees them", columns=6, height=180, elem_id="bk-thumbs")
             notes = gr.Markdown(elem_id="bk-photo-notes")
             run_name = gr.Textbox(label="run name", info="Folder under the runs root; empty: token-class-date-time.")
-            comps = _form(gr, C.TRAIN_SECTIONS, TRAIN_MAIN, TRAIN_BY_RUN, "train")
+            comps = form_components(gr, C.TRAIN_SECTIONS, TRAIN_MAIN, TRAIN_BY_RUN, "train")
             for name, value in preset_values(DEFAULT_PRESET, {}).items():
                 comps[name].value = value
         with gr.Column(scale=3):
@@ -140,7 +140,7 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
                           info="A finished run; its instance prompt (with the identifier) fills the prompts.")
     with gr.Tab("Pictures"), gr.Row():
         with gr.Column(scale=2):
-            gen = _form(gr, C.GENERATE_SECTIONS, GENERATE_MAIN, GENERATE_BY_RUN, "gen")
+            gen = form_components(gr, C.GENERATE_SECTIONS, GENERATE_MAIN, GENERATE_BY_RUN, "gen")
             gen_button = gr.Button("Generate", variant="primary", elem_id="bk-generate")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="pictures (each PNG carries its parameters)", columns=4, elem_id="bk-gallery",
@@ -148,7 +148,7 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
             files = gr.File(label="download", file_count="multiple", interactive=False, elem_id="bk-downloads")
     with gr.Tab("Sweep"), gr.Row():
         with gr.Column(scale=2):
-            sw = _form(gr, SWEEP_SECTIONS, SWEEP_MAIN, GENERATE_BY_RUN, "sweep")
+            sw = form_components(gr, SWEEP_SECTIONS, SWEEP_MAIN, GENERATE_BY_RUN, "sweep")
             sweep_button = gr.Button("Sweep", variant="primary", elem_id="bk-sweep")
         with gr.Column(scale=3):
             sheets = gr.Gallery(label="contact sheets: columns guidance, rows (UNet, text-encoder) scale", columns=1,
@@ -158,7 +158,7 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
             samples = gr.Dropdown(label="samples", choices=[], info="A generation of this run (RUN/samples/NNN).")
             class_samples = gr.Dropdown(label="class samples", choices=[], info="Optional: a generation of the "
                                         "class prompt ('a photo of dog'), for PRES.")
-            ev = _form(gr, EVALUATE_SECTIONS, (), EVALUATE_BY_RUN, "eval")
+            ev = form_components(gr, EVALUATE_SECTIONS, (), EVALUATE_BY_RUN, "eval")
             eval_button = gr.Button("Evaluate", variant="primary", elem_id="bk-evaluate")
             report_file = gr.File(label="report.html", interactive=False)
         with gr.Column(scale=3):
@@ -200,7 +200,7 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
 
 def build_ui(root: str | Path = R.DEFAULT_ROOT):
     """The Blocks app over the runs under `root` (its RunQueue is `app.boothkit_runs`)."""
-    gr = _gradio()
+    gr = require_gradio()
 
     queue = R.RunQueue(root)
     with gr.Blocks(title="boothkit", analytics_enabled=False) as app:
@@ -212,7 +212,7 @@ def build_ui(root: str | Path = R.DEFAULT_ROOT):
             _generate_tab(gr, queue, tab)
         with gr.Tab("Export"), gr.Row():
             with gr.Column(scale=3):
-                comps = _form(gr, EXPORT_SECTIONS, EXPORT_MAIN, form="export")
+                comps = form_components(gr, EXPORT_SECTIONS, EXPORT_MAIN, form="export")
             with gr.Column(scale=2):
                 button = gr.Button("Export", variant="primary")
                 written = gr.Textbox(label="written", interactive=False)
