@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from boothkit.export import formats as E
 from boothkit.core.errors import BoothkitError
-from boothkit.adapters.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
+from boothkit.adapters.lora import adapter_metadata, save_lora_file
+from boothkit.adapters.inject import add_lora, lora_state_dict
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -12,7 +12,7 @@ from PIL import Image
 from boothkit import cli
 from boothkit.core import config as C
 from boothkit.generate import generation as G
-from boothkit.adapters import lora as L
+from boothkit import adapters as L
 from boothkit.core.errors import BoothkitError, ConfigError
 
 PROMPT = "a photo of sks dog"

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from boothkit.core import hub_ids
-from boothkit.adapters import lora as L
+from boothkit import adapters as L
 from boothkit.cli import main
 from boothkit.mini.subjects import dataset_dir
 

@@ -13,7 +13,8 @@ from boothkit.core import config as C
 from boothkit.generate import generation as G
 from boothkit.evaluate import sweep as S
 from boothkit.core.errors import BoothkitError, ConfigError
-from boothkit.adapters.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
+from boothkit.adapters.lora import adapter_metadata, save_lora_file
+from boothkit.adapters.inject import add_lora, lora_state_dict
 
 PROMPT = "a photo of sks dog"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

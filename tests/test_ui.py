@@ -22,7 +22,7 @@ gr = pytest.importorskip("gradio")
 from boothkit import cli, ui  # noqa: E402
 from boothkit.core import config as C  # noqa: E402
 from boothkit.generate import generation as G  # noqa: E402
-from boothkit.adapters import lora as L  # noqa: E402
+from boothkit import adapters as L  # noqa: E402
 from boothkit.ui import runs as R  # noqa: E402
 from boothkit.train.data import load_image  # noqa: E402
 from boothkit.export.formats import EXPORT_SECTIONS  # noqa: E402

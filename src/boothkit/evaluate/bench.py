@@ -44,6 +44,7 @@ from .metrics import (
     real_reference,
     write_samples_manifest,
 )
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 

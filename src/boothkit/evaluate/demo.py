@@ -22,6 +22,7 @@ from ..mini.subjects import SEED_SCENES, openmoji_dataset_dir
 from .experiment import measure_cells, plot_guidance, reading, summarise, write_rows
 from .metrics import MetricsConfig, import_lpips_weights, lpips_weights_path
 from .sweep import SWEEP_SECTIONS, Cell, image_paths, parse_values, run_sweep
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 

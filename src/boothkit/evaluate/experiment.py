@@ -17,6 +17,7 @@ from ..core.report import figure_png
 from . import metrics as M
 from .recognition import names_in_halves, reference
 from .sweep import cells_of, image_paths
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 

@@ -42,6 +42,7 @@ from ..core.hub_ids import DINO as DEFAULT_DINO
 from ..core.report import METRIC_COLUMNS, Report, fmt, plot_metric_distributions, table_csv
 from ..models.clip_tokenizer import write_clip_tokenizer_files
 from ..models.mini import mini_path
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 

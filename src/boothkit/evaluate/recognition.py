@@ -18,7 +18,8 @@ from ..core.report import Report
 from ..mini.scenes import with_article
 from ..mini.subjects import SUBJECTS, dataset_dir
 from ..models.mini import mini_dir
-from .metrics import ClipEvaluator, DinoEvaluator, unit_rows, load_lpips, lpips_tensor
+from .metrics import ClipEvaluator, DinoEvaluator, load_lpips, lpips_tensor, unit_rows
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 

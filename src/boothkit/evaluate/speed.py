@@ -24,6 +24,7 @@ from ..core.config import opt
 from ..core.errors import BoothkitError, ConfigError
 from ..core.files import atomic_write_bytes
 from ..mini.subjects import demo_subject_dir
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 

@@ -28,6 +28,7 @@ from ..core.files import atomic_write_bytes, file_sha256
 from ..core.report import plot_diversity_vs_fidelity
 from . import metrics as M
 from .metrics import MetricsConfig, pick_device
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 

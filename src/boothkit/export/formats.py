@@ -41,6 +41,7 @@ from .. import __version__
 from ..core.config import build, check_output, opt, save_toml, to_dict
 from ..core.errors import BoothkitError, ConfigError, ModelError
 from ..core.files import atomic_write_bytes, check_free_space, remove_stale_temps, temp_prefix
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 
@@ -520,7 +521,7 @@ def export_adapter(cfg: ExportConfig, kind: str) -> Path:
 
 def fused_pipeline(cfg: ExportConfig, weights: LoraWeights):
     """Base pipeline with the LoRA fused at the configured scales and the adapter layers removed."""
-    from ..adapters.lora import apply_lora
+    from ..adapters.apply import apply_lora
     from ..models.families import family_of
     from ..models.loading import load_pipeline
 

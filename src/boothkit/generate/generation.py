@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from ..adapters import lora as L
+from ..adapters.apply import apply_lora
 from ..adapters.embeddings import embedding_info, load_embeddings, run_parts
 from ..core import config as C
 from ..core.errors import BoothkitError, ConfigError
@@ -165,7 +166,7 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
         load_embeddings(pipe, family, emb, info.get("token") or emb.stem)
     adapters = []
     for i, (file, given, weight) in enumerate(files):
-        L.apply_lora(pipe, file, given, f"lora{i}", model)
+        apply_lora(pipe, file, given, f"lora{i}", model)
         adapters.append((f"lora{i}", str(given), weight))
     pipe.boothkit_model = model
     pipe.boothkit_vae = vae

@@ -23,14 +23,8 @@ import torch
 
 from .. import __version__
 from ..adapters.embeddings import learned, save_embeddings
-from ..adapters.lora import (
-    LORA_FILE,
-    adapter_metadata,
-    adapters_disabled,
-    canonical_text_encoder_keys,
-    lora_state_dict,
-    save_lora_file,
-)
+from ..adapters.inject import adapters_disabled, lora_state_dict
+from ..adapters.lora import LORA_FILE, adapter_metadata, canonical_text_encoder_keys, save_lora_file
 from ..core.config import TRAIN_SECTIONS, RunConfig, save_toml, validate_train
 from ..core.errors import BoothkitError, ConfigError, Interrupted
 from ..core.files import atomic_write_bytes, check_free_space

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.embeddings import Placeholder, add_placeholder, train_rows
-from ..adapters.lora import add_lora
+from ..adapters.inject import add_lora
 from ..core.config import RunConfig, Subject, fill, run_subjects
 from ..core.errors import ConfigError
 from ..generate.generation import warn_long_prompts

@@ -25,8 +25,8 @@ from .forms import (
     TRAIN_BY_RUN,
     TRAIN_MAIN,
     form_components,
-    require_gradio,
     preset_values,
+    require_gradio,
     user_errors,
 )
 

@@ -17,6 +17,7 @@ from ..export.formats import EXPORT_SECTIONS
 from ..export.formats import export as run_export
 from . import runs as R
 from .forms import resolve_form, user_errors
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 

@@ -30,6 +30,7 @@ from typing import Any
 from ..core import config as C
 from ..core.errors import BoothkitError, ConfigError, Interrupted
 from ..core.files import atomic_write_bytes
+
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 
