@@ -1,12 +1,17 @@
-"""Files written so that nothing is ever half-written, their digests, and the free-space check before writing."""
+"""Files and folders written so that nothing is ever half-written (atomic_write_bytes, atomic_folder, build_once),
+their digests, the free-space check before writing, and boothkit's home folder."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import BoothkitError
 
@@ -122,23 +127,105 @@ def png_upper_bound(width: int, height: int, channels: int = 3) -> int:
     return raw + 5 * (raw // 16384 + 1) + 4096
 
 
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file and folder under `folder` to the disk, so a rename that publishes it cannot outrun its data."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE). False where the system or its file
+    system cannot; then the caller swaps with two renames."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _aside(path: Path) -> Path:
+    # not a temp name (_STALE): remove_stale_temps must never delete the only complete version
+    return path.with_name(f".{path.name}.previous")
+
+
+def restore_folder(path: str | os.PathLike) -> None:
+    """Finish a two-rename swap of `path` (atomic_folder where no atomic exchange exists) that a killed process left
+    half done: the old version back if the new one never arrived, else the old one deleted."""
+    path = Path(path)
+    aside = _aside(path)
+    if aside.is_dir():
+        if path.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """A folder that appears at `path` whole or not at all. The block fills the yielded temp folder beside `path`;
+    when it returns, every file is flushed to disk and the folder takes `path`'s place in one step, and only then is
+    an old version deleted. A process killed at any moment leaves at `path` the old version or the new one, never
+    neither and never a mix; its temp folder is a stale temp (remove_stale_temps). An exception in the block leaves
+    `path` untouched. `keep(path)` true at the swap: the existing folder stays (another process's identical build)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    restore_folder(path)
+    remove_stale_temps(path.parent, path.name)  # what a writer of `path` killed before its swap left
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if not path.exists():
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process got there first
+                if not (keep and path.exists() and keep(path)):
+                    raise
+        elif keep and keep(path):
+            pass
+        elif not _exchange(tmp, path):
+            # no atomic exchange here: two renames, the old version aside under a name the next swap restores
+            aside = _aside(path)
+            os.rename(path, aside)
+            os.rename(tmp, path)
+            tmp = aside
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old version after a swap, or an unfinished new one
+
+
 def build_once(folder: Path, build: Callable[[Path], None], marker: str = "BOOTHKIT_TINY.json") -> Path:
-    """Build a cached folder on first use: into a temp folder beside it, then one rename, so a killed or
-    concurrent builder never leaves a half-built folder. `build(tmp)` fills it, `marker` file included."""
+    """Build a cached folder on first use (atomic_folder), so a killed or concurrent builder never leaves a half-built
+    folder. `build(tmp)` fills it, `marker` file included; concurrent builders make identical folders."""
     import torch  # lazily: the CLI imports this module, and `boothkit --help` must not load torch
 
     if (folder / marker).is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        with torch.random.fork_rng():
-            build(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first; its folder is identical
-            if not (folder / marker).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(folder, keep=lambda f: (f / marker).is_file()) as tmp, torch.random.fork_rng():
+        build(tmp)
     return folder

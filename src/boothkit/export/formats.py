@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
@@ -40,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from .. import __version__
 from ..core.config import build, check_output, opt, save_toml, to_dict
 from ..core.errors import BoothkitError, ConfigError, ModelError
-from ..core.files import atomic_write_bytes, check_free_space, remove_stale_temps, temp_prefix
+from ..core.files import atomic_folder, atomic_write_bytes, check_free_space, remove_stale_temps
 
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
@@ -539,17 +536,6 @@ def fused_pipeline(cfg: ExportConfig, weights: LoraWeights):
     return pipe
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place; an old one (with --overwrite) is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(temp_prefix(out.name) + "replaced.tmp")  # a temp name: a rerun cleans it up
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _pipeline_bytes(pipe, precision: str) -> int:
     """What save_pretrained writes, give or take headers: every weight of every model component, at `precision`
     (floating-point tensors only are cast)."""
@@ -576,15 +562,11 @@ def write_merged(weights: LoraWeights, cfg: ExportConfig) -> Path:
         return _save_file(out, tensors, info, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(out.parent, _pipeline_bytes(pipe, cfg.save_precision) + (1 << 20), f"--out {out}")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name), suffix=".tmp"))
-    try:
+    with atomic_folder(out) as tmp:  # an old export (--overwrite) stays whole until the new one replaces it
         if cfg.save_precision != "fp32":
             pipe.to(dtype=torch_dtype(cfg.save_precision))
         pipe.save_pretrained(tmp, safe_serialization=True)
         save_toml(tmp / "boothkit_export.toml", {"export": to_dict(cfg)})
-        _replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -1,14 +1,13 @@
 """Resumable training state: trainable weights, optimizer, lr schedule, RNG states and step.
 
-A checkpoint is a folder OUTPUT/checkpoints/step-NNNNNNN written under a temporary name and renamed
-when complete, so a run killed mid-write never leaves a checkpoint that looks usable. Weights are
+A checkpoint is a folder OUTPUT/checkpoints/step-NNNNNNN written under a temporary name and swapped in
+when complete (core.files.atomic_folder), so a run killed mid-write never leaves a checkpoint that looks usable. Weights are
 safetensors; optimizer and scheduler state go through torch.save and are read back with
 weights_only=True (plain tensors and numbers, no code).
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core.errors import BoothkitError
-from ..core.files import alive, check_free_space, file_sha256
+from ..core.files import alive, atomic_folder, check_free_space, file_sha256, remove_stale_temps
 
 PATTERN = re.compile(r"^step-(\d{7})$")
 FILES = ("weights.safetensors", "optim.pt", "rng.pt")  # besides state.json, which holds their checksums
@@ -80,21 +79,17 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: Mapping[str, tor
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     optim = {**(states or {}), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
     check_free_space(root, _nbytes(weights) + _nbytes(optim) + (1 << 20), f"checkpoint {final}")
     from safetensors import SafetensorError
 
     try:
-        _write_files(tmp, step, weights, optim, extra)
+        with atomic_folder(final) as tmp:  # a checkpoint of the same step (a resumed run's) is replaced whole
+            _write_files(tmp, step, weights, optim, extra)
     except (OSError, SafetensorError) as exc:  # a full disk, a lost mount (safetensors wraps its I/O errors)
-        shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(exc, "strerror", None) or exc
         raise BoothkitError(f"checkpoint {final}: could not be written ({why}); the earlier checkpoints are kept") \
             from exc
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
     for _, old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -104,7 +99,6 @@ def _write_files(tmp: Path, step: int, weights: Mapping[str, torch.Tensor], opti
                  extra: Mapping[str, Any] | None) -> None:
     from safetensors.torch import save_file
 
-    tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
     torch.save(optim, tmp / "optim.pt")
     torch.save(rng_states(), tmp / "rng.pt")
@@ -168,8 +162,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def clean_partial(output_dir: str | Path) -> None:
     """Remove temp folders left by a run killed while writing a checkpoint (not those of a live writer)."""
     root = checkpoint_dir(output_dir)
+    remove_stale_temps(root)
     if root.is_dir():
-        for p in root.glob(".tmp-step-*"):
+        for p in root.glob(".tmp-step-*"):  # the temp names of boothkit before atomic_folder
             pid = p.name.rsplit("-", 1)[-1]
             if not (pid.isdigit() and alive(int(pid))):
                 shutil.rmtree(p, ignore_errors=True)

@@ -27,7 +27,7 @@ from ..adapters.inject import adapters_disabled, lora_state_dict
 from ..adapters.lora import LORA_FILE, adapter_metadata, canonical_text_encoder_keys, save_lora_file
 from ..core.config import TRAIN_SECTIONS, RunConfig, save_toml, validate_train
 from ..core.errors import BoothkitError, ConfigError, Interrupted
-from ..core.files import atomic_write_bytes, check_free_space
+from ..core.files import atomic_folder, atomic_write_bytes, check_free_space
 from ..core.interrupts import deferred_stop
 from ..core.locks import folder_lock
 from ..core.precision import resolve, unet_step_speedup
@@ -606,12 +606,10 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -
     if lo.full:
         for name, model in trained.items():
             setattr(pipe, name, model)
-        tmp = out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "boothkit.json").write_text(json.dumps(info, indent=2))
-        shutil.rmtree(out / "model", ignore_errors=True)
-        tmp.rename(out / "model")
+        # the old model stays readable until the new one is complete on disk, then they swap in one step
+        with atomic_folder(out / "model") as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "boothkit.json").write_text(json.dumps(info, indent=2))
         return
     if tr.placeholder is not None:
         vectors = {name: learned(trained[name], ids) for name, ids in tr.placeholder_ids.items()}
