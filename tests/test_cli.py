@@ -97,6 +97,18 @@ def test_saved_config_reruns_identically_and_output_is_protected(instance_dir, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("flag", [["--method", "full"], ["--full"]])
+def test_full_fine_tune_output_names_the_model_folder(flag, instance_dir, tmp_path, capsys):
+    """--method full used to print a LoRA path and a --lora hint, though a full model was written."""
+    out = tmp_path / "out"
+    code, printed, err = run(["train", "--instance-dir", instance_dir, "--class-noun", "dog", "--output-dir", out,
+                              "--no-prior", "--max-steps", 1, *flag], capsys)
+    assert code == 0, err
+    assert (out / "model" / "model_index.json").is_file() and not (out / LORA_FILE).exists()
+    assert f"model: {out / 'model'}" in printed and f"--model {out / 'model'}" in printed
+    assert "LoRA" not in printed and "--lora" not in printed
+
+
 def test_models_path_tiny_is_a_diffusers_folder(capsys, tiny_path):
     from diffusers import StableDiffusionPipeline
 

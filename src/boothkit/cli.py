@@ -227,6 +227,7 @@ def _train(cfg: C.RunConfig) -> None:
     from .train.loop import run_training
 
     out = run_training(cfg)
+    cfg = C.validate_train(cfg)  # as training read it: --method full and --full both mean lora.full
     prompts = [s.instance_prompt for s in C.run_subjects(cfg.data, cfg.prior)]
     prompt = prompts[0]
     if len(prompts) > 1:
