@@ -26,6 +26,13 @@ def boothkit_home() -> Path:
     return Path(os.environ.get("BOOTHKIT_HOME") or Path.home() / ".cache" / "boothkit")
 
 
+def slug(text: str, limit: int = 48, *, keep_case: bool = False, empty: str = "prompt") -> str:
+    """A file-name-safe short form of `text` (a prompt, a token): each run of other characters one '-', at most
+    `limit` characters, lower case unless `keep_case`; `empty` when nothing is left."""
+    text = text if keep_case else text.lower()
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit].rstrip("-") or empty
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,4 +1,5 @@
-"""Advisory folder locks: one training per output folder, one class-image writer per class folder at a time.
+"""Advisory locks: one training per output folder, one class-image writer per class folder, one UI server per
+runs root at a time.
 
 The lock is an flock on FOLDER/.boothkit.lock: the kernel drops it when its holder exits, killed or not, so a
 crashed run never leaves a folder stuck. The holder deletes the file when it is done; a waiter that locked the
@@ -21,6 +22,24 @@ except ImportError:  # Windows: no flock; runs are not locked there
 
 log = logging.getLogger("boothkit")
 LOCK_NAME = ".boothkit.lock"
+
+
+class LockHeld(BoothkitError):
+    """Another process holds the lock."""
+
+
+def lock_file(path: str | os.PathLike) -> int | None:
+    """Hold an exclusive flock on `path` (created if missing) until the returned descriptor is closed; the kernel
+    drops it when the holder dies. LockHeld when another process holds it; None where there is no flock (Windows)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockHeld(f"{path}: held by another process") from None
+    return fd
 
 
 def _holder(fd: int) -> str:

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import ConfigError
 from .files import atomic_write_bytes, boothkit_home
 
 log = logging.getLogger("boothkit")
@@ -31,6 +32,32 @@ ENV_OVERRIDE = "BOOTHKIT_AUTO_PRECISION"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FASTER = 1.2  # bf16 must beat fp32 by this factor in the probe to be chosen
 _warned: set[str] = set()
+# The one map from precision names to torch dtypes: "no" is the --mixed-precision value for full precision
+# (accelerate's name), "fp32" the same as export's --save-precision and the speed tables write it.
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def mixed_precision_name(dtype: torch.dtype) -> str:
+    """The --mixed-precision value of a torch dtype ("no" for float32)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def default_device() -> str:
+    """Where work runs unless told otherwise: the CUDA GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device --device names ('auto': default_device()); one this machine lacks is refused here, not deep
+    inside a model."""
+    if name == "auto":
+        return torch.device(default_device())
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    return device
 
 
 def cpu_description() -> tuple[str, frozenset[str]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BoothkitError, first_line
-from .files import boothkit_home, temp_prefix
+from .files import atomic_write_bytes, boothkit_home
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 ALLOW_ENV = "BOOTHKIT_ALLOW_PICKLE"
@@ -76,10 +76,8 @@ def as_safetensors(path: str | os.PathLike, flag: str) -> Path:
     """`path` itself when it is not a pickle; else its tensors, read weights-only, in a .safetensors copy under
     BOOTHKIT_HOME/converted (kept per file, size and mtime), so every later reader sees only safetensors."""
     import hashlib
-    import tempfile
 
-    from safetensors.torch import save_file
-
+    from safetensors.torch import save
 
     path = Path(path)
     if not is_pickle(path):
@@ -97,13 +95,5 @@ def as_safetensors(path: str | os.PathLike, flag: str) -> Path:
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[name] = t
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=temp_prefix(out.name), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "converted_from": path.name})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(out, save(tensors, metadata={"format": "pt", "converted_from": path.name}))
     return out

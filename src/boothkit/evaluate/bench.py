@@ -25,7 +25,7 @@ import numpy as np
 from ..core import config as C
 from ..core.config import opt
 from ..core.errors import ConfigError, DataError
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes, slug
 from ..core.progress import progress_bar
 from ..core.report import METRIC_COLUMNS, Report, plot_metric_distributions, table_csv
 from .metrics import (
@@ -147,7 +147,7 @@ def select_subjects(ds: Dataset, wanted: Sequence[str]) -> list[str]:
 def generate_samples(pipe, prompts: Sequence[str], folder: Path, *, num_images: int, seed: int, steps: int,
                      guidance: float, progress: bool = True) -> list[tuple[str, Any]]:
     """Generate num_images per prompt (image i of every prompt uses seed + i), saved as PNGs + samples.json."""
-    from ..generate.generation import generate_images, parameters_text, pipeline_fields, sampler_label, save_png, slug
+    from ..generate.generation import generate_images, parameters_text, pipeline_fields, sampler_label, save_png
     from ..models.loading import native_resolution
 
     out, entries = [], []

@@ -53,7 +53,7 @@ def profile(model: str) -> Profile:
                        "an emoji of a {class_noun}",
                        {scene: "an emoji of {token} {class_noun} next to a " + prop for scene, prop in SEED_SCENES.items()},
                        dict(SEED_SCENES), (1.5, 3.0, 5.0, 7.5, 10.0, 15.0), {})
-    return Profile(str(demo_subject_dir()), "sks", "dog", "a photo of {token} {class_noun}", "a photo of {class_noun}",
+    return Profile(str(dog_photos_dir()), "sks", "dog", "a photo of {token} {class_noun}", "a photo of {class_noun}",
                    {"eating ice cream": "an image of {token} {class_noun} eating ice cream",
                     "on the moon": "an image of {token} {class_noun} on the moon",
                     "in the Acropolis": "an image of {token} {class_noun} in the acropolis"}, {}, GUIDANCES,
@@ -89,7 +89,7 @@ class DemoConfig:
 DEMO_SECTIONS: dict[str, type] = {"demo": DemoConfig}
 
 
-def demo_subject_dir() -> Path:
+def dog_photos_dir() -> Path:
     """The five downscaled photos of one dog shipped with boothkit (see ATTRIBUTION.md there)."""
     return Path(str(resources.files("boothkit") / "assets" / "demo_subject"))
 

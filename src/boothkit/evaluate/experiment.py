@@ -29,9 +29,10 @@ def measure_cells(sweep_dir: Path, s, prompts: Sequence[str], props: Mapping[str
     """One row per cell of the sweep in `sweep_dir` (config `s`); `props` maps scene prompts to their prop name."""
     from PIL import Image
 
+    from ..core.precision import pick_device
     from ..train.data import load_image
 
-    device = M.pick_device(mcfg.device)
+    device = pick_device(mcfg.device)
     lpips = M.load_lpips(mcfg.lpips_net, device)
     clip = M.ClipEvaluator(mcfg.clip_model, device, mcfg.eval_batch_size)
     dino = M.DinoEvaluator(mcfg.dino_model, device, mcfg.eval_batch_size)

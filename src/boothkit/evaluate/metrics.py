@@ -86,20 +86,6 @@ class EvaluateConfig:
 EVALUATE_SECTIONS: dict[str, type] = {"evaluate": EvaluateConfig, "metrics": MetricsConfig}
 
 
-def pick_device(name: str) -> "torch.device":
-    """The torch device --device names; one this machine lacks is refused here, not deep inside a model."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available on this machine")
-    return device
-
-
 # ------------------------------------------------------------------------------------------ tiny evaluators
 
 def _build_tiny_clip(folder: Path) -> None:
@@ -408,6 +394,8 @@ class Evaluators:
     """The three evaluator models of one evaluation, and what the report must say about them."""
 
     def __init__(self, cfg: MetricsConfig):
+        from ..core.precision import pick_device
+
         device = pick_device(cfg.device)
         self.cfg = cfg
         self.lpips = load_lpips(cfg.lpips_net, device)  # first: its error is the cheapest to hit

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.config import opt
+from ..core.files import atomic_write_bytes
 from ..core.progress import progress_bar
 from ..core.report import Report
 from ..mini.scenes import with_article
@@ -217,7 +218,7 @@ def run_mini_bench(cfg) -> Path:
     result = {"settings": {"model": b.model, "nouns": names, "seeds": b.seeds, "steps": b.steps,
                            "guidance": b.guidance, "sampler": "ddim", "lpips": b.lpips_net},
               "single": single, "two_objects": two, "pairs": [list(p) for p in pairs], "evaluators": checks}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    atomic_write_bytes(out / "results.json", json.dumps(result, indent=2).encode())
     rep = Report("mini: does it draw its world?")
     rep.table([{"judge": k, "value": v} for k, v in single.items()], ["judge", "value"], "single-object captions")
     rep.table([{"judge": k, "value": v} for k, v in two.items()], ["judge", "value"], "two-object captions")

@@ -98,12 +98,6 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}, {platform.machine()}")
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _sync() -> None:
     import torch
 
@@ -115,9 +109,11 @@ def matmul_gflops(dtype_name: str) -> float:
     """The machine's matmul peak in this precision: the median of five n x n products (n 8192 on a GPU)."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    n = 8192 if _device() == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=_device()).to(dtype) for _ in range(2))
+    from ..core.precision import DTYPES, default_device
+
+    dtype = DTYPES[dtype_name]
+    n = 8192 if default_device() == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=default_device()).to(dtype) for _ in range(2))
     for _ in range(2):
         a @ b
     times = []
@@ -136,14 +132,15 @@ def unet_gflops(model: str, resolution: int, batch: int, checkpointing: bool, fu
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ..core.precision import default_device
     from ..models.loading import load_pipeline
 
-    gpu = _device() == "cuda"
-    unet = load_pipeline(model).unet.requires_grad_(full).to(_device(), torch.bfloat16 if gpu else torch.float32)
+    gpu = default_device() == "cuda"
+    unet = load_pipeline(model).unet.requires_grad_(full).to(default_device(), torch.bfloat16 if gpu else torch.float32)
     side, dtype = resolution // 8, unet.dtype
-    x = torch.randn(batch, unet.config.in_channels, side, side, device=_device(), dtype=dtype, requires_grad=True)
-    cond = torch.randn(batch, 77, unet.config.cross_attention_dim, device=_device(), dtype=dtype)
-    t = torch.full((batch,), 500, device=_device())
+    x = torch.randn(batch, unet.config.in_channels, side, side, device=default_device(), dtype=dtype, requires_grad=True)
+    cond = torch.randn(batch, 77, unet.config.cross_attention_dim, device=default_device(), dtype=dtype)
+    t = torch.full((batch,), 500, device=default_device())
     with FlopCounterMode(display=False) as counter:
         unet(x, t, cond).sample.float().square().mean().backward()
     total = counter.get_total_flops()
@@ -238,11 +235,12 @@ def class_image_rates(s: SpeedConfig) -> list[dict]:
     the new one one image at a time; in the precision training would make them in."""
     import torch
 
+    from ..core.precision import default_device
     from ..generate.generation import generate_images, make_scheduler
     from ..models.loading import load_pipeline
 
-    gpu = _device() == "cuda"
-    pipe = load_pipeline(s.model).to(_device())
+    gpu = default_device() == "cuda"
+    pipe = load_pipeline(s.model).to(default_device())
     pipe.set_progress_bar_config(disable=True)
     own = pipe.scheduler
     settings = [(f"model's own ({type(own).__name__}), 30 steps", None, 30, s.class_images),
@@ -250,7 +248,7 @@ def class_image_rates(s: SpeedConfig) -> list[dict]:
     if gpu and s.class_images > 1:
         settings.append(("dpm++2m-karras, 20 steps (default)", "dpm++2m-karras", 20, 1))
     rows = []
-    with torch.autocast(_device(), dtype=torch.bfloat16, enabled=gpu):
+    with torch.autocast(default_device(), dtype=torch.bfloat16, enabled=gpu):
         generate_images(pipe, "a photo of a girl", num_images=1, seed=0, steps=2, guidance=7.5,
                         width=s.resolution, height=s.resolution)  # warm-up: kernel selection
         for label, name, steps, batch in settings:
@@ -265,14 +263,14 @@ def class_image_rates(s: SpeedConfig) -> list[dict]:
 
 def run_speed(cfg) -> Path:
     """`boothkit bench speed`: prints and writes the tables."""
-    from ..core.precision import native_cpu_bf16
+    from ..core.precision import default_device, native_cpu_bf16
 
     s = cfg.speed
     out = Path(s.out)
     chosen = select(configs(), s.only)
     if not chosen:
         raise ConfigError(f"--only {','.join(s.only)}: matches none of: {'; '.join(configs())}")
-    gpu = _device() == "cuda"
+    gpu = default_device() == "cuda"
     skip_bf16 = not gpu and not native_cpu_bf16()  # emulated: ~26x slower, see precision.py
     peaks = {p: matmul_gflops(p) for p in (("fp32", "bf16", "fp16") if gpu else ("fp32",) if skip_bf16 else
                                            ("fp32", "bf16"))}

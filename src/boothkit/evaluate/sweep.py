@@ -24,10 +24,10 @@ from typing import Any, NamedTuple, Optional, Sequence
 from ..core import config as C
 from ..core.config import opt
 from ..core.errors import BoothkitError, ConfigError
-from ..core.files import atomic_write_bytes, file_sha256
+from ..core.files import atomic_write_bytes, file_sha256, slug
 from ..core.report import plot_diversity_vs_fidelity
 from . import metrics as M
-from .metrics import MetricsConfig, pick_device
+from .metrics import MetricsConfig
 
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
@@ -120,8 +120,6 @@ def cells_of(prompts: Sequence[str], axes: dict[str, tuple[float, ...]]) -> list
 
 
 def prompt_dir(out: Path, index: int, prompt: str) -> Path:
-    from ..generate.generation import slug
-
     return out / "cells" / f"p{index:02d}-{slug(prompt)}"
 
 
@@ -203,7 +201,7 @@ def cell_image(images: Sequence):
 
 def write_sheet(out: Path, s: SweepConfig, p: int, prompt: str, axes: dict[str, tuple[float, ...]]) -> Path:
     """The contact sheet of one prompt, built from the PNGs on disk."""
-    from ..generate.generation import save_png, slug
+    from ..generate.generation import save_png
     from ..train.data import load_image
 
     rows = list(itertools.product(axes["unet_scale"], axes["text_encoder_scale"]))
@@ -235,6 +233,7 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 
 def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequence[Cell], total: int) -> None:
     """Generate the unfinished cells with one pipeline; the progress bar counts every image of the sweep."""
+    from ..core.precision import default_device
     from ..generate import generation as G
 
     loras = [G.parse_lora_spec(s.lora)]
@@ -242,7 +241,7 @@ def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequ
         advance(total - len(todo) * s.num_images)
         if not todo:
             return
-        dtype = G.precision_dtype(s.mixed_precision, G.device())
+        dtype = G.precision_dtype(s.mixed_precision, default_device())
         pipe = G.load_generation_pipeline(s.model, loras, model_config=s.model_config, scheduler=s.scheduler,
                                           dtype=dtype)
         G.warn_long_prompts(pipe, {"--prompt": prompts, "--negative-prompt": [s.negative_prompt]})
@@ -266,13 +265,13 @@ def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequ
 def run_sweep(cfg: C.RunConfig) -> Path:
     """`boothkit sweep`: generate every unfinished cell, then the contact sheets, sweep.csv and (--metrics) metrics."""
     from ..adapters.lora import lora_header
-    from ..core.precision import resolve
-    from ..generate.generation import device, parse_lora_spec
+    from ..core.precision import default_device, pick_device, resolve
+    from ..generate.generation import parse_lora_spec
 
-    if cfg.sweep.mixed_precision == "fp16" and device() == "cpu":
+    if cfg.sweep.mixed_precision == "fp16" and default_device() == "cpu":
         raise ConfigError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
     # resolved before it is saved and compared: cells made in another precision are other pixels
-    cfg = cfg.replace("sweep", mixed_precision=resolve(cfg.sweep.mixed_precision, device()))
+    cfg = cfg.replace("sweep", mixed_precision=resolve(cfg.sweep.mixed_precision, default_device()))
     s = cfg.sweep
     out = C.check_output(s.out, "--out")
     prompts, axes = load_prompts(s), s.axes()
@@ -302,7 +301,9 @@ def run_sweep(cfg: C.RunConfig) -> Path:
 
 def cell_metrics(images_by_cell: Sequence[Sequence], prompts_by_cell: Sequence[str], mcfg) -> list[dict[str, Any]]:
     """CLIP-T (image-prompt cosine, averaged) and DIV (mean pairwise LPIPS; None for one image) of every cell."""
-    device = M.pick_device(mcfg.device)
+    from ..core.precision import pick_device
+
+    device = pick_device(mcfg.device)
     lpips = M.load_lpips(mcfg.lpips_net, device)  # first: the cheapest error (weights not imported)
     clip = M.ClipEvaluator(mcfg.clip_model, device, mcfg.eval_batch_size)
     unique = list(dict.fromkeys(prompts_by_cell))

@@ -73,9 +73,9 @@ EXPORT_SECTIONS: dict[str, type] = {"export": ExportConfig}
 
 
 def torch_dtype(precision: str) -> "torch.dtype":
-    import torch
+    from ..core.precision import DTYPES
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return DTYPES[precision]
 
 
 def export_config(**values: Any) -> ExportConfig:

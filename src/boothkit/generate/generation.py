@@ -26,8 +26,8 @@ from ..adapters.apply import apply_lora
 from ..adapters.embeddings import embedding_info, load_embeddings, run_parts
 from ..core import config as C
 from ..core.errors import BoothkitError, ConfigError
-from ..core.files import atomic_write_bytes
-from ..core.precision import resolve
+from ..core.files import atomic_write_bytes, slug
+from ..core.precision import DTYPES, default_device, mixed_precision_name, resolve
 from ..core.progress import progress_bar
 from ..models import families
 from ..models import loading as models
@@ -51,20 +51,15 @@ SCHEDULER_SPECS: dict[str, tuple[str, dict, str]] = {
 }
 assert tuple(SCHEDULER_SPECS) == C.SCHEDULERS
 
-PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def precision_dtype(mixed_precision: str, on: str) -> torch.dtype:
     """The pipeline dtype for --mixed-precision (auto resolved for this hardware); fp16 on a CPU is refused."""
     if mixed_precision == "fp16" and on == "cpu":
         raise ConfigError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
-    return PRECISION_DTYPES[resolve(mixed_precision, on)]
+    return DTYPES[resolve(mixed_precision, on)]
 
 
 def warn_long_prompts(pipe, prompts: dict[str, Sequence[str]]) -> None:
@@ -78,11 +73,6 @@ def warn_long_prompts(pipe, prompts: dict[str, Sequence[str]]) -> None:
             if n > limit:
                 log.warning("%s %r: %d tokens; the text encoder reads only the first %d, the rest is ignored",
                             flag, text[:40] + "...", n, limit)
-
-
-def slug(text: str, limit: int = 48) -> str:
-    """File-name-safe short form of a prompt."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "prompt"
 
 
 # --------------------------------------------------------------------------------------------- schedulers
@@ -172,7 +162,7 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
     pipe.boothkit_vae = vae
     pipe.boothkit_loras = adapters
     set_lora_scales(pipe, 1.0, 1.0)
-    return pipe.to(device())
+    return pipe.to(default_device())
 
 
 def set_lora_scales(pipe, unet_scale: float, text_encoder_scale: float,
@@ -335,8 +325,8 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
             L.lora_header(lora)
         if emb is not None:
             embedding_info(emb)
-    dtype = precision_dtype(g.mixed_precision, device())
-    cfg = cfg.replace("generate", mixed_precision={v: k for k, v in PRECISION_DTYPES.items()}[dtype])
+    dtype = precision_dtype(g.mixed_precision, default_device())
+    cfg = cfg.replace("generate", mixed_precision=mixed_precision_name(dtype))
     out = Path(g.out)
     pipe = load_generation_pipeline(g.model, loras, model_config=g.model_config, scheduler=g.scheduler, dtype=dtype,
                                     vae=g.vae)

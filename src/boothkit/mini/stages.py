@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError
+from ..core.files import atomic_write_bytes
 from ..core.progress import progress_bar
 from ..core.report import figure_png
 from ..models.mini import (
@@ -219,7 +220,7 @@ def stage_unet(cfg: PretrainConfig, out: Path) -> None:
     vae = frozen_vae(work)
     torch.manual_seed(cfg.seed)
     scale = latent_scale(vae, scene_generator(cfg))
-    (out / "latent_scale.json").write_text(json.dumps({"scaling_factor": scale}))
+    atomic_write_bytes(out / "latent_scale.json", json.dumps({"scaling_factor": scale}).encode())
     unet, text_encoder = make_unet().train(), make_text_encoder().train()
     noise_sched = DDPMScheduler(**{k: v for k, v in MINI_SCHEDULER.items() if k not in ("set_alpha_to_one",)})
     captions = Captions()
@@ -308,10 +309,10 @@ def stage_ship(cfg: PretrainConfig, out: Path) -> None:
                            ("clip", clip), ("dino", dino)):
         module.to(torch.float16).save_pretrained(out / folder, safe_serialization=True)
     DDIMScheduler(**MINI_SCHEDULER).save_pretrained(out / "model" / "scheduler")
-    (out / "recipe.json").write_text(json.dumps({"seed": cfg.seed, "steps": steps, "recipe": RECIPE,
-                                                 "latent_scaling_factor": scale}, indent=2))
+    atomic_write_bytes(out / "recipe.json", json.dumps({"seed": cfg.seed, "steps": steps, "recipe": RECIPE,
+                                                        "latent_scaling_factor": scale}, indent=2).encode())
     write_reference(cfg, out)
-    (work / "curves.png").write_bytes(plot_curves(work))
+    atomic_write_bytes(work / "curves.png", plot_curves(work))
 
 
 def write_reference(cfg: PretrainConfig, out: Path, top: int = 60, scenes: int = 20000) -> None:
@@ -328,8 +329,8 @@ def write_reference(cfg: PretrainConfig, out: Path, top: int = 60, scenes: int =
     frequent = [n for n, _ in counts.most_common(top)]
     names = frequent + [p for p in SCENE_PROPS if p not in frequent]
     save_emoji(out / "reference.npz", [e for n in names for e in gen.by_name[n]])
-    (out / "reference.json").write_text(json.dumps({"frequent": frequent, "scenes_counted": scenes,
-                                                    "counts": dict(counts.most_common(top))}, indent=2))
+    atomic_write_bytes(out / "reference.json", json.dumps({"frequent": frequent, "scenes_counted": scenes,
+                                                           "counts": dict(counts.most_common(top))}, indent=2).encode())
 
 
 def plot_curves(work: Path) -> bytes:

@@ -21,8 +21,9 @@ from ..core import config as C
 from ..core.errors import BoothkitError, ConfigError, Interrupted
 from ..core.files import atomic_write_bytes, check_free_space, png_upper_bound, remove_stale_temps
 from ..core.locks import folder_lock
+from ..core.precision import default_device
 from ..core.progress import progress_bar
-from ..generate.generation import device, iter_batches, make_scheduler, sampler_label
+from ..generate.generation import iter_batches, make_scheduler, sampler_label
 from ..models import loading as models
 from . import data
 
@@ -226,7 +227,7 @@ def run_class_images(cfg: C.RunConfig) -> list[Path]:
         if folder.is_dir():  # a folder of another class fails now, not after loading the model
             check_settings(folder, read_manifest(folder), {"model": name, "prompt": prompt})
     pipe = models.load_pipeline(cfg.model.model, model_config=cfg.model.model_config, vae=cfg.model.vae,
-                                revision=cfg.model.revision).to(device())
+                                revision=cfg.model.revision).to(default_device())
     resolution = cfg.data.resolution or models.native_resolution(pipe)
     return [path for prompt, folder in jobs.items() for path in ensure_class_images(
         pipe, folder, prompt=prompt, num_images=prior.num_class_images,

@@ -17,6 +17,7 @@ from ..adapters.embeddings import Placeholder, add_placeholder, train_rows
 from ..adapters.inject import add_lora
 from ..core.config import RunConfig, Subject, fill, run_subjects
 from ..core.errors import ConfigError
+from ..core.precision import DTYPES
 from ..generate.generation import warn_long_prompts
 from ..models import tokens
 from ..models.families import Family, family_of
@@ -28,7 +29,6 @@ from .prior import class_folders, ensure_class_images
 from .sidecars import read_sidecars
 
 log = logging.getLogger("boothkit")
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # frozen weights per precision
 
 
 @dataclass
@@ -111,7 +111,7 @@ def load_dtypes(cfg: RunConfig) -> torch.dtype | dict[str, torch.dtype]:
     if cfg.lora.full:
         return torch.float32
     # ti/pivotal too: only the identifier's embedding table turns fp32 (embeddings.train_rows)
-    return {"default": WEIGHT_DTYPES[cfg.train.mixed_precision], "vae": torch.float32}
+    return {"default": DTYPES[cfg.train.mixed_precision], "vae": torch.float32}
 
 
 def learns_tokens(cfg: RunConfig) -> bool:
@@ -281,7 +281,7 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
     t, lo = cfg.train, cfg.lora
     unet, train_te = pipe.unet, lo.train_text_encoder
     encoders = [getattr(pipe, name) for name in family.text_encoders]
-    weight_dtype = WEIGHT_DTYPES[mixed_precision]
+    weight_dtype = DTYPES[mixed_precision]  # the frozen weights
     pipe.vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
     torch.manual_seed(t.seed)  # LoRA A matrices are drawn from the global RNG
     if lo.full:

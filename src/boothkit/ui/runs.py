@@ -29,15 +29,11 @@ from typing import Any
 
 from ..core import config as C
 from ..core.errors import BoothkitError, ConfigError, Interrupted
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes, slug
+from ..core.locks import LockHeld, lock_file
 
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
-
-try:
-    import fcntl
-except ImportError:  # Windows: the root is not locked there
-    fcntl = None
 
 log = logging.getLogger("boothkit")
 
@@ -58,10 +54,6 @@ class Progress:
     total: int
     seconds_per_step: float | None = None
     eta: float | None = None
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "run"
 
 
 def read_log(folder: Path) -> list[dict[str, float]]:
@@ -142,17 +134,12 @@ class RunQueue:
         self._recover()
 
     def _lock_root(self) -> int | None:
-        """An flock on ROOT/.boothkit-ui.lock for this queue's life (the kernel drops it if the server dies)."""
-        if fcntl is None:
-            return None
-        fd = os.open(self.root / ROOT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        """A lock on ROOT/.boothkit-ui.lock for this queue's life (the kernel drops it if the server dies)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            return lock_file(self.root / ROOT_LOCK)
+        except LockHeld:
             raise ConfigError(f"--root {self.root}: another boothkit ui is serving these runs; stop it or choose "
                               f"another --root") from None
-        return fd
 
     # ------------------------------------------------------------------------------------ run folders
 
@@ -164,7 +151,8 @@ class RunQueue:
 
     def new_name(self, token: str, class_noun: str) -> str:
         """<token>-<class noun>-<date-time>, unique under the root."""
-        base = f"{slug(token)}-{slug(class_noun or 'subject')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        token, noun = (slug(t, 40, keep_case=True, empty="run") for t in (token, class_noun or "subject"))
+        base = f"{token}-{noun}-{time.strftime('%Y%m%d-%H%M%S')}"
         name, n = base, 1
         while (self.root / name).exists():
             n += 1
