@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from boothkit.core import safety
 from boothkit.cli import main
 from boothkit.core.errors import BoothkitError, ModelError
-from boothkit.export.formats import ldm_state_dict
+from boothkit.export.naming import ldm_state_dict
 from boothkit.adapters.lora import lora_file
 from boothkit.models.loading import load_pipeline
 
