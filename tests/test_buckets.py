@@ -153,6 +153,7 @@ def weights(out):
     return load_file(out / LORA_FILE)
 
 
+@pytest.mark.slow
 def test_cached_uncached_and_resumed_runs_are_bit_identical(photos, tmp_path, monkeypatch, caplog):
     import boothkit.train.loop as T
 
@@ -171,6 +172,7 @@ def test_cached_uncached_and_resumed_runs_are_bit_identical(photos, tmp_path, mo
     assert any(not torch.equal(a[k], square[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sdxl_trains_on_the_buckets_size(photos, tmp_path, monkeypatch):
     import boothkit.train.loop as T
 

@@ -53,6 +53,7 @@ def test_reading_follows_the_numbers():
     assert "does not fully hold" in reading(summarise(rows, (7.5, 15.0), [(0.0, 0.0), (0.8, 0.8)]), 7.5, 15.0, "0.8 / 0.8")
 
 
+@pytest.mark.slow
 def test_demo_on_tiny_uses_the_dog_and_says_the_weights_are_random(tmp_path, one_thread):
     out = tmp_path / "demo"
     with pytest.raises(SystemExit) as exc:

@@ -294,6 +294,7 @@ CATALOGUE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [c[1] for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])
 def test_refused_on_one_line(build, instance_dir, tmp_path, tiny_path, loras, capsys):
     ctx = {"instance": instance_dir, "tmp": tmp_path, "tiny": tiny_path, "loras": loras}
@@ -430,6 +431,7 @@ def test_removed_hub_id_as_vae_names_its_maintained_copy(tmp_path, monkeypatch, 
 
 # ---------------------------------------------------------------------------------------- what trains
 
+@pytest.mark.slow
 def test_odd_photos_train_with_named_warnings(instance_dir, tmp_path, capsys, caplog):
     """Every mode trains; a tiny photo trains with a warning naming it; with --skip-bad-images a bomb is skipped
     by name."""

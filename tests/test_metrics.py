@@ -85,6 +85,7 @@ def test_mean_pairwise_cosine_matches_loops():
 
 # ------------------------------------------------------------------------------------------ evaluators
 
+@pytest.mark.slow
 def test_tiny_evaluators_are_deterministic_and_flagged(tmp_path, monkeypatch, clip):
     monkeypatch.setenv("BOOTHKIT_HOME", str(tmp_path))
     again = M.ClipEvaluator("tiny", CPU)
@@ -143,6 +144,7 @@ def test_clip_t_matches_clip_forward_and_torchmetrics(clip):
         assert score / 100 == pytest.approx(max(float(cos), 0.0), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_unknown_evaluator_is_one_line_error(tmp_path):
     with pytest.raises(ModelError, match="--dino-model ./nope: no such folder"):
         M.DinoEvaluator("./nope", CPU)
@@ -190,6 +192,7 @@ def test_missing_weights_and_bad_sdist_are_one_line_errors(tmp_path, monkeypatch
     assert not M.lpips_weights_path("alex").exists()
 
 
+@pytest.mark.slow
 def test_imported_heads_equal_the_lpips_package_heads(lpips_alex):
     import lpips
 
@@ -264,6 +267,7 @@ def test_evaluate_images_means_over_the_right_pairs(clip, dino, lpips_alex):
                                         abs=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_report_that_flags_tiny_evaluators(tmp_path, lpips_alex):
     from boothkit.cli import main
     from boothkit.generate.generation import parameters_text, save_png

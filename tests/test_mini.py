@@ -39,6 +39,7 @@ def test_models_path_mini_is_a_plain_diffusers_folder(capsys):
     assert model_ref(path) == "mini" and model_ref("mini") == "mini"
 
 
+@pytest.mark.slow
 def test_evaluator_names_real_emoji_in_new_scenes(clip, refs):
     """Scenes it never saw (other seed, other backgrounds) of the reference emoji: nearest reference by name."""
     from boothkit.mini.emoji import load_emoji
@@ -52,6 +53,7 @@ def test_evaluator_names_real_emoji_in_new_scenes(clip, refs):
     assert recognition(order, [s.main for s in scenes], names) > 0.6  # chance: 1 / len(set(names)) < 0.02
 
 
+@pytest.mark.slow
 def test_mini_samples_are_recognised(clip, refs, one_thread):
     names, images = refs
     want = frequent_names()[:12]
@@ -67,6 +69,7 @@ def test_mini_samples_are_recognised(clip, refs, one_thread):
     assert recognition(order, labels, names, k=5) >= 0.4
 
 
+@pytest.mark.slow
 def test_evaluators_on_the_heldout_style(clip):
     """Fluent UI emoji (a style neither evaluator saw): CLIP names them, DINO tells the subjects apart."""
     from boothkit.evaluate.metrics import DinoEvaluator

@@ -11,6 +11,7 @@ PROMPTS = ["a photo of sks dog", "an image of [ktn] girl on the moon", "A RED cu
            "café über naïve 東京 🐕", "  spaces   and\ttabs "]
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_open_clip(tiny_path):
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer

@@ -37,6 +37,7 @@ def test_auto_on_cpu_follows_flags_and_probe(machine):
     assert "Test CPU|native" in (P.Path(P.os.environ["BOOTHKIT_HOME"]) / "precision.json").read_text()
 
 
+@pytest.mark.slow
 def test_training_asks_the_model_not_the_matmul(machine, tiny_path):
     """A CPU whose matmul runs 2x faster in bf16 may still train a small model slower under autocast."""
     from boothkit.models.loading import load_pipeline
@@ -98,6 +99,7 @@ def test_this_machine_is_described():
     assert name and isinstance(flags, frozenset)
 
 
+@pytest.mark.slow
 def test_training_saves_the_precision_it_used(instance_dir, tmp_path):
     from boothkit.core import config as C
     from boothkit.train.loop import run_training

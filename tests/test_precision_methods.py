@@ -84,6 +84,7 @@ def test_a_trained_embedding_row_hands_its_lookup_on_in_the_encoders_precision(t
     assert moved == sorted(ids[:1])  # the prompt's one placeholder row (not its second vector, not the rest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_each_method_trains_at_bf16(runs, name, tiny_path):
     out = runs(name)
@@ -114,6 +115,7 @@ def test_each_method_trains_at_bf16(runs, name, tiny_path):
         assert moved and all(v.abs().max() > 0 for v in moved)  # the adapter's update left 0 in every layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "dora", "ti", "pivotal", "pivotal-te", "full"])
 def test_bf16_outputs_draw_in_fp32_what_plain_diffusers_draws(runs, name, tiny_path, base_picture):
     out = runs(name)
@@ -139,6 +141,7 @@ def test_bf16_outputs_draw_in_fp32_what_plain_diffusers_draws(runs, name, tiny_p
     assert np.abs(reference - base_picture).max() > 1e-3  # what trained shows in the picture
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lokr", "loha"])
 def test_bf16_lycoris_files_load_and_change_the_picture(runs, name, base_picture):
     """Plain diffusers reads no LoKr/LoHa (tests/test_adapters.py checks boothkit's load against LyCORIS's formula)."""

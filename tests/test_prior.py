@@ -202,6 +202,7 @@ def test_a_stop_event_ends_class_images_after_the_batch_and_keeps_them(base, tmp
 
 
 
+@pytest.mark.slow
 def test_class_images_made_with_another_vae_are_the_ones_train_uses(tiny_path, demo_subject, tmp_path):
     """`class-images --vae V` records the model as `train --vae V` looks for it, so training reuses them."""
     from boothkit.train.loop import run_training

@@ -39,6 +39,7 @@ def photos(tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_training_outputs_and_generated_pictures_carry_no_exif(photos, tmp_path):
     from boothkit.core import config as C
     from boothkit.cli import main
@@ -83,6 +84,7 @@ def test_report_thumbnails_carry_no_exif(photos, tmp_path):
     assert_clean(thumb)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (BENCHMARK / "wolf_plushie" / "04.jpg").is_file(), reason="the DreamBooth benchmark's photos "
                     "are not beside this checkout (../shared/datasets/dreambooth)")
 def test_a_real_phone_photo_with_gps(tmp_path):

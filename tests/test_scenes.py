@@ -77,6 +77,7 @@ def test_article_and_names():
     assert world_names(entries) == ["girl"]
 
 
+@pytest.mark.slow
 def test_boosted_class_nouns_are_frequent(emoji):
     gen = SceneGenerator(emoji, seed=0)
     mains = [gen.scene(i).main for i in range(3000)]

@@ -52,6 +52,7 @@ def plain_images(pipe, n=2):
             for s in range(n)]
 
 
+@pytest.mark.slow
 def test_tiny_xl_is_an_sdxl_folder_plain_diffusers_loads(xl_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -64,6 +65,7 @@ def test_tiny_xl_is_an_sdxl_folder_plain_diffusers_loads(xl_path):
     assert family_of(load_pipeline("tiny-xl")) is SDXL and model_ref(str(xl_path)) == "tiny-xl"
 
 
+@pytest.mark.slow
 def test_lora_file_holds_both_text_encoders(xl_run):
     keys = load_file(xl_run / LORA_FILE).keys()
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
@@ -72,6 +74,7 @@ def test_lora_file_holds_both_text_encoders(xl_run):
         assert fh.metadata()["boothkit.family"] == "sdxl"
 
 
+@pytest.mark.slow
 def test_generation_equals_plain_diffusers_and_zero_scales_the_base(xl_run, xl_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -103,6 +106,7 @@ def test_generation_equals_plain_diffusers_and_zero_scales_the_base(xl_run, xl_p
     assert not np.array_equal(ours[0], base[0]) and not np.array_equal(unet_only[0], ours[0])
 
 
+@pytest.mark.slow
 def test_exports_reproduce_the_native_images(xl_run, xl_path, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -180,6 +184,7 @@ def test_training_step_passes_the_conditioning_to_the_unet():
     assert torch.equal(seen["time_ids"], ids) and seen["text_embeds"].shape == (2, 64)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):
     def cli(*args):
         return [sys.executable, "-c", "from boothkit.cli import main; main()", "train", *map(str, args)]
@@ -200,6 +205,7 @@ def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
+@pytest.mark.slow
 def test_another_vae_trains_and_generates_with_it(xl_path, demo_subject, tmp_path, capsys):
     """--vae (e.g. an fp16-fixed SDXL VAE): recorded in the LoRA, used again by generation, as plain diffusers would."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
@@ -257,6 +263,7 @@ def plain_xl_with_embeddings(xl_path, run):
     return pipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ti", "pivotal"])
 def test_ti_and_pivotal_train_both_text_encoders_rows_and_load_in_plain_diffusers(xl_path, demo_subject, tmp_path,
                                                                                    method, one_thread):
@@ -277,6 +284,7 @@ def test_ti_and_pivotal_train_both_text_encoders_rows_and_load_in_plain_diffuser
     assert method == "ti" or np.abs(ti_picture(untrained) - reference).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_dora_on_sdxl_draws_what_plain_diffusers_draws(xl_path, demo_subject, tmp_path, one_thread):
     from diffusers import StableDiffusionXLPipeline
 

@@ -121,6 +121,7 @@ def test_each_subject_is_drawn_as_often_and_meets_its_own_class():
     assert torch.allclose(counts / counts.sum(), torch.full((3,), 1 / 3), atol=0.03)  # not 1:5:2
 
 
+@pytest.mark.slow
 def test_two_subjects_train_with_a_class_folder_each(two_folders, tmp_path, monkeypatch):
     import boothkit.train.batches as B
 
@@ -148,6 +149,7 @@ def test_two_subjects_train_with_a_class_folder_each(two_folders, tmp_path, monk
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_one_subject_by_flag_is_the_plain_run(two_folders, tmp_path):
     """--subject DIR TOKEN CLASS alone trains exactly what --instance-dir --token --class-noun does."""
     dog, _ = two_folders
@@ -160,6 +162,7 @@ def test_one_subject_by_flag_is_the_plain_run(two_folders, tmp_path):
     assert (flagged / "class_images" / prior.MANIFEST).is_file()  # one class: the folder itself, as before
 
 
+@pytest.mark.slow
 def test_cli_takes_repeated_subject_flags(two_folders, tmp_path, capsys):
     dog, cat = two_folders
     out = tmp_path / "o"

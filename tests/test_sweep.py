@@ -60,6 +60,7 @@ def cell_files(out: Path, g, u, t, n=2, seed=0, prompt=PROMPT, p=0) -> list[Path
     return S.image_paths(out, S.Cell(p, g, u, t), prompt, n, seed)
 
 
+@pytest.mark.slow
 def test_sweep_writes_every_cell_with_parameters_and_csv(swept):
     out, _ = swept
     with open(out / "sweep.csv") as fh:
@@ -75,6 +76,7 @@ def test_sweep_writes_every_cell_with_parameters_and_csv(swept):
     assert C.load_toml(out / "sweep_config.toml")["sweep"]["guidance"] == "2,6"
 
 
+@pytest.mark.slow
 def test_cells_are_seeded_identically(swept, tiny_path):
     out, _ = swept
     # LoRA at 0/0 is the base model: its cell is exactly what plain diffusers draws from seeds 0 and 1
@@ -108,6 +110,7 @@ def test_contact_sheet_layout(swept):
             assert np.array_equal(sheet[top + r * ch:top + (r + 1) * ch, left + c * cw:left + (c + 1) * cw], cell)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_cells_and_resumes_after_interrupt(lora_path, tmp_path, monkeypatch):
     calls = []
     real = G.generate_images
@@ -160,6 +163,7 @@ def test_axis_values_are_validated(tmp_path):
     assert S.load_prompts(cfg.sweep) == ["first", "a dog", "a cat on a roof"]
 
 
+@pytest.mark.slow
 def test_metrics_per_cell_and_plot(swept):
     from transformers import CLIPModel, CLIPProcessor
 

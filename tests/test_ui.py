@@ -221,6 +221,7 @@ def test_a_bad_photo_is_refused_before_queueing(queue, tmp_path, demo_subject):
 
 # ----------------------------------------------------------------------------------------- training
 
+@pytest.mark.slow
 def test_train_run_is_watched_to_the_end_and_found_again(queue, demo_subject, monkeypatch):
     photos = [str(p) for p in sorted(demo_subject.glob("*.jpg"))[:3]]
     values = train_form(photos=photos, token="sksqwzt", class_noun="dog", max_steps=4, prior=True,
@@ -268,6 +269,7 @@ def test_train_run_is_watched_to_the_end_and_found_again(queue, demo_subject, mo
         again.close()
 
 
+@pytest.mark.slow
 def test_second_run_waits_cancel_stops_at_a_checkpoint_and_resume_finishes(queue, instance_dir):
     base = dict(instance_dir=str(instance_dir), class_noun="dog", prior=False, validate_every=0, rank=2)
     ui.start_training(queue, train_form(**base, max_steps=120, checkpoint_every=100, run_name="long"))
@@ -342,6 +344,7 @@ def test_eta_comes_from_the_pace_of_logged_steps(queue):
 
 # ------------------------------------------------------------------------------ generate, sweep, report
 
+@pytest.mark.slow
 def test_generate_handler_writes_the_cli_images(queue, finished_run, lora, tmp_path):
     values = {k: v for k, v in form(C.GENERATE_SECTIONS, prompt="a photo of sks dog", num_images=2, steps=2,
                                     seed=5).items() if k not in F.GENERATE_BY_RUN}
@@ -364,6 +367,7 @@ def test_generate_handler_writes_the_cli_images(queue, finished_run, lora, tmp_p
                                                     "dino_model": "tiny"}
 
 
+@pytest.mark.slow
 def test_sweep_and_report_views_run_the_cli_stages(queue, finished_run, lpips_weights):
     values = {k: v for k, v in form(SWEEP_SECTIONS, prompt="a photo of sks dog", guidance="2,7.5", unet_scale="0.8",
                                     text_encoder_scale="0.8", num_images=1, steps=1).items()
