@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..core.errors import BoothkitError, ModelError
 
-if TYPE_CHECKING:  # torch is imported where it is used: the CLI imports the export wing for its flags
+# torch, and the model families (which load it), are imported where they are used: the CLI imports the export wing
+# for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
+if TYPE_CHECKING:
     import torch
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x; SDXL's are in boothkit.models.families
