@@ -27,11 +27,10 @@ from boothkit.train.data import load_folder
 from boothkit.evaluate.experiment import write_rows
 from boothkit.core.files import atomic_write_bytes
 from boothkit.generate.generation import load_generation_pipeline
-from boothkit.adapters.lora import LORA_FILE
 from boothkit.evaluate.metrics import Evaluators, MetricsConfig
 from boothkit.evaluate.speed import machine
 from boothkit.mini.subjects import dataset_dir, openmoji_dataset_dir
-from boothkit.train.loop import run_training
+from boothkit.train.loop import train_once
 
 FLUENT = ["dog", "cat", "teddy_bear", "backpack", "car", "cup", "baby", "man"]  # the demo's girl left out
 # What every variant shares: mini's captions' words, class images made once per class noun and reused.
@@ -80,10 +79,8 @@ def class_folder(values: dict, noun: str) -> str:
 
 
 def train(values: dict, out: Path) -> Path:
-    if not (out / LORA_FILE).is_file():  # written last: a finished run is reused
-        cfg = C.resolve(C.TRAIN_SECTIONS, {}, {**values, "output_dir": str(out), "overwrite": True})
-        run_training(cfg, progress=False)
-    return out
+    # a finished run is reused: the script resumes where it stopped
+    return train_once(C.resolve(C.TRAIN_SECTIONS, {}, {**values, "output_dir": str(out), "overwrite": True}))
 
 
 def measure(args, ev: Evaluators) -> None:

@@ -26,7 +26,7 @@ from boothkit.adapters.lora import LORA_FILE
 from boothkit.evaluate.speed import machine
 from boothkit.evaluate.metrics import Evaluators, MetricsConfig, evaluate_images
 from boothkit.mini.subjects import dataset_dir
-from boothkit.train.loop import run_training
+from boothkit.train.loop import train_once
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples" / "mini-dreambooth.toml"
@@ -35,10 +35,9 @@ VARIANTS = {"LoRA": {}, "DoRA": {"adapter": "dora"}, "LoKr": {"adapter": "lokr"}
 
 
 def train(values: dict, out: Path) -> Path:
-    if not (out / LORA_FILE).is_file():  # written last: a finished run is reused
-        cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(RECIPE), {**values, "output_dir": str(out), "overwrite": True})
-        run_training(cfg, progress=False)
-    return out
+    # a finished run is reused: the script resumes where it stopped
+    cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(RECIPE), {**values, "output_dir": str(out), "overwrite": True})
+    return train_once(cfg)
 
 
 def main() -> None:

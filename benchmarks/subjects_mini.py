@@ -22,11 +22,10 @@ from boothkit.core import config as C
 from boothkit.train.data import load_folder
 from boothkit.evaluate.experiment import write_rows
 from boothkit.generate.generation import load_generation_pipeline
-from boothkit.adapters.lora import LORA_FILE
 from boothkit.evaluate.speed import machine
 from boothkit.evaluate.metrics import Evaluators, MetricsConfig, evaluate_images, mean_pairwise_cosine
 from boothkit.mini.subjects import dataset_dir
-from boothkit.train.loop import run_training
+from boothkit.train.loop import train_once
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples" / "mini-dreambooth.toml"
@@ -34,10 +33,9 @@ TOKENS = ("[ktn]", "[zwx]")
 
 
 def train(values: dict, out: Path) -> Path:
-    if not (out / LORA_FILE).is_file():  # a finished run is reused: the script resumes where it stopped
-        cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(RECIPE), {**values, "output_dir": str(out), "overwrite": True})
-        run_training(cfg, progress=False)
-    return out
+    # a finished run is reused: the script resumes where it stopped
+    cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(RECIPE), {**values, "output_dir": str(out), "overwrite": True})
+    return train_once(cfg)
 
 
 def sample(run: Path | None, prompts: list[str], folder: Path, images: int) -> list:

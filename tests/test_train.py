@@ -432,3 +432,16 @@ def test_full_finetune_keeps_fp32_master_weights_and_its_vae(instance_dir, tmp_p
                  progress=False)
     pipe = seen["tr"].pipe
     assert next(pipe.unet.parameters()).dtype == torch.float32 and not next(pipe.vae.parameters()).is_meta
+
+
+@pytest.mark.parametrize("over, last", [({}, LORA_FILE), ({"method": "ti"}, "learned_embeds.safetensors"),
+                                        ({"method": "full"}, "model"), ({"full": True}, "model")])
+def test_train_once_reuses_a_finished_run_by_the_file_it_writes_last(instance_dir, tmp_path, monkeypatch, over, last):
+    import boothkit.train.loop as T
+
+    cfg = make_cfg(instance_dir, tmp_path / "out", **over)
+    assert T.final_output(cfg) == tmp_path / "out" / last
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / last).touch()
+    monkeypatch.setattr(T, "run_training", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert T.train_once(cfg) == tmp_path / "out"

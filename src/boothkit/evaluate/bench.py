@@ -192,17 +192,13 @@ def train_subject(train_values: Mapping[str, Any], overrides: Mapping[str, Any],
     """Train one subject (skipped when its result already exists); returns the run folder."""
     import torch
 
-    from ..adapters.embeddings import EMBEDDINGS_FILE
-    from ..adapters.lora import LORA_FILE
+    from ..train.loop import final_output, train_once
 
     cfg = C.resolve(C.TRAIN_SECTIONS, train_values, overrides, where="--train-config")
-    last = EMBEDDINGS_FILE if cfg.lora.method == "ti" else LORA_FILE  # train.py writes it last, atomically
-    if (out / last).is_file():
-        return out
     if not separate_process:
-        from ..train.loop import run_training
-
-        return run_training(cfg, progress=progress)
+        return train_once(cfg, progress=progress)
+    if final_output(cfg).exists():
+        return out
     config_path = out.parent / "train_config.toml"
     C.save_toml(config_path, cfg.to_dict())
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("TORCHELASTIC_")}

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .. import __version__
-from ..adapters.embeddings import learned, save_embeddings
+from ..adapters.embeddings import EMBEDDINGS_FILE, learned, save_embeddings
 from ..adapters.inject import adapters_disabled, lora_state_dict
 from ..adapters.lora import LORA_FILE, adapter_metadata, canonical_text_encoder_keys, save_lora_file
 from ..core.config import TRAIN_SECTIONS, RunConfig, save_toml, validate_train
@@ -143,6 +143,21 @@ def run_training(cfg: RunConfig, progress: bool = True, stop: threading.Event | 
         # accelerate keeps its settings in a process-wide singleton; reset it so the next run in this
         # process (benchmarks, the UI, tests) may choose another precision. The process group stays.
         AcceleratorState._reset_state()
+
+
+def final_output(cfg: RunConfig) -> Path:
+    """What a finished run of `cfg` wrote last, atomically: its presence means the run is complete (the model folder
+    of a full fine-tune, the embeddings of Textual Inversion, else the LoRA file)."""
+    cfg, out = validate_train(cfg), Path(cfg.train.output_dir)
+    return out / ("model" if cfg.lora.full else EMBEDDINGS_FILE if cfg.lora.method == "ti" else LORA_FILE)
+
+
+def train_once(cfg: RunConfig, progress: bool = False) -> Path:
+    """run_training, unless the output folder already holds a finished run of it (benchmarks and DreamBench reuse
+    their runs and resume where a killed script stopped); returns the output folder."""
+    if final_output(cfg).exists():
+        return Path(cfg.train.output_dir)
+    return run_training(cfg, progress=progress)
 
 
 def _output_lock(cfg: RunConfig):
