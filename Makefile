@@ -31,7 +31,7 @@ test: install
 	$(VENV)/bin/lint-imports  # the wings import downward only, no cycles (pyproject [tool.importlinter])
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# the edit-run loop: everything but the tests marked slow (end-to-end training runs), about 2 minutes on 2 cores
+# the edit-run loop: everything but the tests marked slow (they train or run a model), under 2 minutes on 2 cores
 test-fast: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
