@@ -144,7 +144,7 @@ def time_to_subject(steps: dict, classes: dict, images: int = 100, n: int = 800)
 
 
 def cpu_tag() -> str:
-    from boothkit.precision import cpu_description, native_cpu_bf16
+    from boothkit.core.precision import cpu_description, native_cpu_bf16
 
     words = [w for w in re.sub(r"[^a-z0-9]+", " ", cpu_description()[0].lower()).split() if w not in ("amd", "intel")]
     return "-".join(words[:2] or ["cpu"]) + ("-avx512bf16" if native_cpu_bf16() else "-no-avx512bf16")
@@ -274,10 +274,10 @@ def main() -> None:
         return wrap(a.wrap, a.cmd)
     if not a.script:
         ap.error("--script is required")
-    from boothkit.files import atomic_write_bytes
-    from boothkit.models import model_path
-    from boothkit.speed import machine
-    from boothkit.subjects import demo_subject_dir
+    from boothkit.core.files import atomic_write_bytes
+    from boothkit.models.loading import model_path
+    from boothkit.evaluate.speed import machine
+    from boothkit.mini.subjects import demo_subject_dir
 
     a.precisions, a.steps = a.precisions.split(","), [int(n) for n in a.steps.split(",")]
     a.model_dir, a.photos = model_path(a.model), str(demo_subject_dir())

@@ -2,7 +2,7 @@
 
 For each subject (held-out styles: Fluent UI, OpenMoji), seed and recipe variant: train, then draw the identifier
 prompt, the class prompt and the identifier in the seed experiment's three scenes (6 fixed seeds each), and
-judge them against the base model's pictures of the same prompts (boothkit.binding); sheet.png beside each
+judge them against the base model's pictures of the same prompts (boothkit.evaluate.binding); sheet.png beside each
 judgement shows the photos, base and trained pictures of both prompts, and the scenes: likeness of the identifier
 prompt, drift of the class prompt, scene fidelity. A variant binds (issue 30) when, averaged over subjects, the
 identifier's LPIPS to the subject falls by >= 0.08 while the class prompt's falls by <= a quarter of that.
@@ -21,16 +21,16 @@ import time
 from pathlib import Path
 from statistics import mean, stdev
 
-from boothkit import bench, binding, config as C
-from boothkit.data import load_folder
-from boothkit.experiment import write_rows
-from boothkit.files import atomic_write_bytes
-from boothkit.generate import load_generation_pipeline
-from boothkit.lora import LORA_FILE
-from boothkit.metrics import Evaluators, MetricsConfig
-from boothkit.speed import machine
-from boothkit.subjects import dataset_dir, openmoji_dataset_dir
-from boothkit.train import run_training
+from boothkit.evaluate import bench, binding
+from boothkit.core import config as C
+from boothkit.train.data import load_folder
+from boothkit.evaluate.experiment import write_rows
+from boothkit.core.files import atomic_write_bytes
+from boothkit.generate.generation import load_generation_pipeline
+from boothkit.evaluate.metrics import Evaluators, MetricsConfig
+from boothkit.evaluate.speed import machine
+from boothkit.mini.subjects import dataset_dir, openmoji_dataset_dir
+from boothkit.train.loop import train_once
 
 FLUENT = ["dog", "cat", "teddy_bear", "backpack", "car", "cup", "baby", "man"]  # the demo's girl left out
 # What every variant shares: mini's captions' words, class images made once per class noun and reused.
@@ -79,10 +79,8 @@ def class_folder(values: dict, noun: str) -> str:
 
 
 def train(values: dict, out: Path) -> Path:
-    if not (out / LORA_FILE).is_file():  # written last: a finished run is reused
-        cfg = C.resolve(C.TRAIN_SECTIONS, {}, {**values, "output_dir": str(out), "overwrite": True})
-        run_training(cfg, progress=False)
-    return out
+    # a finished run is reused: the script resumes where it stopped
+    return train_once(C.resolve(C.TRAIN_SECTIONS, {}, {**values, "output_dir": str(out), "overwrite": True}))
 
 
 def measure(args, ev: Evaluators) -> None:
@@ -211,7 +209,7 @@ def style_control(out: Path, ev: Evaluators) -> None:
     default recipe, cut from its sheet.png: row 2 trained identifier, row 3 base class)."""
     from PIL import Image
 
-    from boothkit.metrics import rowwise_cosine
+    from boothkit.evaluate.metrics import rowwise_cosine
 
     print("\nmini's CLIP-T to the class prompt: the held-out photos themselves, the base model's class pictures, the "
           "trained identifier pictures (default, seed 0):\n")

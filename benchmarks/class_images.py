@@ -20,10 +20,10 @@ CANDIDATES = [("ddim", 30), ("pndm", 30), ("ddim", 25), ("ddim", 20), ("pndm", 2
 
 
 def main() -> None:
-    from boothkit.generate import generate_images, make_scheduler
-    from boothkit.metrics import load_lpips, lpips_pairs
-    from boothkit.models import load_pipeline
-    from boothkit.precision import cpu_description
+    from boothkit.generate.generation import generate_images, make_scheduler
+    from boothkit.evaluate.metrics import load_lpips, lpips_pairs
+    from boothkit.models.loading import load_pipeline
+    from boothkit.core.precision import cpu_description
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mini")

@@ -10,8 +10,8 @@ background leakage. The numbers in docs/method.md ("Training extras", "Measured 
    on (seed, s) and the learning rate is constant, so that LoRA is bit for bit the one a separate N-step run
    writes.
 2. masked loss (`--masked-loss`): a variant of some subjects whose 5 photos all share one plain background
-   (`--mask-background`, one of boothkit.scenes.BACKGROUNDS, named in mini's captions), composed from the Fluent UI
-   emoji like boothkit.subjects.build_dataset, with NAME.mask.png from the emoji's alpha (white: the subject).
+   (`--mask-background`, one of boothkit.mini.scenes.BACKGROUNDS, named in mini's captions), composed from the Fluent UI
+   emoji like boothkit.mini.subjects.build_dataset, with NAME.mask.png from the emoji's alpha (white: the subject).
    Each subject trains with and without the mask (the same recipe otherwise); prompts that do not name that
    background are drawn with fixed seeds and leakage is the share of the picture's border ring (outer
    `--ring` px) within `--tolerance` and `--loose-tolerance` (RGB distance) of the training background colour,
@@ -82,10 +82,10 @@ class Ctx:
     """What both experiments share: config, dataset, evaluators, the base pipeline, timings."""
 
     def __init__(self, a: argparse.Namespace):
-        from boothkit import config as C
-        from boothkit.bench import parse_dataset
-        from boothkit.metrics import Evaluators, MetricsConfig
-        from boothkit.subjects import dataset_dir
+        from boothkit.core import config as C
+        from boothkit.evaluate.bench import parse_dataset
+        from boothkit.evaluate.metrics import Evaluators, MetricsConfig
+        from boothkit.mini.subjects import dataset_dir
 
         self.a, self.out = a, Path(a.out)
         self.train_values = C.load_toml(a.train_config)
@@ -101,7 +101,7 @@ class Ctx:
         self.timings: dict[str, float] = {}
 
     def base_pipe(self):
-        from boothkit.generate import load_generation_pipeline
+        from boothkit.generate.generation import load_generation_pipeline
 
         if self._base is None:
             self._base = load_generation_pipeline(self.model, [])
@@ -113,24 +113,24 @@ class Ctx:
                 "seed": self.a.seed, "mixed_precision": "no", **more}
 
     def instance_prompt(self, subject: str) -> str:
-        from boothkit import config as C
+        from boothkit.core import config as C
 
         return " ".join(C.fill(self.instance_template, token=self.token, class_noun=self.ds.classes[subject]).split())
 
     def real(self, subject: str, folder: Path | None = None) -> list:
-        from boothkit.data import load_folder
+        from boothkit.train.data import load_folder
 
         return [img for _, img in load_folder(folder or self.ds.root / subject)]
 
     def generate(self, pipe, prompt: str, n: int) -> list:
-        from boothkit.generate import generate_images
+        from boothkit.generate.generation import generate_images
 
         a = self.a
         return generate_images(pipe, prompt, num_images=n, seed=a.sample_seed, steps=a.sample_steps,
                                guidance=a.guidance, batch_size=a.batch)
 
     def fidelity(self, images, real) -> dict:
-        from boothkit.metrics import mean_pairwise_cosine
+        from boothkit.evaluate.metrics import mean_pairwise_cosine
 
         return {"DINO": mean_pairwise_cosine(self.ev.dino.image_embeds(images), self.ev.dino.image_embeds(real)),
                 "CLIP-I": mean_pairwise_cosine(self.ev.clip.image_embeds(images), self.ev.clip.image_embeds(real))}
@@ -152,9 +152,9 @@ def cached(path: Path, make):
 
 def train_to(ctx: Ctx, subject: str, root: Path, steps: list[int], gamma: float | None) -> dict[int, Path]:
     """Run folders with the LoRA after each step count: one run to the largest, the others from its checkpoints."""
-    from boothkit.bench import train_subject
-    from boothkit.checkpoint import list_checkpoints
-    from boothkit.lora import LORA_FILE
+    from boothkit.evaluate.bench import train_subject
+    from boothkit.train.checkpoint import list_checkpoints
+    from boothkit.adapters.lora import LORA_FILE
 
     top, every = steps[-1], math.gcd(*steps)
     extra = {} if gamma is None else {"snr_gamma": gamma}
@@ -182,9 +182,9 @@ def train_to(ctx: Ctx, subject: str, root: Path, steps: list[int], gamma: float 
 
 def bench_eval(ctx: Ctx, pipe, subject: str) -> dict:
     """bench dreambench's measures of one model on one subject: its prompts, then the instance prompt alone."""
-    from boothkit.bench import subject_prompts
-    from boothkit.metrics import evaluate_images
-    from boothkit.subjects import LIVE_CLASSES
+    from boothkit.evaluate.bench import subject_prompts
+    from boothkit.evaluate.metrics import evaluate_images
+    from boothkit.mini.subjects import LIVE_CLASSES
 
     t0 = time.perf_counter()
     a, real = ctx.a, ctx.real(subject)
@@ -201,7 +201,7 @@ def bench_eval(ctx: Ctx, pipe, subject: str) -> dict:
 
 
 def run_snr(ctx: Ctx) -> list[dict]:
-    from boothkit.generate import load_generation_pipeline
+    from boothkit.generate.generation import load_generation_pipeline
 
     a = ctx.a
     steps = sorted({int(s) for s in csv_list(a.snr_steps)})
@@ -276,9 +276,9 @@ def build_variant(out: Path, subjects: list[str], bg: str, seed: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from boothkit.emoji import SIZE, load_fluent
-    from boothkit.scenes import BACKGROUNDS, background, paste
-    from boothkit.subjects import PHOTOS, SUBJECTS
+    from boothkit.mini.emoji import SIZE, load_fluent
+    from boothkit.mini.scenes import BACKGROUNDS, background, paste
+    from boothkit.mini.subjects import PHOTOS, SUBJECTS
 
     if BACKGROUNDS[bg][2] != "plain":
         raise SystemExit(f"--mask-background {bg!r}: pick a plain one ({', '.join(BACKGROUNDS)})")
@@ -329,7 +329,7 @@ def mean_stats(images, colour, a: argparse.Namespace) -> dict:
 
 
 def run_mask(ctx: Ctx) -> list[dict]:
-    from boothkit.scenes import BACKGROUNDS
+    from boothkit.mini.scenes import BACKGROUNDS
 
     a = ctx.a
     bg = a.mask_background
@@ -347,8 +347,8 @@ def run_mask(ctx: Ctx) -> list[dict]:
 
 def mask_subject(ctx: Ctx, subject: str, photos: Path, colour, templates: list[str]) -> list[dict]:
     """Base model, base model with the background named, and both trainings of one subject, measured."""
-    from boothkit.bench import train_subject
-    from boothkit.generate import load_generation_pipeline, make_grid
+    from boothkit.evaluate.bench import train_subject
+    from boothkit.generate.generation import load_generation_pipeline, make_grid
 
     a, bg, root, rows = ctx.a, ctx.a.mask_background, ctx.out / "mask", []
     noun = ctx.ds.classes[subject]
@@ -455,7 +455,7 @@ COLUMNS = ["experiment", "variant", "steps", "subject", "n_subjects", "prompt", 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """The rows of the experiments this invocation ran, beside the CSV's rows of those it did not (--part)."""
-    from boothkit.experiment import write_rows
+    from boothkit.evaluate.experiment import write_rows
 
     ran = {r["experiment"] for r in rows}
     kept = []
@@ -472,7 +472,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from boothkit.precision import cpu_description
+    from boothkit.core.precision import cpu_description
 
     start = time.perf_counter()
     ctx = Ctx(a)

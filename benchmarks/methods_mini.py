@@ -16,16 +16,17 @@ import time
 from pathlib import Path
 
 
-from boothkit import bench, config as C
-from boothkit.data import load_folder
-from boothkit.embeddings import EMBEDDINGS_FILE
-from boothkit.experiment import write_rows
-from boothkit.generate import load_generation_pipeline
-from boothkit.lora import LORA_FILE
-from boothkit.speed import machine
-from boothkit.metrics import Evaluators, MetricsConfig, evaluate_images
-from boothkit.subjects import dataset_dir
-from boothkit.train import run_training
+from boothkit.evaluate import bench
+from boothkit.core import config as C
+from boothkit.train.data import load_folder
+from boothkit.adapters.embeddings import EMBEDDINGS_FILE
+from boothkit.evaluate.experiment import write_rows
+from boothkit.generate.generation import load_generation_pipeline
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.evaluate.speed import machine
+from boothkit.evaluate.metrics import Evaluators, MetricsConfig, evaluate_images
+from boothkit.mini.subjects import dataset_dir
+from boothkit.train.loop import train_once
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples" / "mini-dreambooth.toml"
@@ -34,10 +35,9 @@ VARIANTS = {"LoRA": {}, "DoRA": {"adapter": "dora"}, "LoKr": {"adapter": "lokr"}
 
 
 def train(values: dict, out: Path) -> Path:
-    if not (out / LORA_FILE).is_file():  # written last: a finished run is reused
-        cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(RECIPE), {**values, "output_dir": str(out), "overwrite": True})
-        run_training(cfg, progress=False)
-    return out
+    # a finished run is reused: the script resumes where it stopped
+    cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(RECIPE), {**values, "output_dir": str(out), "overwrite": True})
+    return train_once(cfg)
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
             assert (run / LORA_FILE).is_file() and ("method" not in over or (run / EMBEDDINGS_FILE).is_file())
             pipe = load_generation_pipeline(None, [(str(run), 1.0)])
             prompts = bench.subject_prompts(ds, subject, "[ktn]", ("dog", "cat"), args.prompts_limit)
-            got = bench._load_or_generate(pipe, prompts, folder / "samples", num_images=args.images, seed=0,
+            got = bench.load_or_generate(pipe, prompts, folder / "samples", num_images=args.images, seed=0,
                                           steps=25, guidance=7.5, progress=False)
             res = evaluate_images(ev, got, photos)["overall"]
             rows.append({"subject": subject, "variant": name, "DINO": res["DINO"], "CLIP-I": res["CLIP-I"],

@@ -19,7 +19,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 def unet_on_meta():
     from diffusers import UNet2DConditionModel
 
-    from boothkit.shapes import sd15_shape_path
+    from boothkit.models.shapes import sd15_shape_path
 
     config = UNet2DConditionModel.load_config(sd15_shape_path() / "unet")
     with torch.device("meta"):
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--full-slice", type=float, default=200, help="millions of UNet parameters for the full row")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    from boothkit.speed import machine
+    from boothkit.evaluate.speed import machine
 
     unet = unet_on_meta()
     total = sum(p.numel() for p in unet.parameters())

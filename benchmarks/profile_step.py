@@ -21,8 +21,8 @@ def main() -> None:
     a = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
-    from boothkit.models import load_pipeline
-    from boothkit.speed import machine
+    from boothkit.models.loading import load_pipeline
+    from boothkit.evaluate.speed import machine
 
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     pipe = load_pipeline(a.model)

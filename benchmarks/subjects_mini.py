@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 
 
-from boothkit import bench, config as C
-from boothkit.data import load_folder
-from boothkit.experiment import write_rows
-from boothkit.generate import load_generation_pipeline
-from boothkit.lora import LORA_FILE
-from boothkit.speed import machine
-from boothkit.metrics import Evaluators, MetricsConfig, evaluate_images, mean_pairwise_cosine
-from boothkit.subjects import dataset_dir
-from boothkit.train import run_training
+from boothkit.evaluate import bench
+from boothkit.core import config as C
+from boothkit.train.data import load_folder
+from boothkit.evaluate.experiment import write_rows
+from boothkit.generate.generation import load_generation_pipeline
+from boothkit.evaluate.speed import machine
+from boothkit.evaluate.metrics import Evaluators, MetricsConfig, evaluate_images, mean_pairwise_cosine
+from boothkit.mini.subjects import dataset_dir
+from boothkit.train.loop import train_once
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples" / "mini-dreambooth.toml"
@@ -33,15 +33,14 @@ TOKENS = ("[ktn]", "[zwx]")
 
 
 def train(values: dict, out: Path) -> Path:
-    if not (out / LORA_FILE).is_file():  # a finished run is reused: the script resumes where it stopped
-        cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(RECIPE), {**values, "output_dir": str(out), "overwrite": True})
-        run_training(cfg, progress=False)
-    return out
+    # a finished run is reused: the script resumes where it stopped
+    cfg = C.resolve(C.TRAIN_SECTIONS, C.load_toml(RECIPE), {**values, "output_dir": str(out), "overwrite": True})
+    return train_once(cfg)
 
 
 def sample(run: Path | None, prompts: list[str], folder: Path, images: int) -> list:
     pipe = load_generation_pipeline("mini" if run is None else None, [] if run is None else [(str(run), 1.0)])
-    got = bench._load_or_generate(pipe, prompts, folder, num_images=images, seed=0, steps=25, guidance=7.5,
+    got = bench.load_or_generate(pipe, prompts, folder, num_images=images, seed=0, steps=25, guidance=7.5,
                                   progress=False)
     del pipe
     return got

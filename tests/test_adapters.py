@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import export as E
-from boothkit import generate as G
-from boothkit.errors import BoothkitError, ConfigError
-from boothkit.lora import LORA_FILE
-from boothkit.train import run_training
+from boothkit.core import config as C
+from boothkit.export import formats as E
+from boothkit.generate import generation as G
+from boothkit.core.errors import BoothkitError, ConfigError
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.train.loop import run_training
 
 PROMPT = "a photo of sks dog"
 U, T = 0.8, 0.6  # distinct, non-unit scales: swapped or ignored scales show up
@@ -55,6 +55,7 @@ def plain_pipe(tiny_path):
     return pipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ZERO_INIT)
 def test_adapter_trains_and_its_file_names_it(runs, kind):
     file = runs[kind] / LORA_FILE
@@ -72,6 +73,7 @@ def test_adapter_trains_and_its_file_names_it(runs, kind):
         assert "lora_adapter_metadata" not in meta and json.loads(meta["boothkit.adapter_config"])["unet.r"] == 4
 
 
+@pytest.mark.slow
 def test_dora_generates_what_plain_diffusers_draws(runs, tiny_path):
     plain = plain_pipe(tiny_path)
     base = picture(plain)
@@ -99,6 +101,7 @@ def grouped(tensors: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
 def test_lycoris_generates_base_plus_the_independent_delta(runs, tiny_path, kind):
     plain = plain_pipe(tiny_path)
@@ -117,6 +120,7 @@ def test_lycoris_generates_base_plus_the_independent_delta(runs, tiny_path, kind
     assert np.abs(ours(runs[kind]) - theirs).max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
 def test_lycoris_kohya_export_gives_the_same_deltas(runs, tmp_path, kind):
     ours_file = load_file(str(runs[kind] / LORA_FILE))
@@ -137,6 +141,7 @@ def test_lycoris_kohya_export_gives_the_same_deltas(runs, tmp_path, kind):
         assert json.loads(fh.metadata()["ss_network_args"]) == {"algo": kind}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
 def test_lycoris_own_loader_reads_the_export_to_the_picture_generate_draws(runs, tiny_path, tmp_path, kind,
                                                                           demo_subject, caplog):
@@ -167,6 +172,7 @@ def test_lycoris_own_loader_reads_the_export_to_the_picture_generate_draws(runs,
     assert np.abs(mine - picture(plain)).max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ZERO_INIT)
 def test_merged_export_draws_what_generate_draws(runs, tmp_path, kind):
     out = tmp_path / "m"

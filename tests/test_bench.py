@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from boothkit import bench as B
-from boothkit import metrics as M
-from boothkit.errors import ConfigError, DataError
+from boothkit.evaluate import bench as B
+from boothkit.evaluate import metrics as M
+from boothkit.core.errors import ConfigError, DataError
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
 DEMO = Path(__file__).resolve().parents[1] / "src" / "boothkit" / "assets" / "demo_subject"
@@ -181,7 +181,7 @@ def test_dreambench_without_class_noun(tmp_path, dataset, tiny_path, lpips_weigh
 
 @pytest.mark.slow
 def test_prior_effect_ci_size(tmp_path, tiny_path, lpips_weights, demo_subject):
-    from boothkit import config as C
+    from boothkit.core import config as C
 
     train_toml = tmp_path / "t.toml"
     train_toml.write_text("[train]\nlearning_rate = 0.01\n[prior]\nclass_steps = 2\n")

@@ -1,4 +1,4 @@
-"""boothkit.binding: the identifier's likeness, the class prompt's drift and the bar they are held to, checked against
+"""boothkit.evaluate.binding: the identifier's likeness, the class prompt's drift and the bar they are held to, checked against
 LPIPS called directly on each pair (an independent computation)."""
 from types import SimpleNamespace
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit import binding
-from boothkit import metrics as M
-from boothkit.subjects import SEED_SCENES
+from boothkit.evaluate import binding
+from boothkit.evaluate import metrics as M
+from boothkit.mini.subjects import SEED_SCENES
 
 
 def _pictures(seed: int, n: int) -> list:

@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit.batches import Batch, LatentBank, draw_batch
+from boothkit.core import config as C
+from boothkit.train.batches import Batch, LatentBank, draw_batch
 from boothkit.cli import main
-from boothkit.data import aspect_buckets, nearest_bucket
-from boothkit.families import Conditioning
-from boothkit.lora import LORA_FILE
-from boothkit.losses import add_noise
-from boothkit.train import run_training, training_step
+from boothkit.train.data import aspect_buckets, nearest_bucket
+from boothkit.models.families import Conditioning
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.train.losses import add_noise
+from boothkit.train.loop import run_training, training_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B256 = [(192, 320), (256, 256), (320, 192)]
@@ -153,8 +153,9 @@ def weights(out):
     return load_file(out / LORA_FILE)
 
 
+@pytest.mark.slow
 def test_cached_uncached_and_resumed_runs_are_bit_identical(photos, tmp_path, monkeypatch, caplog):
-    import boothkit.train as T
+    import boothkit.train.loop as T
 
     shapes, real = [], T.training_step
     monkeypatch.setattr(T, "training_step", lambda u, e, batch, *a, **k: shapes.append(
@@ -171,8 +172,9 @@ def test_cached_uncached_and_resumed_runs_are_bit_identical(photos, tmp_path, mo
     assert any(not torch.equal(a[k], square[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sdxl_trains_on_the_buckets_size(photos, tmp_path, monkeypatch):
-    import boothkit.train as T
+    import boothkit.train.loop as T
 
     ids, real = [], T.training_step
     monkeypatch.setattr(T, "training_step", lambda u, e, batch, *a, **k: ids.append(batch.time_ids) or real(

@@ -20,14 +20,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from boothkit import checkpoint as ckpt
-from boothkit import config as C
-from boothkit import export as E
-from boothkit import files, prior
+from boothkit.train import checkpoint as ckpt
+from boothkit.core import config as C
+from boothkit.export import formats as E
+from boothkit.core import files
+from boothkit.train import prior
 from boothkit.cli import main
-from boothkit.errors import BoothkitError, Interrupted
-from boothkit.lora import LORA_FILE
-from boothkit.train import run_training
+from boothkit.core.errors import BoothkitError, Interrupted
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.train.loop import run_training
 from processes import kill_at, paused, signal_at
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -66,6 +67,7 @@ def step_dir(out: Path, step: int) -> Path:
     return ckpt.checkpoint_dir(out) / f"step-{step:07d}"
 
 
+@pytest.mark.slow
 def test_state_json_records_a_checksum_of_every_file(trained):
     state = json.loads((step_dir(trained[1], 4) / "state.json").read_text())
     assert state["step"] == 4 and set(state["files"]) == set(ckpt.FILES)
@@ -113,6 +115,7 @@ def _missing_file(d: Path) -> None:
     (d / "rng.pt").unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _bad_json, _garbage_without_checksums, _missing_file])
 def test_damaged_newest_checkpoint_is_reported_and_the_one_before_used(run_copy, damage, caplog):
     photos, out, finished = run_copy
@@ -125,6 +128,7 @@ def test_damaged_newest_checkpoint_is_reported_and_the_one_before_used(run_copy,
     assert all(torch.equal(finished[k], resumed[k]) for k in finished)
 
 
+@pytest.mark.slow
 def test_no_usable_checkpoint_is_one_line(run_copy, capsys):
     photos, out, _ = run_copy
     for step in (2, 4):
@@ -191,6 +195,7 @@ REFUSED = [  # (the run resumed, what changes, what the message names)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base, over, why", [pytest.param(*case, id="-".join([case[0], *case[1]])) for case in REFUSED])
 def test_checkpoint_of_another_config_is_refused_naming_each_difference(request, tmp_path, tiny_path, demo_subject,
                                                                         base, over, why):
@@ -222,6 +227,7 @@ def test_checkpoint_of_another_config_is_refused_naming_each_difference(request,
         assert msg == f"--resume: checkpoint {step} does not match this config ({whys[0]}; {whys[1]}){START_AGAIN}"
 
 
+@pytest.mark.slow
 def test_resume_with_the_photos_in_another_folder_and_more_steps(run_copy, tmp_path):
     """Not compared: where the photos are (the same photos, moved), how often logs and checkpoints are written, the
     latent cache, and max_steps: a resume with more steps extends the run."""
@@ -240,6 +246,7 @@ def test_resume_with_the_photos_in_another_folder_and_more_steps(run_copy, tmp_p
 FIRST_KEYS = ("model", "full", "train_text_encoder", "rank", "unet_targets")  # what the first checkpoints recorded
 
 
+@pytest.mark.slow
 def test_checkpoint_from_before_the_later_keys_still_resumes(run_copy):
     """Checkpoints recorded before a key was are not compared on it; one without the adapter key was a LoRA's."""
     photos, out, weights = run_copy
@@ -255,6 +262,7 @@ def test_checkpoint_from_before_the_later_keys_still_resumes(run_copy):
                  progress=False)  # none of these is compared: it resumes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("over, why", [
     ({"rank": 8}, r"unet\..*lora_A.* has shape \(4, \d+\), not \(8, \d+\)"),
     ({"train_text_encoder": True}, r"missing text_encoder\."),
@@ -273,6 +281,7 @@ def test_checkpoint_without_a_config_record_is_compared_by_its_weights(run_copy,
 STEPS, HELD = 12, 5  # HELD: the step after which the signal arrives (off the checkpoint cadence)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instance_dir, tmp_path, sig):
     """A real SIGINT (or a scheduler's SIGTERM): the run finishes its step, checkpoints it (off the
@@ -285,7 +294,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instanc
                                  flip=True, log_every=1), progress=False)
     out, log, marker = tmp_path / "stopped", tmp_path / "stopped.log", tmp_path / "held"
     train = ["train", *args, "--output-dir", out]
-    cmd, extra = paused(train, f"boothkit.train:_after_step:{HELD}", marker)  # held after step HELD until signalled
+    cmd, extra = paused(train, f"boothkit.train.loop:_after_step:{HELD}", marker)  # held after step HELD until signalled
     rc = signal_at(cmd, marker, {**ENV, **extra}, sig, log=log)
     err = log.read_text()
     assert rc == 130, err
@@ -305,6 +314,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instanc
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_a_stop_event_ends_the_run_like_ctrl_c(instance_dir, tmp_path):
     """The UI's Cancel: an event set from another thread stops the run after the current step, checkpointed."""
     import threading
@@ -332,6 +342,7 @@ def test_class_images_check_the_disk_first(monkeypatch, tmp_path):
     assert not (tmp_path / "cls").exists()  # made for the run, removed again: nothing was written
 
 
+@pytest.mark.slow
 def test_training_checks_room_for_its_weights_and_a_checkpoint(monkeypatch, instance_dir, tmp_path):
     _disk(monkeypatch, 1000)
     with pytest.raises(BoothkitError, match=r"^--output-dir: the trained weights and a checkpoint: needs about "
@@ -395,12 +406,13 @@ def _complete_png(path: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_sigkill_during_class_images_then_rerun_completes(tmp_path):
     folder = tmp_path / "cls"
     args = ["class-images", "--class-dir", str(folder), "--class-noun", "dog", "--num-class-images", "6",
             "--class-batch-size", "1", "--class-steps", "2", "--resolution", "64"]
     marker = tmp_path / "held"
-    cmd, extra = paused(args, "boothkit.prior:_save_png:2", marker)  # killed once the second picture is saved
+    cmd, extra = paused(args, "boothkit.train.prior:_save_png:2", marker)  # killed once the second picture is saved
     kill_at(cmd, marker, {**ENV, **extra})
     made = sorted(folder.glob("class-*.png"))
     assert len(made) == 2 and all(_complete_png(p) for p in made)  # whole images or none
@@ -435,6 +447,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, name", [("merged", "merged"), ("kohya", "k.safetensors")])
 def test_sigkill_during_export_then_rerun_completes(lora, tmp_path, fmt, name):
     out, marker = tmp_path / "exports" / name, tmp_path / "marker"

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from boothkit import cli
-from boothkit import config as C
-from boothkit.lora import LORA_FILE
+from boothkit.core import config as C
+from boothkit.adapters.lora import LORA_FILE
 
 
 def run(args, capsys):
@@ -82,6 +82,7 @@ def test_hub_model_unreachable_is_one_line(instance_dir, tmp_path, capsys, monke
     assert_one_line_error(code, err, "someone/not-cached-model", "--model tiny")
 
 
+@pytest.mark.slow
 def test_saved_config_reruns_identically_and_output_is_protected(instance_dir, tmp_path, capsys):
     first = tmp_path / "first"
     code, _, err = run(["train", "--instance-dir", instance_dir, "--class-noun", "dog", "--output-dir", first,
@@ -97,6 +98,19 @@ def test_saved_config_reruns_identically_and_output_is_protected(instance_dir, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", [["--method", "full"], ["--full"]])
+def test_full_fine_tune_output_names_the_model_folder(flag, instance_dir, tmp_path, capsys):
+    """--method full used to print a LoRA path and a --lora hint, though a full model was written."""
+    out = tmp_path / "out"
+    code, printed, err = run(["train", "--instance-dir", instance_dir, "--class-noun", "dog", "--output-dir", out,
+                              "--no-prior", "--max-steps", 1, *flag], capsys)
+    assert code == 0, err
+    assert (out / "model" / "model_index.json").is_file() and not (out / LORA_FILE).exists()
+    assert f"model: {out / 'model'}" in printed and f"--model {out / 'model'}" in printed
+    assert "LoRA" not in printed and "--lora" not in printed
+
+
 def test_models_path_tiny_is_a_diffusers_folder(capsys, tiny_path):
     from diffusers import StableDiffusionPipeline
 
@@ -106,6 +120,7 @@ def test_models_path_tiny_is_a_diffusers_folder(capsys, tiny_path):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
 
 
+@pytest.mark.slow
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "boothkit", "train", "--rank", "-1"], capture_output=True, text=True)
     assert proc.returncode == 2

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from boothkit import config as C
-from boothkit import hub_ids
-from boothkit.errors import ConfigError
-from boothkit.files import atomic_write_bytes
+from boothkit.core import config as C
+from boothkit.core import hub_ids
+from boothkit.core.errors import ConfigError
+from boothkit.core.files import atomic_write_bytes
 
 BASE = {"data": {"instance_dir": "photos", "class_noun": "dog"}, "train": {"output_dir": "out"}}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit.data import list_images, load_folder, load_image, prepare, resize_shorter, to_rgb
-from boothkit.errors import DataError
+from boothkit.train.data import list_images, load_folder, load_image, prepare, resize_shorter, to_rgb
+from boothkit.core.errors import DataError
 
 
 def _solid(mode, size=(40, 30), color=None):

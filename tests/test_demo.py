@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from boothkit import hub_ids
+from boothkit.core import hub_ids
 from boothkit.cli import main
 
 
@@ -34,7 +34,7 @@ def test_demo_guidance_must_include_the_seed_values(capsys):
 
 
 def test_reading_follows_the_numbers():
-    from boothkit.experiment import reading, summarise
+    from boothkit.evaluate.experiment import reading, summarise
 
     def row(g, u, dino, clip_t, prop, div, cls=False):
         return {"prompt": "p", "guidance": g, "unet_scale": u, "text_encoder_scale": u, "class": cls, "DINO": dino,
@@ -53,6 +53,7 @@ def test_reading_follows_the_numbers():
     assert "does not fully hold" in reading(summarise(rows, (7.5, 15.0), [(0.0, 0.0), (0.8, 0.8)]), 7.5, 15.0, "0.8 / 0.8")
 
 
+@pytest.mark.slow
 def test_demo_on_tiny_uses_the_dog_and_says_the_weights_are_random(tmp_path, one_thread):
     out = tmp_path / "demo"
     with pytest.raises(SystemExit) as exc:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from boothkit import export as E
-from boothkit.errors import BoothkitError
-from boothkit.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
+from boothkit.export import formats as E
+from boothkit.core.errors import BoothkitError
+from boothkit.adapters.lora import adapter_metadata, save_lora_file
+from boothkit.adapters.inject import add_lora, lora_state_dict
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -105,6 +106,7 @@ def test_kohya_file_has_kohya_keys_alphas_and_metadata(loras, tmp_path):
     assert json.loads(meta["boothkit.export_config"])["format"] == "kohya"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["both", "unet"])
 def test_kohya_file_through_diffusers_converter_matches_native(which, loras, native, tiny_path, tmp_path):
     out = E.export(E.export_config(lora=str(loras[which]), format="kohya", out=str(tmp_path / "k.safetensors")))
@@ -130,6 +132,7 @@ def test_ldm_layout_is_the_inverse_of_diffusers_single_file_conversion(tiny_path
         assert all(torch.equal(converted[k], original[k]) for k in original), name
 
 
+@pytest.mark.slow
 def test_comfyui_keys_cover_every_lora_module(loras, native, tiny_path, tmp_path):
     out = E.export(E.export_config(lora=str(loras["both"]), format="comfyui", out=str(tmp_path / "c.safetensors")))
     with safe_open(str(out), "pt") as fh:
@@ -157,6 +160,7 @@ def test_comfyui_keys_cover_every_lora_module(loras, native, tiny_path, tmp_path
     assert max_diff(image, native["both"]) == 0  # bit-identical, as README says
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_in_diffusers_and_reproduces_lora(loras, native, tiny_path, tmp_path):
     out = E.export(E.export_config(lora=str(loras["both"]), format="merged", out=str(tmp_path / "merged"),
                                    unet_scale=U, text_encoder_scale=T))
@@ -167,10 +171,11 @@ def test_merged_folder_loads_in_diffusers_and_reproduces_lora(loras, native, tin
     assert max_diff(sample(pipe), native["both"]) < TOL
 
 
+@pytest.mark.slow
 def test_merged_single_file_loads_in_diffusers_and_boothkit(loras, native, tiny_path, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from boothkit.models import load_pipeline
+    from boothkit.models.loading import load_pipeline
 
     out = E.export(E.export_config(lora=str(loras["both"]), format="merged-single-file",
                                    out=str(tmp_path / "dog.safetensors"), unet_scale=U, text_encoder_scale=T))

@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import tokens as TK
-from boothkit.batches import Batch, LatentBank, PromptEncoder, draw_batch
+from boothkit.core import config as C
+from boothkit.models import tokens as TK
+from boothkit.train.batches import Batch, LatentBank, PromptEncoder, draw_batch
 from boothkit.cli import main
-from boothkit.errors import BoothkitError, ConfigError, DataError
-from boothkit.families import Conditioning
-from boothkit.lora import LORA_FILE
-from boothkit.train import run_training, training_step
+from boothkit.core.errors import BoothkitError, ConfigError, DataError
+from boothkit.models.families import Conditioning
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.train.loop import run_training, training_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +33,7 @@ def lora(out):
 
 def first_losses(monkeypatch):
     """Record every training_step's (loss, instance_loss, prior_loss) as floats, and its keyword arguments."""
-    import boothkit.train as T
+    import boothkit.train.loop as T
 
     seen, real = [], T.training_step
 
@@ -122,6 +122,7 @@ def test_offset_noise_is_a_per_channel_constant_from_the_step_generator():
     assert torch.allclose(diff, diff[..., :1, :1].expand_as(diff), atol=1e-6) and diff.abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_offset_noise_and_min_snr_in_a_run(instance_dir, tmp_path, monkeypatch):
     seen = first_losses(monkeypatch)
     for i, over in enumerate(({}, {"noise_offset": 0.0}, {"noise_offset": 0.05}, {"snr_gamma": 5.0})):
@@ -134,6 +135,7 @@ def test_offset_noise_and_min_snr_in_a_run(instance_dir, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- EMA
 
+@pytest.mark.slow
 def test_ema_is_saved_and_equals_a_manual_ema_of_the_steps(instance_dir, tmp_path):
     decay = 0.2  # low enough that the cap min(decay, (1 + n) / (10 + n)) binds from the third step on
     raw = [lora(run_training(make_cfg(instance_dir, tmp_path / f"raw{n}", max_steps=n), progress=False))
@@ -149,6 +151,7 @@ def test_ema_is_saved_and_equals_a_manual_ema_of_the_steps(instance_dir, tmp_pat
     assert any(not torch.allclose(saved[k], raw[-1][k]) for k in saved if "lora_B" in k), "EMA differs from raw"
 
 
+@pytest.mark.slow
 def test_resume_with_ema_is_bit_identical(instance_dir, tmp_path):
     out = tmp_path / "out"
     cfg = dict(ema_decay=0.9, ema_on_cpu=True, checkpoint_every=2, checkpoints_keep=5, max_steps=5)
@@ -182,6 +185,7 @@ def spy_prompts(monkeypatch):
     return asked, built
 
 
+@pytest.mark.slow
 def test_captions_reach_the_text_encoder(instance_dir, tmp_path, monkeypatch, caplog):
     photos = sorted(instance_dir.glob("*.jpg"))
     (instance_dir / f"{photos[0].stem}.txt").write_text("a photo of {token} {class_noun}\n on a beach")
@@ -201,6 +205,7 @@ def test_no_sidecar_beside_any_photo_is_refused(instance_dir, tmp_path, capsys, 
     assert capsys.readouterr().err.strip() == f"error: {flag}: no {name} beside any photo in {instance_dir}"
 
 
+@pytest.mark.slow
 def test_caption_dropout_rate_and_empty_prompt(instance_dir, tmp_path, monkeypatch):
     class Bank:
         def __init__(self, prompts=("x", "x", "x")):
@@ -291,8 +296,9 @@ def write_masks(instance_dir, size=None, fill=255):
         m.save(p.with_name(p.stem + ".mask.png"))
 
 
+@pytest.mark.slow
 def test_masked_run_trains_and_masks_are_not_photos(instance_dir, tmp_path):
-    from boothkit.data import load_folder
+    from boothkit.train.data import load_folder
 
     write_masks(instance_dir)
     assert len(load_folder(instance_dir)) == 3

@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit import cli, config as C, generate as G, lora as L
-from boothkit.errors import BoothkitError, ConfigError
+from boothkit import cli
+from boothkit.core import config as C
+from boothkit.generate import generation as G
+from boothkit import adapters as L
+from boothkit.core.errors import BoothkitError, ConfigError
 
 PROMPT = "a photo of sks dog"
 STEPS, GUIDANCE = 4, 7.5
@@ -93,6 +96,7 @@ def base_images(tiny_path) -> list[np.ndarray]:
     return plain_images(plain_pipe(tiny_path), [0, 1])
 
 
+@pytest.mark.slow
 def test_full_scales_equal_plain_diffusers(pipe, plain_a, base_images):
     G.set_lora_scales(pipe, 1.0, 1.0)
     plain_a.set_adapters(["plain0"], adapter_weights=[{"unet": 1.0, "text_encoder": 1.0}])
@@ -101,11 +105,13 @@ def test_full_scales_equal_plain_diffusers(pipe, plain_a, base_images):
     assert max_diff(mine, base_images) > 2  # the LoRA does change the picture
 
 
+@pytest.mark.slow
 def test_zero_scales_equal_base_model(pipe, base_images):
     G.set_lora_scales(pipe, 0.0, 0.0)
     assert max_diff(ours(pipe), base_images) == 0
 
 
+@pytest.mark.slow
 def test_partial_scales_differ_and_match_diffusers_adapter_weights(pipe, plain_a, base_images):
     G.set_lora_scales(pipe, 1.0, 1.0)
     full = ours(pipe)
@@ -136,6 +142,7 @@ def test_lora_weight_multiplies_both_scales(lora_a, pipe):
     assert max_diff(ours(half), ours(pipe)) == 0
 
 
+@pytest.mark.slow
 def test_two_loras_with_weights_match_diffusers(tiny_path, lora_a, lora_b, pipe):
     from diffusers import DPMSolverMultistepScheduler
 
@@ -278,6 +285,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     return exc.value.code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_generate_writes_reproducible_pngs_grid_and_config(tiny_path, lora_a, plain_a, tmp_path, capsys):
     out = tmp_path / "gen"
     code, err = run_cli(["generate", "--lora", str(lora_a.parent), "--prompt", PROMPT, "-n", "3", "--seed", "5",
@@ -301,6 +309,7 @@ def test_cli_generate_writes_reproducible_pngs_grid_and_config(tiny_path, lora_a
         assert grid.size == (128, 128)  # 3 images, 2 columns
 
 
+@pytest.mark.slow
 def test_bf16_picture_is_reproduced_by_plain_diffusers_from_its_parameters(lora_a, tmp_path, capsys):
     """A PNG's parameters chunk says everything its pixels depend on: plain diffusers, given only what it records
     (model, precision as torch_dtype, LoRA and scales, sampler, steps, guidance, size, seed on its device), draws

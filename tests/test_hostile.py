@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit import hub_ids
-from boothkit import lora as L
+from boothkit.core import hub_ids
+from boothkit import adapters as L
 from boothkit.cli import main
-from boothkit.subjects import dataset_dir
+from boothkit.mini.subjects import dataset_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -294,6 +294,7 @@ CATALOGUE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [c[1] for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])
 def test_refused_on_one_line(build, instance_dir, tmp_path, tiny_path, loras, capsys):
     ctx = {"instance": instance_dir, "tmp": tmp_path, "tiny": tiny_path, "loras": loras}
@@ -430,6 +431,7 @@ def test_removed_hub_id_as_vae_names_its_maintained_copy(tmp_path, monkeypatch, 
 
 # ---------------------------------------------------------------------------------------- what trains
 
+@pytest.mark.slow
 def test_odd_photos_train_with_named_warnings(instance_dir, tmp_path, capsys, caplog):
     """Every mode trains; a tiny photo trains with a warning naming it; with --skip-bad-images a bomb is skipped
     by name."""
@@ -454,7 +456,7 @@ def test_odd_photos_train_with_named_warnings(instance_dir, tmp_path, capsys, ca
 def test_unknown_template_field_warns_when_the_config_is_read(key, value, caplog):
     """A typo'd {field} is named as the config is read, not found in the validation pictures hours later; it is
     not refused, since braces are emphasis in some prompt dialects."""
-    from boothkit import config as C
+    from boothkit.core import config as C
 
     C.resolve(C.TRAIN_SECTIONS, {}, {"instance_dir": "p", "class_noun": "dog", "output_dir": "o", key: value})
     messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -473,7 +475,7 @@ def test_long_prompt_warns_naming_the_flag(tmp_path, capsys):
 
 def test_huge_but_allowed_image_is_read_with_a_named_warning(tmp_path, monkeypatch, caplog):
     """Between Pillow's limit and twice it, Pillow only warns: boothkit reads the image and names it."""
-    from boothkit.data import load_image
+    from boothkit.train.data import load_image
 
     Image.new("RGB", (40, 40), "red").save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: over the limit, under twice it
@@ -483,7 +485,7 @@ def test_huge_but_allowed_image_is_read_with_a_named_warning(tmp_path, monkeypat
 
 def test_bomb_in_class_folder_is_ignored_by_name(tmp_path, caplog):
     """Class-image folders are read with the same reader: a bomb there is left out with a warning naming it."""
-    from boothkit.prior import valid_images
+    from boothkit.train.prior import valid_images
 
     Image.new("RGB", (16, 16), "red").save(tmp_path / "class-00000.png")
     (tmp_path / "class-00001.png").write_bytes(BOMB)

@@ -1,5 +1,5 @@
 """Hub ids that exist: every hub id boothkit names (README, docs, examples, code, benchmarks) is one of the table in
-boothkit.hub_ids, and no file names an id the hub removed (loading one is held by tests/test_hostile.py)."""
+boothkit.core.hub_ids, and no file names an id the hub removed (loading one is held by tests/test_hostile.py)."""
 from __future__ import annotations
 
 import re
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from boothkit import config as C
-from boothkit import hub_ids
+from boothkit.core import config as C
+from boothkit.core import hub_ids
 
 REPO = Path(__file__).resolve().parents[1]
-TABLE = "src/boothkit/hub_ids.py"
+TABLE = "src/boothkit/core/hub_ids.py"
 HUB_ID = re.compile(r"\b([A-Za-z0-9][\w.-]*)/([\w.-]*[A-Za-z0-9])")
 
 

@@ -9,15 +9,15 @@ by mini's DINO-style evaluator against the subject's pictures, paired by samplin
 import pytest
 import torch
 
-from boothkit import config as C
+from boothkit.core import config as C
 
 STEPS, SEEDS = 200, 16
 INSTANCE, CLASS = "an image of [ktn] girl", "an image of a girl"
 
 
 def train(tmp_path, name: str, prior: bool, steps: int):
-    from boothkit.subjects import demo_subject_dir
-    from boothkit.train import run_training
+    from boothkit.mini.subjects import demo_subject_dir
+    from boothkit.train.loop import run_training
 
     cfg = C.resolve(C.TRAIN_SECTIONS, {}, {
         "model": "mini", "instance_dir": str(demo_subject_dir()), "token": "[ktn]", "class_noun": "girl",
@@ -29,9 +29,9 @@ def train(tmp_path, name: str, prior: bool, steps: int):
 
 
 def dino_to_subject(images, dino):
-    from boothkit.data import load_folder
-    from boothkit.metrics import _unit
-    from boothkit.subjects import demo_subject_dir
+    from boothkit.train.data import load_folder
+    from boothkit.evaluate.metrics import unit_rows as _unit
+    from boothkit.mini.subjects import demo_subject_dir
 
     real = _unit(dino.image_embeds([img for _, img in load_folder(demo_subject_dir())]).double())
     return (_unit(dino.image_embeds(images).double()) @ real.T).mean(dim=1)  # one score per image
@@ -40,8 +40,8 @@ def dino_to_subject(images, dino):
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory, one_thread):
     """DINO-to-subject per seed: {(run, prompt): tensor}, run in base / no_prior / prior."""
-    from boothkit.generate import generate_images, load_generation_pipeline, set_lora_scales
-    from boothkit.metrics import DinoEvaluator
+    from boothkit.generate.generation import generate_images, load_generation_pipeline, set_lora_scales
+    from boothkit.evaluate.metrics import DinoEvaluator
 
     tmp = tmp_path_factory.mktemp("learning")
     dino = DinoEvaluator("mini", torch.device("cpu"))
@@ -84,12 +84,12 @@ def test_the_default_mini_recipe_binds_the_identifier(tmp_path, one_thread, lpip
     the subject (mini's preset), shortened to 300 steps and 20 class images, on a held-out OpenMoji backpack: the
     identifier prompt's distance to the nearest subject photo falls by >= 0.08, the class prompt's by at most a
     quarter of that. Measured (AMD EPYC, fp32, seed 0): 0.513 -> 0.373 (0.140) and 0.509 -> 0.492 (0.017)."""
-    from boothkit import binding
-    from boothkit.data import load_folder
-    from boothkit.generate import load_generation_pipeline
-    from boothkit.metrics import Evaluators, MetricsConfig
-    from boothkit.subjects import openmoji_dataset_dir
-    from boothkit.train import run_training
+    from boothkit.evaluate import binding
+    from boothkit.train.data import load_folder
+    from boothkit.generate.generation import load_generation_pipeline
+    from boothkit.evaluate.metrics import Evaluators, MetricsConfig
+    from boothkit.mini.subjects import openmoji_dataset_dir
+    from boothkit.train.loop import run_training
 
     folder = openmoji_dataset_dir() / "backpack"
     cfg = C.resolve(C.TRAIN_SECTIONS, {}, {"model": "mini", "instance_dir": str(folder), "class_noun": "backpack",

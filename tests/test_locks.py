@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from boothkit import config as C
-from boothkit import prior
+from boothkit.core import config as C
+from boothkit.train import prior
 from boothkit.cli import main
-from boothkit.errors import BoothkitError
-from boothkit.locks import LOCK_NAME, folder_lock
-from boothkit.train import run_training
+from boothkit.core.errors import BoothkitError
+from boothkit.core.locks import LOCK_NAME, folder_lock
+from boothkit.train.loop import run_training
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -29,6 +29,7 @@ def _wait_for(test, proc, timeout=180):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_second_training_into_a_busy_folder_is_refused_and_a_killed_run_leaves_no_lock(instance_dir, tmp_path,
                                                                                         capsys):
     out = tmp_path / "run"
@@ -87,6 +88,7 @@ def test_waiters_take_turns_and_the_holder_is_named(tmp_path, caplog):
     assert "waiting for another boothkit run" in caplog.text
 
 
+@pytest.mark.slow
 def test_two_runs_fill_one_class_folder_once(tmp_path):
     """Two `class-images` processes on the same folder at once: both succeed, each image is made once, and the
     manifest records all of them."""

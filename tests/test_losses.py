@@ -3,8 +3,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from boothkit.losses import (MaskRule, add_noise, diffusion_target, example_mse, min_snr_weights, mse,
-                             prior_preservation_loss, weighted_loss)
+from boothkit.train.losses import (MaskRule, add_noise, diffusion_target, example_mse, min_snr_weights, mse,
+    prior_preservation_loss, weighted_loss)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import generate as G
-from boothkit.embeddings import EMBEDDINGS_FILE
-from boothkit.errors import ConfigError
-from boothkit.lora import LORA_FILE
-from boothkit.models import load_pipeline
-from boothkit.train import run_training
+from boothkit.core import config as C
+from boothkit.generate import generation as G
+from boothkit.adapters.embeddings import EMBEDDINGS_FILE
+from boothkit.core.errors import ConfigError
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.models.loading import load_pipeline
+from boothkit.train.loop import run_training
 
 TOKEN = "[ktn]"
 PROMPT = "a photo of [ktn] dog"
@@ -36,6 +36,7 @@ def ti_run(tmp_path_factory, demo_subject, one_thread):
     return run_training(make_cfg(demo_subject, root / "run", method="ti", ti_vectors=2), progress=False)
 
 
+@pytest.mark.slow
 def test_ti_learns_only_the_identifiers_rows(ti_run, tiny_path):
     assert not (ti_run / LORA_FILE).exists()  # the model itself is untouched: nothing else to save
     learned = load_file(ti_run / EMBEDDINGS_FILE)[TOKEN]
@@ -51,6 +52,7 @@ def test_ti_learns_only_the_identifiers_rows(ti_run, tiny_path):
     assert torch.equal(after[: table.shape[0]], table) and torch.equal(after[ids], learned)
 
 
+@pytest.mark.slow
 def test_ti_files_load_in_plain_diffusers_and_generate_to_the_same_picture(ti_run, tiny_path, tmp_path):
     plain = load_pipeline(str(tiny_path))
     plain.load_textual_inversion(str(ti_run / EMBEDDINGS_FILE))
@@ -64,6 +66,7 @@ def test_ti_files_load_in_plain_diffusers_and_generate_to_the_same_picture(ti_ru
     assert not np.array_equal(picture(load_pipeline(str(tiny_path))), reference)  # the identifier does something
 
 
+@pytest.mark.slow
 def test_pivotal_saves_embeddings_and_lora_that_load_together(demo_subject, tiny_path, tmp_path, one_thread):
     run = run_training(make_cfg(demo_subject, tmp_path / "run", method="pivotal", train_text_encoder=True),
                        progress=False)

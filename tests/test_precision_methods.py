@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import generate as G
-from boothkit.embeddings import EMBEDDINGS_FILE, Placeholder, add_placeholder, train_rows
-from boothkit.errors import ConfigError
-from boothkit.lora import LORA_FILE
-from boothkit.models import load_pipeline
-from boothkit.train import run_training
+from boothkit.core import config as C
+from boothkit.generate import generation as G
+from boothkit.adapters.embeddings import EMBEDDINGS_FILE, Placeholder, add_placeholder, train_rows
+from boothkit.core.errors import ConfigError
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.models.loading import load_pipeline
+from boothkit.train.loop import run_training
 
 TOKEN = "[ktn]"
 PROMPT = "a photo of [ktn] dog"
@@ -84,6 +84,7 @@ def test_a_trained_embedding_row_hands_its_lookup_on_in_the_encoders_precision(t
     assert moved == sorted(ids[:1])  # the prompt's one placeholder row (not its second vector, not the rest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_each_method_trains_at_bf16(runs, name, tiny_path):
     out = runs(name)
@@ -114,6 +115,7 @@ def test_each_method_trains_at_bf16(runs, name, tiny_path):
         assert moved and all(v.abs().max() > 0 for v in moved)  # the adapter's update left 0 in every layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "dora", "ti", "pivotal", "pivotal-te", "full"])
 def test_bf16_outputs_draw_in_fp32_what_plain_diffusers_draws(runs, name, tiny_path, base_picture):
     out = runs(name)
@@ -139,6 +141,7 @@ def test_bf16_outputs_draw_in_fp32_what_plain_diffusers_draws(runs, name, tiny_p
     assert np.abs(reference - base_picture).max() > 1e-3  # what trained shows in the picture
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lokr", "loha"])
 def test_bf16_lycoris_files_load_and_change_the_picture(runs, name, base_picture):
     """Plain diffusers reads no LoKr/LoHa (tests/test_adapters.py checks boothkit's load against LyCORIS's formula)."""
@@ -148,7 +151,7 @@ def test_bf16_lycoris_files_load_and_change_the_picture(runs, name, base_picture
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")
 def test_fp16_on_a_cpu_is_refused_in_one_line_before_any_work(instance_dir, tmp_path, monkeypatch):
-    from boothkit import train as T
+    from boothkit.train import loop as T
 
     def no_work(*_a, **_k):
         raise AssertionError("work began before the refusal")

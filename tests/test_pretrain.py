@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from boothkit.cli import main
-from boothkit.mini import mini_dir
+from boothkit.models.mini import mini_dir
 
 
 def run(*args):
@@ -47,7 +47,7 @@ def test_every_stage_runs_and_ships_a_loadable_model(tmp_path, one_thread):
 
 
 def test_nt_xent_matches_a_hand_computation():
-    from boothkit.pretrain_stages import nt_xent
+    from boothkit.mini.stages import nt_xent
 
     a, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # row 0 of a: positive b0 (cos 1), negatives a1, b1 (cos 0) at temperature 0.1
@@ -56,7 +56,7 @@ def test_nt_xent_matches_a_hand_computation():
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    from boothkit.pretrain_stages import lr_lambda
+    from boothkit.mini.stages import lr_lambda
 
     f = lr_lambda(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

@@ -11,8 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit import cli, config as C, models, prior
-from boothkit.errors import BoothkitError, ConfigError
+from boothkit import cli
+from boothkit.core import config as C
+from boothkit.models import loading as models
+from boothkit.train import prior
+from boothkit.core.errors import BoothkitError, ConfigError
 
 SETTINGS = dict(prompt="a photo of dog", num_images=6, batch_size=4, seed=10, steps=2, guidance=7.5,
                 resolution=64, model_name="tiny", progress=False)
@@ -90,7 +93,7 @@ def test_manifest_records_the_settings(made, base):
 
 def test_class_images_with_another_sampler(base, tmp_path):
     """--class-scheduler: the images are plain diffusers' with that sampler; the pipeline keeps its own."""
-    from boothkit.generate import make_scheduler
+    from boothkit.generate.generation import make_scheduler
 
     own = base.scheduler
     paths = prior.ensure_class_images(base, tmp_path / "c", **{**SETTINGS, "num_images": 2, "steps": 3},
@@ -187,7 +190,7 @@ def test_a_stop_event_ends_class_images_after_the_batch_and_keeps_them(base, tmp
     """The UI's Cancel while class images are made: the current batch is written, then one line; a rerun reuses."""
     import threading
 
-    from boothkit.errors import Interrupted
+    from boothkit.core.errors import Interrupted
 
     stop = threading.Event()
     stop.set()
@@ -199,9 +202,10 @@ def test_a_stop_event_ends_class_images_after_the_batch_and_keeps_them(base, tmp
 
 
 
+@pytest.mark.slow
 def test_class_images_made_with_another_vae_are_the_ones_train_uses(tiny_path, demo_subject, tmp_path):
     """`class-images --vae V` records the model as `train --vae V` looks for it, so training reuses them."""
-    from boothkit.train import run_training
+    from boothkit.train.loop import run_training
 
     vae = tmp_path / "my_vae"
     shutil.copytree(tiny_path / "vae", vae)

@@ -39,10 +39,11 @@ def photos(tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_training_outputs_and_generated_pictures_carry_no_exif(photos, tmp_path):
-    from boothkit import config as C
+    from boothkit.core import config as C
     from boothkit.cli import main
-    from boothkit.train import run_training
+    from boothkit.train.loop import run_training
 
     out = run_training(C.resolve(C.TRAIN_SECTIONS, {}, {
         "instance_dir": str(photos), "class_noun": "dog", "output_dir": str(tmp_path / "run"), "max_steps": 1,
@@ -59,7 +60,7 @@ def test_training_outputs_and_generated_pictures_carry_no_exif(photos, tmp_path)
 
 
 def test_ui_uploads_are_reencoded_upright_without_exif(photos, tmp_path):
-    from boothkit.data import load_image
+    from boothkit.train.data import load_image
     from boothkit.ui import copy_photos
 
     src = sorted(photos.iterdir())
@@ -74,8 +75,8 @@ def test_ui_uploads_are_reencoded_upright_without_exif(photos, tmp_path):
 
 
 def test_report_thumbnails_carry_no_exif(photos, tmp_path):
-    from boothkit.data import load_image
-    from boothkit.report import image_data_uri
+    from boothkit.train.data import load_image
+    from boothkit.core.report import image_data_uri
 
     uri = image_data_uri(load_image(next(photos.iterdir())))
     thumb = tmp_path / "thumb.jpg"
@@ -83,6 +84,7 @@ def test_report_thumbnails_carry_no_exif(photos, tmp_path):
     assert_clean(thumb)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (BENCHMARK / "wolf_plushie" / "04.jpg").is_file(), reason="the DreamBooth benchmark's photos "
                     "are not beside this checkout (../shared/datasets/dreambooth)")
 def test_a_real_phone_photo_with_gps(tmp_path):

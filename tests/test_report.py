@@ -9,7 +9,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from boothkit import report as R
+from boothkit.core import report as R
 
 
 def img(seed: int, size: int = 300) -> Image.Image:

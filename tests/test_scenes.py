@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from boothkit.emoji import BOOSTED, CLASS_NOUNS, Emoji, fluent_name, load_emoji, world_names
-from boothkit.mini import mini_dir
-from boothkit.scenes import BACKGROUNDS, SceneGenerator, article
+from boothkit.mini.emoji import BOOSTED, CLASS_NOUNS, Emoji, fluent_name, load_emoji, world_names
+from boothkit.models.mini import mini_dir
+from boothkit.mini.scenes import BACKGROUNDS, SceneGenerator, article
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ def test_article_and_names():
     assert world_names(entries) == ["girl"]
 
 
+@pytest.mark.slow
 def test_boosted_class_nouns_are_frequent(emoji):
     gen = SceneGenerator(emoji, seed=0)
     mains = [gen.scene(i).main for i in range(3000)]

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit.lora import LORA_FILE
+from boothkit.core import config as C
+from boothkit.adapters.lora import LORA_FILE
 from processes import kill_at, paused
 
 PROMPT = "a photo of sks dog"
@@ -21,7 +21,7 @@ PROMPT = "a photo of sks dog"
 
 @pytest.fixture(scope="module")
 def xl_path():
-    from boothkit.models import tiny_xl_model_path
+    from boothkit.models.tiny import tiny_xl_model_path
 
     return tiny_xl_model_path()
 
@@ -29,7 +29,7 @@ def xl_path():
 @pytest.fixture(scope="module")
 def xl_run(tmp_path_factory, xl_path, demo_subject, one_thread):
     """A LoRA on UNet + both text encoders, prior preservation with class images from the frozen tiny-xl."""
-    from boothkit.train import run_training
+    from boothkit.train.loop import run_training
 
     tmp = tmp_path_factory.mktemp("xl")
     cfg = C.resolve(C.TRAIN_SECTIONS, {}, {
@@ -40,7 +40,7 @@ def xl_run(tmp_path_factory, xl_path, demo_subject, one_thread):
 
 
 def images(pipe, n=2):
-    from boothkit.generate import generate_images
+    from boothkit.generate.generation import generate_images
 
     return [np.asarray(im, dtype=np.int16) for im in generate_images(pipe, PROMPT, num_images=n, seed=0, steps=3,
                                                                       guidance=7.5)]
@@ -52,11 +52,12 @@ def plain_images(pipe, n=2):
             for s in range(n)]
 
 
+@pytest.mark.slow
 def test_tiny_xl_is_an_sdxl_folder_plain_diffusers_loads(xl_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from boothkit.families import SDXL, family_of
-    from boothkit.models import load_pipeline, model_ref
+    from boothkit.models.families import SDXL, family_of
+    from boothkit.models.loading import load_pipeline, model_ref
 
     pipe = StableDiffusionXLPipeline.from_pretrained(xl_path)
     assert pipe.unet.config.addition_embed_type == "text_time"
@@ -64,6 +65,7 @@ def test_tiny_xl_is_an_sdxl_folder_plain_diffusers_loads(xl_path):
     assert family_of(load_pipeline("tiny-xl")) is SDXL and model_ref(str(xl_path)) == "tiny-xl"
 
 
+@pytest.mark.slow
 def test_lora_file_holds_both_text_encoders(xl_run):
     keys = load_file(xl_run / LORA_FILE).keys()
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
@@ -72,10 +74,11 @@ def test_lora_file_holds_both_text_encoders(xl_run):
         assert fh.metadata()["boothkit.family"] == "sdxl"
 
 
+@pytest.mark.slow
 def test_generation_equals_plain_diffusers_and_zero_scales_the_base(xl_run, xl_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from boothkit.generate import load_generation_pipeline, set_lora_scales
+    from boothkit.generate.generation import load_generation_pipeline, set_lora_scales
 
     pipe = load_generation_pipeline(None, [(str(xl_run), 1.0)])
     ours = images(pipe)
@@ -103,11 +106,12 @@ def test_generation_equals_plain_diffusers_and_zero_scales_the_base(xl_run, xl_p
     assert not np.array_equal(ours[0], base[0]) and not np.array_equal(unet_only[0], ours[0])
 
 
+@pytest.mark.slow
 def test_exports_reproduce_the_native_images(xl_run, xl_path, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from boothkit.export import export, export_config
-    from boothkit.generate import load_generation_pipeline
+    from boothkit.export.formats import export, export_config
+    from boothkit.generate.generation import load_generation_pipeline
 
     native = images(load_generation_pipeline(None, [(str(xl_run), 1.0)]))
     kohya = export(export_config(lora=str(xl_run), format="kohya", out=str(tmp_path / "k.safetensors")))
@@ -133,14 +137,14 @@ def test_exports_reproduce_the_native_images(xl_run, xl_path, tmp_path):
     # diffusers' own single-file loader (offline: configs from the tiny-xl folder)
     loaded = StableDiffusionXLPipeline.from_single_file(str(single), config=str(xl_path), local_files_only=True)
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(native, plain_images(loaded)))
-    from boothkit.families import SDXL, family_of
-    from boothkit.models import load_pipeline
+    from boothkit.models.families import SDXL, family_of
+    from boothkit.models.loading import load_pipeline
 
     assert family_of(load_pipeline(str(single), model_config=str(xl_path))) is SDXL
 
 
 def test_micro_conditioning_follows_each_pictures_size_and_crop():
-    from boothkit.batches import LatentBank
+    from boothkit.train.batches import LatentBank
 
     class Vae(torch.nn.Module):
         config = type("cfg", (), {"scaling_factor": 0.13025, "shift_factor": None})()
@@ -161,9 +165,9 @@ def test_micro_conditioning_follows_each_pictures_size_and_crop():
 
 
 def test_training_step_passes_the_conditioning_to_the_unet():
-    from boothkit.families import Conditioning
-    from boothkit.batches import Batch
-    from boothkit.train import training_step
+    from boothkit.models.families import Conditioning
+    from boothkit.train.batches import Batch
+    from boothkit.train.loop import training_step
 
     seen = {}
 
@@ -180,6 +184,7 @@ def test_training_step_passes_the_conditioning_to_the_unet():
     assert torch.equal(seen["time_ids"], ids) and seen["text_embeds"].shape == (2, 64)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):
     def cli(*args):
         return [sys.executable, "-c", "from boothkit.cli import main; main()", "train", *map(str, args)]
@@ -191,7 +196,7 @@ def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):
     full = subprocess.run(cli(*common, "--output-dir", tmp_path / "full"), env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    cmd, extra = paused(["train", *common, "--output-dir", out], "boothkit.train:_after_step:8", tmp_path / "held")
+    cmd, extra = paused(["train", *common, "--output-dir", out], "boothkit.train.loop:_after_step:8", tmp_path / "held")
     kill_at(cmd, tmp_path / "held", {**env, **extra})  # killed right after step 8 and its checkpoint
     resumed = subprocess.run(cli(*common, "--output-dir", out, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr
@@ -200,13 +205,14 @@ def test_kill_and_resume_is_bit_identical(xl_path, demo_subject, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
+@pytest.mark.slow
 def test_another_vae_trains_and_generates_with_it(xl_path, demo_subject, tmp_path, capsys):
     """--vae (e.g. an fp16-fixed SDXL VAE): recorded in the LoRA, used again by generation, as plain diffusers would."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     from boothkit.cli import main
-    from boothkit.generate import load_generation_pipeline
-    from boothkit.train import run_training
+    from boothkit.generate.generation import load_generation_pipeline
+    from boothkit.train.loop import run_training
 
     vae = AutoencoderKL.from_pretrained(xl_path / "vae")
     with torch.no_grad():
@@ -257,13 +263,14 @@ def plain_xl_with_embeddings(xl_path, run):
     return pipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ti", "pivotal"])
 def test_ti_and_pivotal_train_both_text_encoders_rows_and_load_in_plain_diffusers(xl_path, demo_subject, tmp_path,
                                                                                    method, one_thread):
     """The identifier becomes new tokens in both tokenizers; the A1111/ComfyUI file holds clip_l and clip_g, which
     plain diffusers loads to the picture `boothkit generate --lora RUN` draws (pivotal: with the LoRA)."""
-    from boothkit.generate import load_generation_pipeline
-    from boothkit.train import run_training
+    from boothkit.generate.generation import load_generation_pipeline
+    from boothkit.train.loop import run_training
 
     run = run_training(xl_cfg(demo_subject, tmp_path / "run", method=method, ti_vectors=2,
                               train_text_encoder=method == "pivotal"), progress=False)
@@ -277,11 +284,12 @@ def test_ti_and_pivotal_train_both_text_encoders_rows_and_load_in_plain_diffuser
     assert method == "ti" or np.abs(ti_picture(untrained) - reference).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_dora_on_sdxl_draws_what_plain_diffusers_draws(xl_path, demo_subject, tmp_path, one_thread):
     from diffusers import StableDiffusionXLPipeline
 
-    from boothkit.generate import load_generation_pipeline
-    from boothkit.train import run_training
+    from boothkit.generate.generation import load_generation_pipeline
+    from boothkit.train.loop import run_training
 
     run = run_training(xl_cfg(demo_subject, tmp_path / "run", adapter="dora", train_text_encoder=True),
                        progress=False)

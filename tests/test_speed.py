@@ -35,7 +35,7 @@ def test_unknown_configuration_is_one_line(tmp_path, capsys):
 
 
 def test_only_selects_by_word_or_by_whole_name():
-    from boothkit.speed import CPU_CONFIGS, select
+    from boothkit.evaluate.speed import CPU_CONFIGS, select
 
     assert list(select(CPU_CONFIGS, ("LoRA UNet, prior, fp32",))) == ["LoRA UNet, prior, fp32"]
     assert set(select(CPU_CONFIGS, ("compiled",))) == {"LoRA UNet, prior, fp32, compiled",

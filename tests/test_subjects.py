@@ -10,13 +10,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit import prior
-from boothkit.batches import LatentBank, draw_batch
+from boothkit.core import config as C
+from boothkit.train import prior
+from boothkit.train.batches import LatentBank, draw_batch
 from boothkit.cli import main
-from boothkit.errors import ConfigError
-from boothkit.lora import LORA_FILE
-from boothkit.train import run_training
+from boothkit.core.errors import ConfigError
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.train.loop import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_a_bad_subject_table_is_named(tmp_path, values, message):
 
 
 def test_subjects_must_differ_and_ti_takes_one(two_folders, tmp_path):
-    from boothkit.config import validate_train
+    from boothkit.core.config import validate_train
 
     dog, cat = two_folders
     one = {**base(tmp_path / "o"), "instance_dir": str(dog), "token": "sks", "class_noun": "dog"}
@@ -121,8 +121,9 @@ def test_each_subject_is_drawn_as_often_and_meets_its_own_class():
     assert torch.allclose(counts / counts.sum(), torch.full((3,), 1 / 3), atol=0.03)  # not 1:5:2
 
 
+@pytest.mark.slow
 def test_two_subjects_train_with_a_class_folder_each(two_folders, tmp_path, monkeypatch):
-    import boothkit.batches as B
+    import boothkit.train.batches as B
 
     dog, cat = two_folders
     asked, real_call = set(), B.PromptEncoder.__call__
@@ -148,6 +149,7 @@ def test_two_subjects_train_with_a_class_folder_each(two_folders, tmp_path, monk
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_one_subject_by_flag_is_the_plain_run(two_folders, tmp_path):
     """--subject DIR TOKEN CLASS alone trains exactly what --instance-dir --token --class-noun does."""
     dog, _ = two_folders
@@ -160,6 +162,7 @@ def test_one_subject_by_flag_is_the_plain_run(two_folders, tmp_path):
     assert (flagged / "class_images" / prior.MANIFEST).is_file()  # one class: the folder itself, as before
 
 
+@pytest.mark.slow
 def test_cli_takes_repeated_subject_flags(two_folders, tmp_path, capsys):
     dog, cat = two_folders
     out = tmp_path / "o"
@@ -193,8 +196,8 @@ def test_class_folders_rule(tmp_path):
 
 def test_the_shipped_openmoji_subjects_are_a_dreambooth_dataset():
     """The second held-out style: 6 OpenMoji subjects x 5 pictures of 64 px, the Fluent set's prompts, attributed."""
-    from boothkit.bench import parse_dataset
-    from boothkit.subjects import OPENMOJI_SUBJECTS, dataset_dir, openmoji_dataset_dir
+    from boothkit.evaluate.bench import parse_dataset
+    from boothkit.mini.subjects import OPENMOJI_SUBJECTS, dataset_dir, openmoji_dataset_dir
 
     ds = parse_dataset(openmoji_dataset_dir())
     assert ds.classes == {"dog": "dog", "cat": "cat", "teddy_bear": "teddy bear", "backpack": "backpack",
@@ -219,7 +222,7 @@ def test_openmoji_names_are_its_unicode_emoji(tmp_path):
     import io
     import tarfile
 
-    from boothkit.emoji import openmoji_entries
+    from boothkit.mini.emoji import openmoji_entries
 
     entries = [{"annotation": "Dog", "hexcode": "E000", "group": "extras-openmoji", "skintone": ""},
                {"annotation": "dog", "hexcode": "1F415-1F3FB", "group": "animals-nature", "skintone": 1},

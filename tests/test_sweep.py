@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from boothkit import config as C
-from boothkit import generate as G
-from boothkit import sweep as S
-from boothkit.errors import BoothkitError, ConfigError
-from boothkit.lora import adapter_metadata, add_lora, lora_state_dict, save_lora_file
+from boothkit.core import config as C
+from boothkit.generate import generation as G
+from boothkit.evaluate import sweep as S
+from boothkit.core.errors import BoothkitError, ConfigError
+from boothkit.adapters.lora import adapter_metadata, save_lora_file
+from boothkit.adapters.inject import add_lora, lora_state_dict
 
 PROMPT = "a photo of sks dog"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -59,6 +60,7 @@ def cell_files(out: Path, g, u, t, n=2, seed=0, prompt=PROMPT, p=0) -> list[Path
     return S.image_paths(out, S.Cell(p, g, u, t), prompt, n, seed)
 
 
+@pytest.mark.slow
 def test_sweep_writes_every_cell_with_parameters_and_csv(swept):
     out, _ = swept
     with open(out / "sweep.csv") as fh:
@@ -74,6 +76,7 @@ def test_sweep_writes_every_cell_with_parameters_and_csv(swept):
     assert C.load_toml(out / "sweep_config.toml")["sweep"]["guidance"] == "2,6"
 
 
+@pytest.mark.slow
 def test_cells_are_seeded_identically(swept, tiny_path):
     out, _ = swept
     # LoRA at 0/0 is the base model: its cell is exactly what plain diffusers draws from seeds 0 and 1
@@ -107,6 +110,7 @@ def test_contact_sheet_layout(swept):
             assert np.array_equal(sheet[top + r * ch:top + (r + 1) * ch, left + c * cw:left + (c + 1) * cw], cell)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_cells_and_resumes_after_interrupt(lora_path, tmp_path, monkeypatch):
     calls = []
     real = G.generate_images
@@ -159,10 +163,11 @@ def test_axis_values_are_validated(tmp_path):
     assert S.load_prompts(cfg.sweep) == ["first", "a dog", "a cat on a roof"]
 
 
+@pytest.mark.slow
 def test_metrics_per_cell_and_plot(swept):
     from transformers import CLIPModel, CLIPProcessor
 
-    from boothkit.metrics import tiny_evaluator_path
+    from boothkit.evaluate.metrics import tiny_evaluator_path
 
     out, flags = swept
     S.run_sweep(sweep_cfg(**flags, metrics=True))  # every cell is finished: only the metrics are computed
@@ -226,7 +231,7 @@ def test_rerun_after_the_lora_changed_is_refused(lora_path, tmp_path):
 ])
 def test_metrics_evaluators_fail_before_any_sampling(lora_path, tmp_path, monkeypatch, broken, said):
     """--metrics loads its evaluators first: a missing one fails before the sweep draws a picture."""
-    from boothkit import metrics as M
+    from boothkit.evaluate import metrics as M
 
     values = dict(lora=str(lora_path), prompt=[PROMPT], guidance="2", unet_scale="1", text_encoder_scale="0",
                   num_images=2, steps=2, out=str(tmp_path / "s"), metrics=True)

@@ -13,13 +13,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from boothkit import config as C
-from boothkit.losses import add_noise
-from boothkit.families import Conditioning
-from boothkit.lora import LORA_FILE
-from boothkit.models import load_pipeline
-from boothkit.batches import Batch
-from boothkit.train import run_training, training_step
+from boothkit.core import config as C
+from boothkit.train.losses import add_noise
+from boothkit.models.families import Conditioning
+from boothkit.adapters.lora import LORA_FILE
+from boothkit.models.loading import load_pipeline
+from boothkit.train.batches import Batch
+from boothkit.train.loop import run_training, training_step
 from processes import kill_at, paused
 
 
@@ -50,6 +50,7 @@ def lora_tensors(out):
     return load_file(Path(out) / LORA_FILE)
 
 
+@pytest.mark.slow
 def test_outputs_and_metadata(instance_dir, class_dir, tmp_path):
     out = run_training(make_cfg(instance_dir, tmp_path / "out", class_dir, train_text_encoder=True), progress=False)
     w = lora_tensors(out)
@@ -72,6 +73,7 @@ def test_outputs_and_metadata(instance_dir, class_dir, tmp_path):
     assert saved.data.resolution == 64 and saved.prior.class_dir == str(class_dir)
 
 
+@pytest.mark.slow
 def test_plain_diffusers_loads_the_lora(instance_dir, tmp_path, tiny_path):
     from diffusers import StableDiffusionPipeline
 
@@ -91,6 +93,7 @@ def test_plain_diffusers_loads_the_lora(instance_dir, tmp_path, tiny_path):
     assert not (base == tuned).all()
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_latents_give_same_weights(instance_dir, class_dir, tmp_path):
     cached = run_training(make_cfg(instance_dir, tmp_path / "a", class_dir, flip=True), progress=False)
     uncached = run_training(make_cfg(instance_dir, tmp_path / "b", class_dir, flip=True, cache_latents=False),
@@ -108,6 +111,7 @@ def _cli(*args):
     return [sys.executable, "-m", "boothkit", "train", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(instance_dir, class_dir, tmp_path):
     common = ["--instance-dir", instance_dir, "--class-noun", "dog", "--class-dir", class_dir,
               "--num-class-images", 4, "--max-steps", 30, "--checkpoint-every", 4, "--checkpoints-keep", 2,
@@ -118,7 +122,7 @@ def test_kill_and_resume_is_bit_identical(instance_dir, class_dir, tmp_path):
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "killed"
-    cmd, extra = paused(["train", *common, "--output-dir", out], "boothkit.train:_after_step:8", tmp_path / "held")
+    cmd, extra = paused(["train", *common, "--output-dir", out], "boothkit.train.loop:_after_step:8", tmp_path / "held")
     kill_at(cmd, tmp_path / "held", {**env, **extra})  # killed right after step 8 and its checkpoint
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004", "step-0000008"]
     assert not (out / LORA_FILE).exists()
@@ -165,13 +169,14 @@ def test_target_follows_prediction_type(prediction_type):
                           atol=1e-6)
 
 
+@pytest.mark.slow
 def test_v_prediction_model_trains(instance_dir, tmp_path, tiny_path, monkeypatch):
     vmodel = tmp_path / "tiny-v"
     shutil.copytree(tiny_path, vmodel)
     sched = json.loads((vmodel / "scheduler" / "scheduler_config.json").read_text())
     sched["prediction_type"] = "v_prediction"
     (vmodel / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
-    import boothkit.train as T
+    import boothkit.train.loop as T
 
     targets = []
     real = T.diffusion_target
@@ -184,6 +189,7 @@ def test_v_prediction_model_trains(instance_dir, tmp_path, tiny_path, monkeypatc
     assert json.loads(safe_open(str(out / LORA_FILE), "pt").metadata()["lora_adapter_metadata"])["unet.r"] == 4
 
 
+@pytest.mark.slow
 def test_full_finetune_writes_a_diffusers_model(instance_dir, tmp_path, tiny_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -201,13 +207,14 @@ def test_full_finetune_writes_a_diffusers_model(instance_dir, tmp_path, tiny_pat
     assert not (out / LORA_FILE).exists()
 
 
+@pytest.mark.slow
 def test_random_crop_trains_without_a_latent_cache(tmp_path):
     """Random crops differ every step, so nothing is cached; wide photos exercise the crop offsets."""
     photos = tmp_path / "wide"
     photos.mkdir()
     for i in range(3):
         Image.new("RGB", (160, 64), (40 * i, 90, 200)).save(photos / f"{i}.png")
-    from boothkit.batches import LatentBank
+    from boothkit.train.batches import LatentBank
 
     vae = load_pipeline("tiny").vae
     bank = LatentBank([Image.open(p) for p in sorted(photos.iterdir())], 64, vae, prompts=["x"] * 3, cache=True,
@@ -224,8 +231,9 @@ def test_random_crop_trains_without_a_latent_cache(tmp_path):
     assert any(not torch.equal(wa[k], wc[k]) for k in wa), "random crops train on other pixels than the centre crop"
 
 
+@pytest.mark.slow
 def test_bf16_accumulation_and_schedule(instance_dir, tmp_path, monkeypatch):
-    import boothkit.train as T
+    import boothkit.train.loop as T
 
     micro = []
     real = T.training_step
@@ -240,8 +248,9 @@ def test_bf16_accumulation_and_schedule(instance_dir, tmp_path, monkeypatch):
     assert [float(r[4]) for r in rows] == pytest.approx([1e-3, 5e-4, 0.0], abs=1e-12)  # 1 warm-up step, then linear
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_changes_memory_not_the_weights(instance_dir, tmp_path, monkeypatch):
-    import boothkit.trainer as TR
+    import boothkit.train.trainer as TR
 
     on = []
     release = TR.release_frozen
@@ -256,11 +265,12 @@ def test_gradient_checkpointing_changes_memory_not_the_weights(instance_dir, tmp
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_compiled_unet_trains_the_same_weights(instance_dir, tmp_path, monkeypatch):
     """--compile: the same weights under the same names, also through the frozen-model prior (adapters switched off
     inside the compiled UNet) and validation sampling. The aot_eager backend traces and differentiates as inductor
     does without its C++ code generation (80 s for tiny on this CPU); BENCHMARKS.md times inductor itself."""
-    import boothkit.trainer as TR
+    import boothkit.train.trainer as TR
 
     real = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real(self, **{"backend": "aot_eager", **kw}))
@@ -279,6 +289,7 @@ def test_compiled_unet_trains_the_same_weights(instance_dir, tmp_path, monkeypat
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)  # lora_B moved by ~1e-3: a lost op shows
 
 
+@pytest.mark.slow
 def test_validation_samples(instance_dir, tmp_path):
     out = run_training(make_cfg(instance_dir, tmp_path / "out", max_steps=2, validate_every=2, validation_steps=2),
                        progress=False)
@@ -286,6 +297,7 @@ def test_validation_samples(instance_dir, tmp_path):
     assert (folder / "grid.png").is_file() and len(list(folder.glob("0*.png"))) == 6
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_train_what_one_process_does_with_accumulation_2(instance_dir, tmp_path):
     """Data-parallel training on CPU (gloo); on GPUs the same code runs under `accelerate launch`. Two processes
     draw the global micro-batches that one process with --gradient-accumulation-steps 2 draws, so averaging the
@@ -318,6 +330,7 @@ def test_two_processes_under_torchrun_train_what_one_process_does_with_accumulat
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 100 * max(moved, 1e-7)
 
 
+@pytest.mark.slow
 def test_frozen_prior_target_anchors_the_class_to_the_frozen_model(instance_dir, class_dir, tmp_path):
     """With the frozen model's prediction as the class target, step 1's prior loss is 0 up to kernel rounding
     (LoRA B starts at 0, so the trained and the frozen model agree); it grows only as far as training moves the class."""
@@ -333,16 +346,17 @@ def test_frozen_prior_target_anchors_the_class_to_the_frozen_model(instance_dir,
 
 
 def test_frozen_prior_target_needs_lora(instance_dir, tmp_path):
-    from boothkit.errors import ConfigError
+    from boothkit.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="prior.prior_target frozen needs LoRA"):
         run_training(make_cfg(instance_dir, tmp_path / "o", tmp_path, prior_target="frozen", full=True))
 
 
+@pytest.mark.slow
 def test_prior_from_subject_pictures_needs_no_class_images(instance_dir, tmp_path):
     """--prior-images subject: the class prompt on the subject's own latents, anchored to the frozen model's
     prediction; nothing is generated, and the prior term still moves the weights (unlike no prior at all)."""
-    from boothkit.errors import ConfigError
+    from boothkit.core.errors import ConfigError
 
     out = run_training(make_cfg(instance_dir, tmp_path / "out", tmp_path / "unused", prior=True,
                                 prior_target="frozen", prior_images="subject", max_steps=4), progress=False)
@@ -358,11 +372,12 @@ def test_prior_from_subject_pictures_needs_no_class_images(instance_dir, tmp_pat
         run_training(make_cfg(instance_dir, tmp_path / "o", tmp_path, prior_images="subject"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_at_once_and_keeps_the_checkpoint(instance_dir, tmp_path, monkeypatch):
     """A non-finite loss ends the run with a message naming the step, before the optimizer steps on it; the
     checkpoint written before stays, and --resume finishes the run from it."""
-    from boothkit import train as T
-    from boothkit.errors import BoothkitError
+    from boothkit.train import loop as T
+    from boothkit.core.errors import BoothkitError
 
     real, calls = T.training_step, []
 
@@ -381,6 +396,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_checkpoint(instance_dir, tmp_path,
     assert all(torch.isfinite(v).all() for v in lora_tensors(out).values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("over, released", [
     ({}, {"vae", "text_encoder"}),  # latents and prompts cached: neither is needed again
     ({"validate_every": 2}, set()),  # validation samples need both
@@ -389,7 +405,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_checkpoint(instance_dir, tmp_path,
 ])
 def test_lora_loads_frozen_weights_in_the_run_precision_and_releases_what_it_no_longer_needs(
         instance_dir, class_dir, tmp_path, monkeypatch, over, released):
-    import boothkit.trainer as TR
+    import boothkit.train.trainer as TR
 
     seen = {}
     release = TR.release_frozen
@@ -405,8 +421,9 @@ def test_lora_loads_frozen_weights_in_the_run_precision_and_releases_what_it_no_
     assert (out / LORA_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_full_finetune_keeps_fp32_master_weights_and_its_vae(instance_dir, tmp_path, monkeypatch):
-    import boothkit.trainer as TR
+    import boothkit.train.trainer as TR
 
     seen = {}
     release = TR.release_frozen
@@ -415,3 +432,16 @@ def test_full_finetune_keeps_fp32_master_weights_and_its_vae(instance_dir, tmp_p
                  progress=False)
     pipe = seen["tr"].pipe
     assert next(pipe.unet.parameters()).dtype == torch.float32 and not next(pipe.vae.parameters()).is_meta
+
+
+@pytest.mark.parametrize("over, last", [({}, LORA_FILE), ({"method": "ti"}, "learned_embeds.safetensors"),
+                                        ({"method": "full"}, "model"), ({"full": True}, "model")])
+def test_train_once_reuses_a_finished_run_by_the_file_it_writes_last(instance_dir, tmp_path, monkeypatch, over, last):
+    import boothkit.train.loop as T
+
+    cfg = make_cfg(instance_dir, tmp_path / "out", **over)
+    assert T.final_output(cfg) == tmp_path / "out" / last
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / last).touch()
+    monkeypatch.setattr(T, "run_training", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert T.train_once(cfg) == tmp_path / "out"

@@ -19,11 +19,15 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
-from boothkit import cli, config as C, generate as G, lora as L, runs as R, ui  # noqa: E402
-from boothkit.data import load_image  # noqa: E402
-from boothkit.export import EXPORT_SECTIONS  # noqa: E402
-from boothkit.metrics import EVALUATE_SECTIONS  # noqa: E402
-from boothkit.sweep import SWEEP_SECTIONS  # noqa: E402
+from boothkit import cli, ui  # noqa: E402
+from boothkit.core import config as C  # noqa: E402
+from boothkit.generate import generation as G  # noqa: E402
+from boothkit import adapters as L  # noqa: E402
+from boothkit.ui import runs as R  # noqa: E402
+from boothkit.train.data import load_image  # noqa: E402
+from boothkit.export.formats import EXPORT_SECTIONS  # noqa: E402
+from boothkit.evaluate.metrics import EVALUATE_SECTIONS  # noqa: E402
+from boothkit.evaluate.sweep import SWEEP_SECTIONS  # noqa: E402
 from boothkit.ui import forms as F  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -142,7 +146,7 @@ def test_train_form_gives_the_cli_config(monkeypatch, tmp_path):
             "--train-text-encoder", "--validation-prompts", "a photo of {token}", "--validation-prompts",
             "{token} on the moon", "--lr-scheduler", "cosine"]
     got = ui.train_config(values, tmp_path)
-    assert got == cli_config(monkeypatch, "train", "run_training", argv, tmp_path)
+    assert got == cli_config(monkeypatch, "train.loop", "run_training", argv, tmp_path)
     assert got.train.validation_prompts == ("a photo of {token}", "{token} on the moon")
     assert got.data.instance_prompt is None and got.train.max_steps == 3 and type(got.train.max_steps) is int
     # Uploaded photos replace the folder field with a folder under the run folder.
@@ -156,7 +160,7 @@ def test_generate_form_gives_the_cli_config(monkeypatch, tmp_path):
     argv = ["generate", "--lora", "a", "--lora", "b:0.5", "--prompt", "p one", "--prompt", "p two", "-n", "2",
             "--guidance", "5", "--unet-scale", "0.8", "--scheduler", "euler-a", "--text-encoder-scale", "0.8",
             "--out", str(tmp_path)]
-    assert ui.resolve_form(C.GENERATE_SECTIONS, values) == cli_config(monkeypatch, "generate", "run_generate", argv, [])
+    assert ui.resolve_form(C.GENERATE_SECTIONS, values) == cli_config(monkeypatch, "generate.generation", "run_generate", argv, [])
     default_sampler = ui.resolve_form(C.GENERATE_SECTIONS, {**values, "scheduler": ""})
     assert default_sampler.generate.scheduler is None and default_sampler.generate.model is None
 
@@ -217,6 +221,7 @@ def test_a_bad_photo_is_refused_before_queueing(queue, tmp_path, demo_subject):
 
 # ----------------------------------------------------------------------------------------- training
 
+@pytest.mark.slow
 def test_train_run_is_watched_to_the_end_and_found_again(queue, demo_subject, monkeypatch):
     photos = [str(p) for p in sorted(demo_subject.glob("*.jpg"))[:3]]
     values = train_form(photos=photos, token="sksqwzt", class_noun="dog", max_steps=4, prior=True,
@@ -264,6 +269,7 @@ def test_train_run_is_watched_to_the_end_and_found_again(queue, demo_subject, mo
         again.close()
 
 
+@pytest.mark.slow
 def test_second_run_waits_cancel_stops_at_a_checkpoint_and_resume_finishes(queue, instance_dir):
     base = dict(instance_dir=str(instance_dir), class_noun="dog", prior=False, validate_every=0, rank=2)
     ui.start_training(queue, train_form(**base, max_steps=120, checkpoint_every=100, run_name="long"))
@@ -338,6 +344,7 @@ def test_eta_comes_from_the_pace_of_logged_steps(queue):
 
 # ------------------------------------------------------------------------------ generate, sweep, report
 
+@pytest.mark.slow
 def test_generate_handler_writes_the_cli_images(queue, finished_run, lora, tmp_path):
     values = {k: v for k, v in form(C.GENERATE_SECTIONS, prompt="a photo of sks dog", num_images=2, steps=2,
                                     seed=5).items() if k not in F.GENERATE_BY_RUN}
@@ -360,6 +367,7 @@ def test_generate_handler_writes_the_cli_images(queue, finished_run, lora, tmp_p
                                                     "dino_model": "tiny"}
 
 
+@pytest.mark.slow
 def test_sweep_and_report_views_run_the_cli_stages(queue, finished_run, lpips_weights):
     values = {k: v for k, v in form(SWEEP_SECTIONS, prompt="a photo of sks dog", guidance="2,7.5", unet_scale="0.8",
                                     text_encoder_scale="0.8", num_images=1, steps=1).items()

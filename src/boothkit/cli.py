@@ -13,8 +13,11 @@ from typing import Any, Callable, Mapping
 import click
 from click.core import ParameterSource
 
-from . import config as C
-from .errors import BoothkitError
+from .core import config as C
+from .core.errors import BoothkitError
+
+# Each command imports its module inside its callback: only the light config modules load with `boothkit --help`,
+# which must start without torch (tests/test_cli.py).
 
 
 def _click_type(tp: Any, meta: Mapping[str, Any]):
@@ -78,7 +81,7 @@ def config_command(group: click.Group, name: str, sections: Mapping[str, type], 
         extra_names = [o.name for o in (extra or [])]
 
         def callback(config: str | None, allow_pickle: bool, **params: Any) -> None:
-            from .safety import allowing_pickle
+            from .core.safety import allowing_pickle
 
             _quiet_loading_bars()
             extras = {k: params.pop(k) for k in extra_names}
@@ -124,7 +127,7 @@ def models() -> None:
 @click.argument("name")
 def models_path(name: str) -> None:
     """Print the local folder of a model (the built-in 'tiny', 'tiny-xl' and 'mini' are built on first use)."""
-    from .models import model_path
+    from .models.loading import model_path
 
     path = model_path(name)
     if not Path(path).exists():
@@ -146,7 +149,7 @@ _TOKEN_MODEL = click.option("--model", default="tiny", show_default=True,
 @_TOKEN_MODEL
 def _token_check(identifier: str, model: str) -> None:
     """How --model's tokenizer splits IDENTIFIER, and whether it makes a good one (single, rare, not a common word)."""
-    from . import tokens
+    from .models import tokens
 
     click.echo(tokens.format_check(tokens.check(tokens.load_tokenizer(model), identifier)))
 
@@ -157,7 +160,7 @@ def _token_check(identifier: str, model: str) -> None:
 @_TOKEN_MODEL
 def _token_suggest(count: int, seed: int, model: str) -> None:
     """Rare single tokens of 2-3 letters, no English words, to use as --token (the paper's recipe for CLIP)."""
-    from . import tokens
+    from .models import tokens
 
     for word, i in tokens.suggest(tokens.load_tokenizer(model), count, seed):
         click.echo(f"{word}\t(id {i})")
@@ -221,9 +224,10 @@ def main(argv: list[str] | None = None) -> None:
 @config_command(cli, "train", C.TRAIN_SECTIONS,
                 help="Fine-tune a model on photos of a subject, or several (DreamBooth; LoRA by default, with prior preservation).")
 def _train(cfg: C.RunConfig) -> None:
-    from .train import run_training
+    from .train.loop import run_training
 
     out = run_training(cfg)
+    cfg = C.validate_train(cfg)  # as training read it: --method full and --full both mean lora.full
     prompts = [s.instance_prompt for s in C.run_subjects(cfg.data, cfg.prior)]
     prompt = prompts[0]
     if len(prompts) > 1:
@@ -241,9 +245,9 @@ def _train(cfg: C.RunConfig) -> None:
                    f"--out {out / 'samples'}")
 
 
-# --- evaluation (boothkit.metrics, boothkit.bench) ---
-from . import bench as _bench  # noqa: E402  (the config dataclasses of these modules define the flags)
-from . import metrics as _metrics  # noqa: E402
+# --- evaluation (boothkit.evaluate.metrics, boothkit.evaluate.bench) ---
+from .evaluate import bench as _bench  # noqa: E402  (the config dataclasses of these modules define the flags)
+from .evaluate import metrics as _metrics  # noqa: E402
 
 
 @config_command(cli, "evaluate", _metrics.EVALUATE_SECTIONS,
@@ -289,26 +293,26 @@ def _prior_effect(cfg: C.RunConfig) -> None:
 
 
 
-from .speed import SPEED_SECTIONS as _SPEED_SECTIONS  # noqa: E402
+from .evaluate.speed import SPEED_SECTIONS as _SPEED_SECTIONS  # noqa: E402
 
 
 @config_command(bench, "speed", _SPEED_SECTIONS,
                 help="Training-step time, peak memory and FLOPs per configuration (precision, text encoder, "
                      "checkpointing, prior), class images per second and time to subject, on this machine.")
 def _speed(cfg: C.RunConfig) -> None:
-    from .speed import run_speed
+    from .evaluate.speed import run_speed
 
     click.echo(f"tables: {run_speed(cfg) / 'speed.md'}")
 
 
-from .recognition import MINI_BENCH_SECTIONS as _MINI_BENCH_SECTIONS  # noqa: E402
+from .evaluate.recognition import MINI_BENCH_SECTIONS as _MINI_BENCH_SECTIONS  # noqa: E402
 
 
 @config_command(bench, "mini", _MINI_BENCH_SECTIONS,
                 help="How well the built-in 'mini' model draws its emoji world: samples for the most frequent nouns "
                      "and two-object captions, judged by mini's CLIP and by LPIPS; the evaluators on a held-out style.")
 def _mini_bench(cfg: C.RunConfig) -> None:
-    from .recognition import run_mini_bench
+    from .evaluate.recognition import run_mini_bench
 
     click.echo(f"report: {run_mini_bench(cfg) / 'report.html'}")
 
@@ -316,7 +320,7 @@ def _mini_bench(cfg: C.RunConfig) -> None:
 @config_command(cli, "class-images", C.CLASS_IMAGES_SECTIONS,
                 help="Generate class images for prior preservation into --class-dir (reuses what is there).")
 def _class_images(cfg: C.RunConfig) -> None:
-    from .prior import run_class_images
+    from .train.prior import run_class_images
 
     if cfg.prior.class_dir:
         C.check_output(cfg.prior.class_dir, "--class-dir")
@@ -327,55 +331,55 @@ def _class_images(cfg: C.RunConfig) -> None:
 @config_command(cli, "generate", C.GENERATE_SECTIONS,
                 help="Generate images with one or more LoRAs at separate UNet / text-encoder scales.")
 def _generate(cfg: C.RunConfig) -> None:
-    from .generate import run_generate
+    from .generate.generation import run_generate
 
     paths = run_generate(cfg)
     click.echo(f"wrote {len(paths)} images to {cfg.generate.out}")
 
 
 
-from .export import EXPORT_SECTIONS as _EXPORT_SECTIONS  # noqa: E402  (torch-free: keeps --help fast)
+from .export.formats import EXPORT_SECTIONS as _EXPORT_SECTIONS  # noqa: E402  (torch-free: keeps --help fast)
 
 
 @config_command(cli, "export", _EXPORT_SECTIONS,
                 help="Export a LoRA as diffusers, kohya/A1111 or ComfyUI files, or a merged model (folder or single file).")
 def _export(cfg: C.RunConfig) -> None:
-    from .export import export
+    from .export.formats import export
 
     click.echo(f"wrote {export(cfg.export)}")
 
-from .demo import DEMO_SECTIONS  # noqa: E402  (config only: keeps --help fast)
+from .evaluate.demo import DEMO_SECTIONS  # noqa: E402  (config only: keeps --help fast)
 
 
 @config_command(cli, "demo", DEMO_SECTIONS,
                 help="Run the whole job on the built-in model and the demo subject: class images, LoRA training "
                      "with prior preservation, generation at guidance 7.5 and 15, and a summary page.")
 def _demo(cfg: C.RunConfig) -> None:
-    from .demo import run_demo
+    from .evaluate.demo import run_demo
 
     click.echo(f"summary: {run_demo(cfg)}")
 
 
 
-from .sweep import SWEEP_SECTIONS as _SWEEP_SECTIONS  # noqa: E402
+from .evaluate.sweep import SWEEP_SECTIONS as _SWEEP_SECTIONS  # noqa: E402
 
 
 @config_command(cli, "sweep", _SWEEP_SECTIONS,
                 help="Generate every combination of guidance, UNet and text-encoder LoRA scales, with contact sheets.")
 def _sweep(cfg: C.RunConfig) -> None:
-    from .sweep import run_sweep
+    from .evaluate.sweep import run_sweep
 
     click.echo(f"sweep written to {run_sweep(cfg)}")
 
 
-from .pretrain import PRETRAIN_SECTIONS as _PRETRAIN_SECTIONS  # noqa: E402
+from .mini.pretrain import PRETRAIN_SECTIONS as _PRETRAIN_SECTIONS  # noqa: E402
 
 
 @config_command(cli, "pretrain", _PRETRAIN_SECTIONS,
                 help="Pretrain the built-in 'mini' model and its evaluators on the emoji world, one stage at a time "
                      "(vae, unet, clip, dino, then ship); every stage resumes from its newest checkpoint.")
 def _pretrain(cfg: C.RunConfig) -> None:
-    from .pretrain import run_pretrain
+    from .mini.stages import run_pretrain
 
     click.echo(f"wrote {run_pretrain(cfg)}")
 

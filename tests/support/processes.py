@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 # Runs `boothkit <argv>` with BOOTHKIT_TEST_PAUSE = "module:function:N" wrapped; BOOTHKIT_TEST_MARKER is the file it
-# writes when it holds. A StopRequest (boothkit.interrupts) tells whether a deferred signal has been handled.
+# writes when it holds. A StopRequest (boothkit.core.interrupts) tells whether a deferred signal has been handled.
 RUNNER = """
 import importlib, os, sys, time
-import boothkit.interrupts as interrupts
+import boothkit.core.interrupts as interrupts
 
 requests = []
 

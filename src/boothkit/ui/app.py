@@ -8,11 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .. import config as C
-from .. import runs as R
+from ..core import config as C
+from ..evaluate.metrics import EVALUATE_SECTIONS
+from ..evaluate.sweep import SWEEP_SECTIONS
+from ..export.formats import EXPORT_SECTIONS
 from . import handlers as H
-from .forms import DEFAULT_PRESET, EVALUATE_BY_RUN, EXPORT_MAIN, GENERATE_BY_RUN, GENERATE_MAIN, PRESETS, SWEEP_MAIN, \
-    TRAIN_BY_RUN, TRAIN_MAIN, _form, _gradio, preset_values, user_errors
+from . import runs as R
+from .forms import (
+    DEFAULT_PRESET,
+    EVALUATE_BY_RUN,
+    EXPORT_MAIN,
+    GENERATE_BY_RUN,
+    GENERATE_MAIN,
+    PRESETS,
+    SWEEP_MAIN,
+    TRAIN_BY_RUN,
+    TRAIN_MAIN,
+    form_components,
+    preset_values,
+    require_gradio,
+    user_errors,
+)
 
 MAX_UPLOAD = "50mb"  # per file: a 50-megapixel phone JPEG is ~25 MB
 POLL_SECONDS = 1.0
@@ -72,7 +88,7 @@ def _train_tab(gr, queue: R.RunQueue) -> dict[str, Any]:
             thumbs = gr.Gallery(label="as training sees them", columns=6, height=180, elem_id="bk-thumbs")
             notes = gr.Markdown(elem_id="bk-photo-notes")
             run_name = gr.Textbox(label="run name", info="Folder under the runs root; empty: token-class-date-time.")
-            comps = _form(gr, C.TRAIN_SECTIONS, TRAIN_MAIN, TRAIN_BY_RUN, "train")
+            comps = form_components(gr, C.TRAIN_SECTIONS, TRAIN_MAIN, TRAIN_BY_RUN, "train")
             for name, value in preset_values(DEFAULT_PRESET, {}).items():
                 comps[name].value = value
         with gr.Column(scale=3):
@@ -120,14 +136,11 @@ def _train_tab(gr, queue: R.RunQueue) -> dict[str, Any]:
 
 def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
     """Pick a finished run, then pictures, a sweep of guidance and LoRA scales, or an evaluation report."""
-    from ..metrics import EVALUATE_SECTIONS
-    from ..sweep import SWEEP_SECTIONS
-
     gen_run = gr.Dropdown(label="run", choices=[], value=None, elem_id="bk-gen-run",
                           info="A finished run; its instance prompt (with the identifier) fills the prompts.")
     with gr.Tab("Pictures"), gr.Row():
         with gr.Column(scale=2):
-            gen = _form(gr, C.GENERATE_SECTIONS, GENERATE_MAIN, GENERATE_BY_RUN, "gen")
+            gen = form_components(gr, C.GENERATE_SECTIONS, GENERATE_MAIN, GENERATE_BY_RUN, "gen")
             gen_button = gr.Button("Generate", variant="primary", elem_id="bk-generate")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="pictures (each PNG carries its parameters)", columns=4, elem_id="bk-gallery",
@@ -135,7 +148,7 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
             files = gr.File(label="download", file_count="multiple", interactive=False, elem_id="bk-downloads")
     with gr.Tab("Sweep"), gr.Row():
         with gr.Column(scale=2):
-            sw = _form(gr, SWEEP_SECTIONS, SWEEP_MAIN, GENERATE_BY_RUN, "sweep")
+            sw = form_components(gr, SWEEP_SECTIONS, SWEEP_MAIN, GENERATE_BY_RUN, "sweep")
             sweep_button = gr.Button("Sweep", variant="primary", elem_id="bk-sweep")
         with gr.Column(scale=3):
             sheets = gr.Gallery(label="contact sheets: columns guidance, rows (UNet, text-encoder) scale", columns=1,
@@ -145,7 +158,7 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
             samples = gr.Dropdown(label="samples", choices=[], info="A generation of this run (RUN/samples/NNN).")
             class_samples = gr.Dropdown(label="class samples", choices=[], info="Optional: a generation of the "
                                         "class prompt ('a photo of dog'), for PRES.")
-            ev = _form(gr, EVALUATE_SECTIONS, (), EVALUATE_BY_RUN, "eval")
+            ev = form_components(gr, EVALUATE_SECTIONS, (), EVALUATE_BY_RUN, "eval")
             eval_button = gr.Button("Evaluate", variant="primary", elem_id="bk-evaluate")
             report_file = gr.File(label="report.html", interactive=False)
         with gr.Column(scale=3):
@@ -187,8 +200,7 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
 
 def build_ui(root: str | Path = R.DEFAULT_ROOT):
     """The Blocks app over the runs under `root` (its RunQueue is `app.boothkit_runs`)."""
-    gr = _gradio()
-    from ..export import EXPORT_SECTIONS
+    gr = require_gradio()
 
     queue = R.RunQueue(root)
     with gr.Blocks(title="boothkit", analytics_enabled=False) as app:
@@ -200,7 +212,7 @@ def build_ui(root: str | Path = R.DEFAULT_ROOT):
             _generate_tab(gr, queue, tab)
         with gr.Tab("Export"), gr.Row():
             with gr.Column(scale=3):
-                comps = _form(gr, EXPORT_SECTIONS, EXPORT_MAIN, form="export")
+                comps = form_components(gr, EXPORT_SECTIONS, EXPORT_MAIN, form="export")
             with gr.Column(scale=2):
                 button = gr.Button("Export", variant="primary")
                 written = gr.Textbox(label="written", interactive=False)

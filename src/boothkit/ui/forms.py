@@ -8,9 +8,9 @@ import types
 import typing
 from typing import Any, Iterator, Mapping
 
-from .. import config as C
-from ..errors import BoothkitError, ConfigError
-from ..hub_ids import SD15, SDXL
+from ..core import config as C
+from ..core.errors import BoothkitError, ConfigError
+from ..core.hub_ids import SD15, SDXL
 
 TRAIN_MAIN = ("token", "class_noun", "instance_prompt", "model", "max_steps", "learning_rate", "rank",
               "train_text_encoder", "prior", "num_class_images", "validate_every", "checkpoint_every")
@@ -50,7 +50,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = next(iter(PRESETS))
 
 
-def _gradio():
+def require_gradio():
+    """The gradio module, or one line saying how to install it."""
     try:
         import gradio as gr
     except ImportError:
@@ -131,8 +132,8 @@ def _component(gr, field: dataclasses.Field, tp: Any, cls: type, form: str = "")
     return gr.Textbox(**kw)
 
 
-def _form(gr, sections: Mapping[str, type], main: tuple[str, ...], skip: tuple[str, ...] = (),
-          form: str = "") -> dict[str, Any]:
+def form_components(gr, sections: Mapping[str, type], main: tuple[str, ...], skip: tuple[str, ...] = (),
+                    form: str = "") -> dict[str, Any]:
     """Components for the `main` fields, then an Advanced accordion with every other field not in `skip`."""
     fields = _fields(sections)
     comps = {name: _component(gr, *fields[name], form) for name in main}
@@ -158,4 +159,4 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except BoothkitError as exc:
-        raise _gradio().Error(str(exc), print_exception=False) from None
+        raise require_gradio().Error(str(exc), print_exception=False) from None

@@ -8,10 +8,18 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .. import config as C
-from .. import runs as R
-from ..errors import BoothkitError, ConfigError
+from ..core import config as C
+from ..core.errors import BoothkitError, ConfigError
+from ..core.files import atomic_write_bytes
+from ..evaluate.metrics import DEFAULT_CLIP, DEFAULT_DINO, EVALUATE_SECTIONS, run_evaluate
+from ..evaluate.sweep import SWEEP_SECTIONS, cells_of, load_prompts, run_sweep
+from ..export.formats import EXPORT_SECTIONS
+from ..export.formats import export as run_export
+from . import runs as R
 from .forms import resolve_form, user_errors
+
+# Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
+# the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 
 UPLOAD_DIR = "instance_photos"  # uploaded photos are copied here, under the run folder
 
@@ -23,8 +31,7 @@ def copy_photos(photos: list[str], folder: Path) -> Path:
 
     Each readable photo is stored as the upright RGB PNG training sees, without its EXIF (phone photos carry GPS
     positions, and a run folder gets shared); an unreadable one is copied as it is, so that training names it."""
-    from ..data import load_image
-    from ..files import atomic_write_bytes
+    from ..train.data import load_image
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -42,7 +49,7 @@ def copy_photos(photos: list[str], folder: Path) -> Path:
 
 def inspect_photos(photos: list[str] | None) -> tuple[list[tuple[Any, str]], str]:
     """Thumbnails of the readable uploads, upright as training sees them, and one line per file that is not."""
-    from ..data import FEW_PHOTOS, MANY_PHOTOS, TINY_SIDE, load_image
+    from ..train.data import FEW_PHOTOS, MANY_PHOTOS, TINY_SIDE, load_image
 
     thumbs, notes = [], []
     for p in photos or []:
@@ -74,7 +81,7 @@ def train_config(values: Mapping[str, Any], output_dir: str | Path) -> C.RunConf
 
 def start_training(queue: R.RunQueue, values: Mapping[str, Any]) -> tuple[str, str]:
     """Train button: checks the form and the photos now (one-line errors), then queues the run -> (name, message)."""
-    from ..data import load_folder
+    from ..train.data import load_folder
 
     with user_errors():
         name = str(values.get("run_name") or "").strip() or queue.new_name(str(values.get("token") or ""),
@@ -207,7 +214,6 @@ def run_defaults(queue: R.RunQueue, name: str | None) -> dict[str, Any]:
         return {}
     with user_errors():
         cfg = R.run_config(queue.folder(name))
-    from ..metrics import DEFAULT_CLIP, DEFAULT_DINO
 
     model = cfg.model.model
     builtin = model in ("tiny", "mini")  # the built-in models have their own offline evaluators
@@ -217,7 +223,7 @@ def run_defaults(queue: R.RunQueue, name: str | None) -> dict[str, Any]:
 
 def generate(queue: R.RunQueue, name: str | None, values: Mapping[str, Any], progress=None):
     """Generate button: streams the gallery as PNGs are written; ends with (gallery, files to download)."""
-    from ..generate import run_generate
+    from ..generate.generation import run_generate
 
     with user_errors():
         folder = _finished_run(queue, name)
@@ -237,8 +243,6 @@ def generate(queue: R.RunQueue, name: str | None, values: Mapping[str, Any], pro
 
 def sweep(queue: R.RunQueue, name: str | None, values: Mapping[str, Any], progress=None):
     """Sweep button: `boothkit sweep` into RUN/sweeps/NNN; ends with the contact sheets (and metrics plot)."""
-    from ..sweep import SWEEP_SECTIONS, cells_of, load_prompts, run_sweep
-
     with user_errors():
         folder = _finished_run(queue, name)
         out = _next_folder(folder / "sweeps")
@@ -273,8 +277,6 @@ def report_html(path: Path | None) -> str:
 def evaluate(queue: R.RunQueue, name: str | None, samples: str | None, class_samples: str | None,
              values: Mapping[str, Any]) -> tuple[str, str]:
     """Evaluate button: `boothkit evaluate` of RUN/samples/NNN against the run's photos -> (report frame, file)."""
-    from ..metrics import EVALUATE_SECTIONS, run_evaluate
-
     with user_errors():
         folder = _finished_run(queue, name)
         if not samples:
@@ -289,7 +291,5 @@ def evaluate(queue: R.RunQueue, name: str | None, samples: str | None, class_sam
 
 def export(values: Mapping[str, Any]) -> str:
     """Export handler: the written file or folder."""
-    from ..export import EXPORT_SECTIONS, export as run_export
-
     with user_errors():
         return str(run_export(resolve_form(EXPORT_SECTIONS, values).export))

@@ -1,0 +1,69 @@
+"""The Hugging Face hub ids boothkit names, and what a failed hub load means, in one place: the UI's presets, the demo page's commands, help texts
+and metric defaults take them from here; README, docs and examples/*.toml name the same ids
+(tests/test_hub_ids.py holds them to this table).
+
+REMOVED maps ids taken off the hub to the maintained copy of the same weights: loading one fails with one line
+that names the copy (boothkit.models.loading), and no file of the repo may name a removed id except this table.
+Add an id to REMOVED only once the hub answers "Repository Not Found" for it.
+"""
+from __future__ import annotations
+
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Stable Diffusion 1.5, as runwayml published it
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_VAE_FP16 = "madebyollin/sdxl-vae-fp16-fix"  # SDXL's VAE, fine-tuned to run in fp16
+CLIP = "openai/clip-vit-base-patch32"  # CLIP-I / CLIP-T evaluator (boothkit.evaluate.metrics)
+DINO = "facebook/dino-vits16"  # DINO / PRES evaluator (boothkit.evaluate.metrics)
+
+KNOWN: dict[str, str] = {"sd15": SD15, "sdxl": SDXL, "sdxl-vae-fp16": SDXL_VAE_FP16, "clip": CLIP, "dino": DINO}
+
+# removed id -> maintained copy. runwayml deleted its hub repositories at the end of August 2024.
+REMOVED: dict[str, str] = {
+    "runwayml/stable-diffusion-v1-5": SD15,
+}
+
+
+def maintained_copy(model_id: str) -> str | None:
+    """The maintained copy of a removed hub id (hub ids ignore case), or None when `model_id` is not removed."""
+    wanted = model_id.strip().lower()
+    return next((copy for removed, copy in REMOVED.items() if removed.lower() == wanted), None)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and every exception it was raised from or during (diffusers re-raises the hub's error as an OSError
+    `from` it, while the failed cache lookup is its context)."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is f for f in found):
+            continue
+        found.append(e)
+        todo += [e.__cause__, e.__context__]
+    return found
+
+
+LOCAL_OR_BUILT_IN = "pass a local diffusers folder or .safetensors file, or a built-in model (--model mini, --model tiny)"
+
+
+def hub_error(flag: str, spec: str, exc: BaseException, remedy: str = "pass a local folder") -> str | None:
+    """One line for a hub id that failed to load because the hub has no such repository (a removed id names its
+    maintained copy), keeps it gated, or cannot be asked (offline) and has no cached copy; None for other failures.
+    `remedy`: what to do instead, offline."""
+    causes = _causes(exc)
+    gated = any(isinstance(e, GatedRepoError) for e in causes)
+    missing = any(isinstance(e, RepositoryNotFoundError) or isinstance(e, OSError)
+                  and "is not a valid model identifier" in str(e) for e in causes)
+    offline = any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in causes)
+    copy = maintained_copy(spec)
+    if copy and (gated or missing or offline):
+        return f"{flag} {spec}: removed from the hub; use {copy}"
+    if gated:
+        return (f"{flag} {spec}: a gated repository on the hub; accept its terms at https://huggingface.co/{spec} "
+                "and log in (hf auth login)")
+    if missing:
+        return f"{flag} {spec}: no such repository on the hub (check the id; a private one needs hf auth login)"
+    if offline:
+        return f"{flag} {spec}: not in the local hub cache, and the hub cannot be reached (offline); {remedy}"
+    return None

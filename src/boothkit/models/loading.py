@@ -1,0 +1,182 @@
+"""Model loading: the built-in models by name (boothkit.models.tiny, .mini, .shapes), local diffusers folders,
+single-file checkpoints and hub ids, each as its family's pipeline (boothkit.models.families)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..core.errors import ModelError, first_line
+from ..core.files import boothkit_home
+from ..core.hub_ids import LOCAL_OR_BUILT_IN, hub_error
+from ..core.safety import REFUSAL, as_safetensors, is_pickle, pickle_allowed, pickled_only, refuse_pickle
+from .families import SD, family_of, family_of_folder, family_of_single_file
+from .mini import MINI, mini_path
+from .shapes import SD15_SHAPE, sd15_shape_path
+from .tiny import TINY, TINY_VERSION, TINY_XL, TINY_XL_VERSION, tiny_model_path, tiny_xl_model_path
+
+log = logging.getLogger("boothkit")
+
+BUILT_IN = (TINY, MINI, TINY_XL, SD15_SHAPE)
+
+
+def model_ref(spec: str) -> str:
+    """A stable name for a model, as metadata and manifests record it: 'tiny' or 'mini' for the built-in models
+    (however they were named), an absolute path for local files and folders, the hub id otherwise."""
+    if spec in BUILT_IN:
+        return spec
+    p = Path(spec).expanduser()
+    if not p.exists():
+        return spec
+    p = p.resolve()
+    for name, version in ((TINY, TINY_VERSION), (TINY_XL, TINY_XL_VERSION)):
+        if p == (boothkit_home() / "models" / version).resolve():
+            return name
+    return MINI if (p / "BOOTHKIT_MINI.json").is_file() and p.parent == (boothkit_home() / "models").resolve() else str(p)
+
+
+def model_name(model: str, vae: str | None = None) -> str:
+    """model_ref, with the replacement VAE when there is one (class images made with it are other pictures)."""
+    return f"{model_ref(model)} + vae {model_ref(vae)}" if vae else model_ref(model)
+
+
+def is_tiny(spec: str) -> bool:
+    return spec in (TINY, TINY_XL) or Path(spec, "BOOTHKIT_TINY.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def model_path(spec: str) -> str:
+    """What `spec` names, for from_pretrained: 'tiny' and 'mini' become their cached folders; others pass through."""
+    if spec == MINI:
+        return str(mini_path("model"))
+    if spec == TINY_XL:
+        return str(tiny_xl_model_path())
+    if spec == SD15_SHAPE:
+        return str(sd15_shape_path())
+    return str(tiny_model_path()) if spec == TINY else spec
+
+
+def load_pipeline(spec: str, *, model_config: str | None = None, revision: str | None = None,
+                  dtype: torch.dtype | dict[str, torch.dtype] = torch.float32, vae: str | None = None):
+    """Load an SD 1.x/2.x or SDXL pipeline (its family's class) from a built-in name, a local folder, a single
+    .safetensors file or a hub id; `vae` replaces its VAE. `dtype`: one for all components, or one per component
+    as diffusers takes it ({"default": torch.bfloat16, "vae": torch.float32}): each is loaded straight into its
+    dtype, so no full-precision copy of the model is ever held."""
+    other = load_vae(vae, component_dtype(dtype, "vae")) if vae else None  # a wrong --vae fails before the slow load
+    pipe = _load_pipeline(spec, model_config=model_config, revision=revision, dtype=dtype)
+    if other is not None:
+        pipe.vae = other
+    return pipe
+
+
+def component_dtype(dtype: torch.dtype | dict[str, torch.dtype], name: str) -> torch.dtype:
+    return dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
+
+
+def load_vae(spec: str, dtype: torch.dtype = torch.float32):
+    """An AutoencoderKL from a VAE folder, a model folder's vae/ subfolder, or a hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(spec)
+    local = path.is_dir()
+    if local and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    try:
+        if local:
+            _check_pickles(path, spec, "--vae")
+        return AutoencoderKL.from_pretrained(str(path) if local else spec, dtype=dtype, use_safetensors=_safetensors())
+    except ModelError:
+        raise
+    except Exception as exc:  # diffusers and the hub raise many types; the remedy is the same
+        first = first_line(exc)
+        said = None if local else hub_error("--vae", spec, exc)
+        raise ModelError(said or f"--vae {spec}: not a loadable AutoencoderKL folder or hub id ({first})") from None
+
+
+def _check_parts(folder: Path, spec: str, parts: tuple[str, ...]) -> None:
+    """Every part the pipeline needs has its subfolder. Checked up front: transformers 5 quietly builds an empty
+    tokenizer when tokenizer/ is gone, which fails only later, deep inside generation."""
+    missing = [p for p in parts if not (folder / p).is_dir()]
+    if missing:
+        raise ModelError(f"--model {spec}: the model folder lacks {', '.join(p + '/' for p in missing)} "
+                         "(copy the whole diffusers folder)")
+
+
+def _check_pickles(folder: Path, spec: str, flag: str = "--model") -> None:
+    """A part stored only as a pickle is refused up front, by name, unless --allow-pickle."""
+    found = pickled_only(folder)
+    if found and not pickle_allowed():
+        raise ModelError(f"{flag} {spec} ({found[0].relative_to(folder)}): {REFUSAL}")
+
+
+def _safetensors() -> bool | None:
+    """diffusers' use_safetensors: only safetensors, unless pickles are allowed (then either; weights-only)."""
+    return None if pickle_allowed() else True
+
+
+def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
+                   dtype: torch.dtype | dict[str, torch.dtype]):
+    path = Path(spec)
+    if spec in BUILT_IN or path.is_dir():
+        if spec not in BUILT_IN and not (path / "model_index.json").is_file():
+            raise ModelError(f"--model {spec}: folder has no model_index.json (not a diffusers model folder)")
+        family = family_of_folder(model_path(spec))
+        parts = ("unet", "vae", "scheduler") + family.text_encoders + family.tokenizers
+        _check_parts(Path(model_path(spec)), spec, parts)
+        _check_pickles(Path(model_path(spec)), spec)
+        try:
+            return family.pipeline().from_pretrained(model_path(spec), dtype=dtype, use_safetensors=_safetensors(),
+                                                     **family.pipeline_kwargs)
+        # diffusers' and transformers' ways of saying a part is damaged (weights, config.json, a missing file)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            first = first_line(exc)
+            raise ModelError(f"--model {spec}: cannot load the model folder ({first})") from None
+    if path.suffix == ".safetensors" or is_pickle(path):
+        if not path.is_file():
+            raise ModelError(f"--model {spec}: file not found")
+        refuse_pickle("--model", spec, ModelError)
+        path = as_safetensors(path, "--model")
+        if model_config is not None and not Path(model_config, "model_index.json").is_file():
+            raise ModelError(f"--model-config {model_config}: not a diffusers folder (no model_index.json)")
+        try:
+            family = family_of_folder(model_config) if model_config else family_of_single_file(path)
+            pipe = family.pipeline().from_single_file(  # it takes one dtype: per component below
+                str(path), config=model_config, local_files_only=model_config is not None,
+                dtype=torch.float32 if isinstance(dtype, dict) else dtype, **family.pipeline_kwargs)
+        except ModelError:
+            raise
+        except Exception as exc:  # diffusers and safetensors raise many types; all mean the same to the user
+            hint = "" if model_config else " (offline, pass --model-config <local diffusers folder>)"
+            raise ModelError(f"--model {spec}: cannot load single-file checkpoint{hint}: "
+                             f"{first_line(exc)}") from None
+        if isinstance(dtype, dict):
+            for name, part in pipe.components.items():
+                if isinstance(part, torch.nn.Module):
+                    part.to(component_dtype(dtype, name))
+        return pipe
+    if path.is_file():
+        raise ModelError(f"--model {spec}: not a diffusers model folder or a .safetensors checkpoint")
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise ModelError(f"--model {spec}: no such file or folder")
+    try:
+        from diffusers import DiffusionPipeline
+
+        # diffusers picks the pipeline class from the repo's model_index.json; SD's safety checker is not
+        # loaded (other families ignore the two arguments)
+        pipe = DiffusionPipeline.from_pretrained(spec, revision=revision, dtype=dtype, use_safetensors=_safetensors(),
+                                                 **SD.pipeline_kwargs)
+    except Exception as exc:  # hub errors come in many types: a missing or removed repository is said as such
+        log.debug("hub load of %s failed: %s", spec, exc)
+        raise ModelError(hub_error("--model", spec, exc, LOCAL_OR_BUILT_IN) or
+                         f"--model {spec}: not a local path and not loadable from the model hub ({first_line(exc)}); "
+                         f"{LOCAL_OR_BUILT_IN}") from None
+    family_of(pipe)  # another kind of pipeline (SD3, Flux, ...) is refused by name
+    return pipe
+
+
+def native_resolution(pipe) -> int:
+    """The image size the model was trained at (unet sample size x VAE scale factor)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
