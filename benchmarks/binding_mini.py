@@ -165,8 +165,8 @@ def _means(rows: list[dict]) -> tuple[float, float]:
 
 
 def paired_rows(rows: list[dict], variants: list[str]) -> None:
-    print("| variant | runs | identifier LPIPS gain ↑ | class LPIPS gain (drift) ↓ | class moved ↓ | DINO | class DINO |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | runs | identifier LPIPS gain ↑ | class LPIPS gain (drift) ↓ | class moved ↓ | DINO | class DINO | DIV |")
+    print("|---|---|---|---|---|---|---|---|")
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         pairs = {(r["subject"], r["seed"]) for r in mine}
@@ -179,7 +179,7 @@ def paired_rows(rows: list[dict], variants: list[str]) -> None:
         print(f"| {variant} | {', '.join(sorted(r['subject'] for r in mine))} | {g:.3f} ({bg:.3f}) | {d:.3f} ({bd:.3f}) | "
               f"{pick(mine, 'class_moved_lpips'):.3f} ({pick(base, 'class_moved_lpips'):.3f}) | "
               f"{pick(mine, 'DINO'):.3f} ({pick(base, 'DINO'):.3f}) | "
-              f"{pick(mine, 'class_DINO'):.3f} ({pick(base, 'class_DINO'):.3f}) |")
+              f"{pick(mine, 'class_DINO'):.3f} ({pick(base, 'class_DINO'):.3f}) | {div(mine)} ({div(base)}) |")
 
 
 def table(out: Path, csv: str) -> None:
