@@ -17,8 +17,13 @@ from typing import Callable
 # Runs `boothkit <argv>` with BOOTHKIT_TEST_PAUSE = "module:function:N" wrapped; BOOTHKIT_TEST_MARKER is the file it
 # writes when it holds. A StopRequest (boothkit.core.interrupts) tells whether a deferred signal has been handled.
 RUNNER = """
-import importlib, os, sys, time
+import importlib, os, signal, sys, time
 import boothkit.core.interrupts as interrupts
+
+# Ctrl-C as a terminal delivers it: a harness that starts the suite in the background or under nohup passes SIGINT
+# on ignored, and boothkit rightly keeps an ignored signal ignored, so the test's SIGINT would never arrive.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 requests = []
 
