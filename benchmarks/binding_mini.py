@@ -26,7 +26,7 @@ from boothkit.core import config as C
 from boothkit.train.data import load_folder
 from boothkit.evaluate.experiment import write_rows
 from boothkit.core.files import atomic_write_bytes
-from boothkit.generate.generation import load_generation_pipeline
+from boothkit.generate.generation import load_generation_pipeline, set_lora_scales
 from boothkit.evaluate.metrics import Evaluators, MetricsConfig
 from boothkit.evaluate.speed import machine
 from boothkit.mini.subjects import dataset_dir, openmoji_dataset_dir
@@ -97,20 +97,24 @@ def measure(args, ev: Evaluators) -> None:
                 base_pipe = load_generation_pipeline("mini", [])
                 base_cache[prompts.identifier] = binding.draw(base_pipe, prompts, args.images)
             for seed in map(int, args.seeds.split(",")):
-                where = out / label.replace(":", "-") / variant / f"seed{seed}"
+                trained_in = out / label.replace(":", "-") / variant / f"seed{seed}"
+                scale = args.lora_scale  # the pictures of a run drawn at another LoRA scale are judged beside it
+                where = trained_in if scale == 1.0 else trained_in.with_name(f"seed{seed}-lora{scale:g}")
                 if (where / "judged.json").is_file() and (where / "sheet.png").is_file():
                     continue
                 t0 = time.monotonic()
                 run = train({**values, "instance_dir": str(folder), "class_noun": noun, "seed": seed,
-                             "class_dir": str(out / "class" / class_folder(values, noun))}, where / "run")
+                             "class_dir": str(out / "class" / class_folder(values, noun))}, trained_in / "run")
                 trained = time.monotonic() - t0
                 pipe = load_generation_pipeline(None, [(str(run), 1.0)])
+                set_lora_scales(pipe, scale, scale)
                 drawn = binding.draw(pipe, prompts, args.images)
                 m = binding.judge(ev, drawn, base_cache[prompts.identifier], photos, prompts)
                 png = io.BytesIO()
                 binding.sheet(photos, drawn, base_cache[prompts.identifier], prompts).save(png, format="PNG")
                 atomic_write_bytes(where / "sheet.png", png.getvalue())
-                m.update(subject=label, variant=variant, seed=seed, train_s=round(trained, 1), **binding.summary(m))
+                m.update(subject=label, variant=variant if scale == 1.0 else f"{variant} at LoRA {scale:g}", seed=seed,
+                         train_s=round(trained, 1), **binding.summary(m))
                 atomic_write_bytes(where / "judged.json", json.dumps(m, indent=1).encode())
                 print(f"{label:>20} {variant:<20} seed {seed}: identifier {m['likeness_lpips_base']:.3f} -> "
                       f"{m['likeness_lpips']:.3f}, class {m['class_lpips_base']:.3f} -> {m['class_lpips']:.3f} "
@@ -183,7 +187,7 @@ def paired_rows(rows: list[dict], variants: list[str]) -> None:
 
 
 def table(out: Path, csv: str) -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*/judged.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*/judged.json"))]  # every LoRA scale
     if csv:
         write_rows(Path(csv), rows, fieldnames=sorted({k for r in rows for k in r}))
     print(f"\n{machine()}; {len(rows)} runs\n\nEvery run:\n")
@@ -261,6 +265,8 @@ def main() -> None:
     ap.add_argument("--variants", default="default", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--images", type=int, default=6, help="seeded pictures per prompt")
+    ap.add_argument("--lora-scale", type=float, default=1.0,
+                    help="draw the trained pictures at this LoRA scale (UNet and text encoder); judged beside scale 1")
     ap.add_argument("--table", action="store_true", help="only print the table of what is measured")
     ap.add_argument("--csv", default="")
     ap.add_argument("--figure", default="", help="write seed 0's sheets of --subjects under --variants here (a PNG)")
