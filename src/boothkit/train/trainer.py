@@ -54,6 +54,7 @@ class Trainer:
     ema: object | None = None  # --ema-decay: diffusers' EMAModel of `params`
     placeholder: Placeholder | None = None  # --method ti/pivotal: the identifier as new tokens
     placeholder_ids: dict | None = None  # text encoder component -> the new tokens' ids
+    run_record: dict | None = None  # train.fingerprint.of(self): what each checkpoint records of the config
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
