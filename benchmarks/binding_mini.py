@@ -136,10 +136,8 @@ def variant_rows(rows: list[dict]) -> None:
         per_subject = {}
         for r in mine:
             per_subject.setdefault(r["subject"], []).append(r)
-        gains = [mean(r["identifier_gain"] for r in rs) for rs in per_subject.values()]
-        drift = [mean(r["class_gain"] for r in rs) for rs in per_subject.values()]
         seeds_sd = [stdev([r["identifier_gain"] for r in rs]) for rs in per_subject.values() if len(rs) > 1]
-        g, d = mean(gains), mean(drift)
+        g, d = _means(mine)
         ok = "yes" if g >= 0.08 and d <= 0.25 * g else "no"
         sd = f" (seed sd {mean(seeds_sd):.3f})" if seeds_sd else ""
         print(f"| {variant} | {len(per_subject)} / {len(mine)} | {g:.3f}{sd} | {d:.3f} | "
@@ -201,10 +199,10 @@ def table(out: Path, csv: str) -> None:
         subject_rows(rows, "default")
 
 
-def sheet_row(sheet, r: int, cols: int = 6) -> list:
-    """Row r of a binding sheet (square pictures, `cols` a row)."""
-    side = sheet.width // cols
-    return [sheet.crop((c * side, r * side, (c + 1) * side, (r + 1) * side)) for c in range(cols)]
+def sheet_row(sheet, r: int) -> list:
+    """Row r of a binding sheet: square pictures, one row per ROWS entry, as many a row as --images drew."""
+    side = sheet.height // len(ROWS)
+    return [sheet.crop((c * side, r * side, (c + 1) * side, (r + 1) * side)) for c in range(sheet.width // side)]
 
 
 def style_control(out: Path, ev: Evaluators) -> None:
