@@ -12,7 +12,8 @@ from boothkit.core import config as C
 from boothkit.train.batches import Batch, LatentBank, draw_batch
 from boothkit.cli import main
 from boothkit.train.data import aspect_buckets, nearest_bucket
-from boothkit.models.families import Conditioning
+from boothkit.models.families import SD, Conditioning
+from boothkit.train.objectives import DiffusionObjective
 from boothkit.adapters.lora import LORA_FILE
 from boothkit.train.losses import add_noise
 from boothkit.train.loop import run_training, training_step
@@ -101,7 +102,8 @@ def test_the_square_class_half_takes_its_own_pass_and_the_loss_is_each_halfs_mea
     alphas, unet = torch.linspace(0.999, 0.01, 1000), PointwiseUNet()
     batch = Batch((subject, classes), ["s", "s", "c", "c"], None, None)
     encode = lambda p: Conditioning(torch.zeros(len(p), 77, 8), None)  # noqa: E731
-    loss, inst, prior = training_step(unet, encode, batch, alphas, "epsilon", 0.5, torch.Generator().manual_seed(2))
+    objective = DiffusionObjective(alphas, "epsilon")
+    loss, inst, prior = training_step(SD, unet, encode, batch, objective, 0.5, torch.Generator().manual_seed(2))
     assert unet.shapes == [(2, 4, 24, 40), (2, 4, 32, 32)]
     g = torch.Generator().manual_seed(2)  # the step's draws, in its order
     noises = [torch.randn(subject.shape, generator=g), torch.randn(classes.shape, generator=g)]
@@ -113,7 +115,7 @@ def test_the_square_class_half_takes_its_own_pass_and_the_loss_is_each_halfs_mea
     torch.testing.assert_close(loss, inst + 0.5 * prior)
     seen = []  # --prior-target frozen: the frozen model sees the class pass's noisy latents only
     frozen = lambda noisy, ts, prompts, ids: seen.append((noisy.shape, prompts)) or torch.zeros_like(noisy)  # noqa: E731
-    _, _, prior = training_step(unet, encode, batch, alphas, "epsilon", 0.5, torch.Generator().manual_seed(2), frozen)
+    _, _, prior = training_step(SD, unet, encode, batch, objective, 0.5, torch.Generator().manual_seed(2), frozen)
     noisy = add_noise(classes, noises[1], alphas, t[2:])
     assert seen == [((2, 4, 32, 32), ["c", "c"])]
     torch.testing.assert_close(prior, ((noisy * 0.5) ** 2).mean())
@@ -158,8 +160,8 @@ def test_cached_uncached_and_resumed_runs_are_bit_identical(photos, tmp_path, mo
     import boothkit.train.loop as T
 
     shapes, real = [], T.training_step
-    monkeypatch.setattr(T, "training_step", lambda u, e, batch, *a, **k: shapes.append(
-        [tuple(x.shape) for x in batch.latents]) or real(u, e, batch, *a, **k))
+    monkeypatch.setattr(T, "training_step", lambda f, u, e, batch, *a, **k: shapes.append(
+        [tuple(x.shape) for x in batch.latents]) or real(f, u, e, batch, *a, **k))
     cached = run_training(cfg(photos, tmp_path / "cached"), progress=False)
     assert {s[0][2:] for s in shapes} <= {(24, 40), (40, 24)} and all(s[1][2:] == (32, 32) for s in shapes)
     uncached = run_training(cfg(photos, tmp_path / "uncached", cache_latents=False), progress=False)
@@ -177,8 +179,8 @@ def test_sdxl_trains_on_the_buckets_size(photos, tmp_path, monkeypatch):
     import boothkit.train.loop as T
 
     ids, real = [], T.training_step
-    monkeypatch.setattr(T, "training_step", lambda u, e, batch, *a, **k: ids.append(batch.time_ids) or real(
-        u, e, batch, *a, **k))
+    monkeypatch.setattr(T, "training_step", lambda f, u, e, batch, *a, **k: ids.append(batch.time_ids) or real(
+        f, u, e, batch, *a, **k))
     run_training(cfg(photos, tmp_path / "xl", model="tiny-xl", prior=False, max_steps=3, masked_loss=False),
                  progress=False)
     rows = torch.cat(ids).tolist()

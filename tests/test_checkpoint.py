@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -334,7 +333,8 @@ def _disk(monkeypatch, free: int) -> None:
 
 def test_class_images_check_the_disk_first(monkeypatch, tmp_path):
     _disk(monkeypatch, 100_000)
-    pipe = SimpleNamespace(vae_scale_factor=8)  # never asked for an image: the check comes first
+    # never asked for an image: the check comes first (the class name is all its family needs)
+    pipe = type("StableDiffusionPipeline", (), {"vae_scale_factor": 8})()
     with pytest.raises(BoothkitError, match=r"^--class-dir: 10 class images of 512x512: needs about 8\.0 MB in "
                                             r".*, but only 100\.0 kB is free there"):
         prior.ensure_class_images(pipe, tmp_path / "cls", prompt="a dog", num_images=10, batch_size=2, seed=0,

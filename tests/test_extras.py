@@ -13,7 +13,8 @@ from boothkit.models import tokens as TK
 from boothkit.train.batches import Batch, LatentBank, PromptEncoder, draw_batch
 from boothkit.cli import main
 from boothkit.core.errors import BoothkitError, ConfigError, DataError
-from boothkit.models.families import Conditioning
+from boothkit.models.families import SD, Conditioning
+from boothkit.train.objectives import DiffusionObjective
 from boothkit.adapters.lora import LORA_FILE
 from boothkit.train.loop import run_training, training_step
 
@@ -39,7 +40,7 @@ def first_losses(monkeypatch):
 
     def spy(*a, **k):
         out = real(*a, **k)
-        seen.append(([float(x.detach()) for x in out], k))
+        seen.append(([float(x.detach()) for x in out], {**k, "objective": a[4]}))
         return out
 
     monkeypatch.setattr(T, "training_step", spy)
@@ -89,8 +90,8 @@ def test_extras_come_from_toml_and_default_off(tmp_path):
 def test_min_snr_weights_each_example_of_both_halves():
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     batch = Batch(latents, ["s", "s", "c", "c"])
-    loss, inst, prior = training_step(PointwiseUNet(), encode, batch, ALPHAS, "epsilon", 0.5,
-                                      torch.Generator().manual_seed(2), snr_gamma=2.0)
+    loss, inst, prior = training_step(SD, PointwiseUNet(), encode, batch, DiffusionObjective(ALPHAS, "epsilon", 2.0),
+                                      0.5, torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(2)  # replay the step's draws
     noise = torch.randn(latents.shape, generator=g)
     t = torch.randint(0, 1000, (4,), generator=g)
@@ -114,7 +115,7 @@ def test_offset_noise_is_a_per_channel_constant_from_the_step_generator():
             return super().forward(noisy, t, encoder_hidden_states)
 
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    losses = [training_step(Spy(), encode, Batch(latents, ["a", "b"]), ALPHAS, "epsilon", None,
+    losses = [training_step(SD, Spy(), encode, Batch(latents, ["a", "b"]), DiffusionObjective(ALPHAS, "epsilon"), None,
                             torch.Generator().manual_seed(4), **k)[0].item()
               for k in ({}, {"noise_offset": 0.0}, {"noise_offset": 0.1})]
     assert losses[0] == losses[1] != losses[2]
@@ -130,7 +131,7 @@ def test_offset_noise_and_min_snr_in_a_run(instance_dir, tmp_path, monkeypatch):
     (plain, _), (zero, _), (offset, k_offset), (_, k_snr) = seen
     assert plain == zero, "--noise-offset 0 repeats a run without it exactly"
     assert offset != plain and k_offset["noise_offset"] == 0.05
-    assert k_snr["snr_gamma"] == 5.0  # its effect on the loss: test_min_snr_weights_each_example_of_both_halves
+    assert k_snr["objective"].snr_gamma == 5.0  # its effect on the loss: test_min_snr_weights_each_example_of_both_halves
 
 
 # ------------------------------------------------------------------------------------------------- EMA
@@ -280,8 +281,8 @@ def test_masked_loss_ignores_subject_pixels_outside_the_mask_only():
     classes[2:, ..., 4:] += 3.0  # the same pixels of the class examples, which are not masked
 
     def loss(x):
-        return training_step(PointwiseUNet(), encode, Batch(x, ["s", "s", "c", "c"], None, masks), ALPHAS,
-                             "epsilon", 1.0, torch.Generator().manual_seed(7))
+        return training_step(SD, PointwiseUNet(), encode, Batch(x, ["s", "s", "c", "c"], None, masks),
+                             DiffusionObjective(ALPHAS, "epsilon"), 1.0, torch.Generator().manual_seed(7))
 
     base, same, moved = loss(latents), loss(changed), loss(classes)
     assert [x.item() for x in base] == [x.item() for x in same]

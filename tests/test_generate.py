@@ -14,6 +14,7 @@ from boothkit.core import config as C
 from boothkit.generate import generation as G
 from boothkit import adapters as L
 from boothkit.core.errors import BoothkitError, ConfigError
+from boothkit.models.families import SD
 
 PROMPT = "a photo of sks dog"
 STEPS, GUIDANCE = 4, 7.5
@@ -225,8 +226,8 @@ def test_every_scheduler_builds_from_the_model_config_and_samples(pipe):
     assert G.scheduler_name(own) == "ddim"  # the tiny model ships DDIM
     results = {}
     try:
-        for name in C.SCHEDULERS:
-            pipe.scheduler = G.make_scheduler(name, own.config)
+        for name in G.family_samplers(SD):
+            pipe.scheduler = G.make_scheduler(name, own.config, SD)
             assert isinstance(pipe.scheduler, getattr(diffusers, G.SCHEDULER_SPECS[name][0]))
             assert G.scheduler_name(pipe.scheduler) == name
             assert pipe.scheduler.config.num_train_timesteps == own.config.num_train_timesteps
@@ -239,6 +240,9 @@ def test_every_scheduler_builds_from_the_model_config_and_samples(pipe):
     assert int(np.abs(results["ddim"] - results["euler-a"]).max()) > 2
     assert int(np.abs(results["dpm++2m"] - results["dpm++2m-karras"]).max()) > 0
     assert G.sampler_label(G.make_scheduler("dpm++2m-karras", own.config)) == "DPM++ 2M Karras"
+    assert set(C.SCHEDULERS) - set(G.family_samplers(SD)) == {"flow-euler"}
+    with pytest.raises(ConfigError, match="^--scheduler flow-euler: SD 1.x/2.x models sample with ddim, "):
+        G.make_scheduler("flow-euler", own.config, SD)
 
 
 def test_parameters_round_trip_through_png(tmp_path):

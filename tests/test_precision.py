@@ -40,6 +40,7 @@ def test_auto_on_cpu_follows_flags_and_probe(machine):
 @pytest.mark.slow
 def test_training_asks_the_model_not_the_matmul(machine, tiny_path):
     """A CPU whose matmul runs 2x faster in bf16 may still train a small model slower under autocast."""
+    from boothkit.models.families import SD
     from boothkit.models.loading import load_pipeline
 
     machine.flags, machine.speedup = frozenset({"avx512_bf16"}), 2.0
@@ -55,7 +56,7 @@ def test_training_asks_the_model_not_the_matmul(machine, tiny_path):
     assert P.resolve("auto", "cpu", probe=probe(9.0), model="other") == "no" and 9.0 not in calls
     unet = load_pipeline("tiny").unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    assert P.unet_step_speedup(unet, 64) > 0
+    assert P.step_speedup(unet, SD.probe_forward(unet, 64)) > 0
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # a probe changes nothing
 
 

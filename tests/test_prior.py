@@ -24,18 +24,19 @@ SETTINGS = dict(prompt="a photo of dog", num_images=6, batch_size=4, seed=10, st
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-class CountingPipe:
-    """The real pipeline, counting how many images it is asked for."""
+def counting(pipe):
+    """The real pipeline, counting how many images it is asked for (still its own class to boothkit)."""
+    real = type(pipe) if not hasattr(type(pipe), "counts") else type(pipe).__mro__[1]
 
-    def __init__(self, pipe):
-        self.pipe, self.images = pipe, 0
+    class Counting(real):
+        counts = True
 
-    def __call__(self, prompt, **kw):
-        self.images += len(prompt)
-        return self.pipe(prompt=prompt, **kw)
+        def __call__(self, prompt, **kw):
+            self.images += len(prompt)
+            return super().__call__(prompt=prompt, **kw)
 
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
+    pipe.__class__, pipe.images = Counting, 0
+    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def base(tiny_path):
 
 
 @pytest.fixture
-def pipe(base) -> CountingPipe:
-    return CountingPipe(base)
+def pipe(base):
+    return counting(base)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,8 @@ def test_generates_the_count_deterministically(made, pipe, tmp_path):
     assert pipe.images == 6 and [p.name for p in paths] == [f"class-{i:05d}.png" for i in range(6)]
     assert all(int(np.abs(pixels(p) - a).max()) <= 1 for p, a in zip(paths, first))
     # ...and plain diffusers repeats image 3 from seed 13.
-    img = pipe.pipe("a photo of dog", num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
-                    generator=torch.Generator("cpu").manual_seed(13)).images[0]
+    img = super(type(pipe), pipe).__call__("a photo of dog", num_inference_steps=2, guidance_scale=7.5, height=64,
+                                           width=64, generator=torch.Generator("cpu").manual_seed(13)).images[0]
     assert int(np.abs(np.asarray(img, dtype=np.int16) - first[3]).max()) <= 1
 
 
@@ -108,7 +109,7 @@ def test_class_images_with_another_sampler(base, tmp_path):
     finally:
         base.scheduler = own
     assert int(np.abs(np.asarray(img, dtype=np.int16) - pixels(paths[1])).max()) <= 1
-    assert C.PriorConfig().class_scheduler == "dpm++2m-karras" and C.PriorConfig().class_steps == 20  # the defaults
+    assert C.PriorConfig().class_scheduler == "auto" and C.PriorConfig().class_steps == 20  # the defaults
 
 
 def test_rerun_generates_only_the_missing_images(made, pipe, tmp_path):

@@ -165,8 +165,9 @@ def test_micro_conditioning_follows_each_pictures_size_and_crop():
 
 
 def test_training_step_passes_the_conditioning_to_the_unet():
-    from boothkit.models.families import Conditioning
+    from boothkit.models.families import SDXL, Conditioning
     from boothkit.train.batches import Batch
+    from boothkit.train.objectives import DiffusionObjective
     from boothkit.train.loop import training_step
 
     seen = {}
@@ -179,7 +180,7 @@ def test_training_step_passes_the_conditioning_to_the_unet():
     ids = torch.tensor([[80., 101, 0, 8, 64, 64], [64, 64, 0, 0, 64, 64]])
     batch = Batch(torch.randn(2, 4, 8, 8), ["a", "b"], ids)
     encode = lambda p: Conditioning(torch.ones(len(p), 77, 96), torch.full((len(p), 64), 2.0))  # noqa: E731
-    training_step(Unet(), encode, batch, torch.linspace(0.99, 0.01, 1000), "epsilon", None,
+    training_step(SDXL, Unet(), encode, batch, DiffusionObjective(torch.linspace(0.99, 0.01, 1000), "epsilon"), None,
                   torch.Generator().manual_seed(0))
     assert torch.equal(seen["time_ids"], ids) and seen["text_embeds"].shape == (2, 64)
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from boothkit.core import config as C
 from boothkit.train.losses import add_noise
-from boothkit.models.families import Conditioning
+from boothkit.models.families import SD, Conditioning
+from boothkit.train.objectives import DiffusionObjective
 from boothkit.adapters.lora import LORA_FILE
 from boothkit.models.loading import load_pipeline
 from boothkit.train.batches import Batch
@@ -157,9 +158,9 @@ def test_target_follows_prediction_type(prediction_type):
                           prediction_type=prediction_type)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     batch = Batch(latents, ["a", "b"])
-    loss, inst, prior = training_step(ZeroUNet(), lambda p: Conditioning(torch.zeros(len(p), 77, 8), None), batch,
-                                      sched.alphas_cumprod,
-                                      prediction_type, None, torch.Generator().manual_seed(9))
+    loss, inst, prior = training_step(SD, ZeroUNet(), lambda p: Conditioning(torch.zeros(len(p), 77, 8), None),
+                                      batch, DiffusionObjective(sched.alphas_cumprod, prediction_type), None,
+                                      torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)  # replay the step's draws
     noise = torch.randn(latents.shape, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)

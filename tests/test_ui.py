@@ -127,7 +127,9 @@ def test_build_ui_has_a_field_for_every_option_at_its_default(tmp_path):
                 assert comp.value == shown[f.name], (prefix, f.name)
     assert [v for _, v in comps["gen-scheduler"].choices] == ["", *C.SCHEDULERS]
     # LoRA scales are sliders starting at 0.8; the dataclass (and CLI) default stays 1.0
-    assert all(isinstance(comps[f"gen-{k}"], gr.Slider) for k in ("guidance", "unet-scale", "text-encoder-scale"))
+    assert all(isinstance(comps[f"gen-{k}"], gr.Slider) for k in ("unet-scale", "text-encoder-scale"))
+    # guidance left empty is the model family's own (7.5 SD, 3.5 FLUX.1's distilled guidance)
+    assert isinstance(comps["gen-guidance"], gr.Number) and comps["gen-guidance"].value in (None, "")
     assert comps["gen-unet-scale"].value == comps["gen-text-encoder-scale"].value == 0.8
     assert C.GenerateConfig().unet_scale == 1.0
     # the page opens on the mini preset: a pretrained model that learns a subject on a CPU (tiny draws noise)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from ..core.errors import BoothkitError, first_line
-from ..models.families import family_of
+from ..models.families import FAMILIES, by_name, family_of
 from .inject import ADAPTER_PREFIX, LYCORIS, lora_config
 from .lora import lora_header, lycoris_config
 
@@ -47,11 +47,11 @@ def apply_lora(pipe, path: str | Path, given: str, adapter_name: str, model: str
     from safetensors import SafetensorError
 
     file, meta, _ = lora_header(path)
-    made_for, family = meta.get("boothkit.family"), family_of(pipe).name
-    if made_for and made_for != family:
-        names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
-        raise BoothkitError(f"--lora {given}: made for {names.get(made_for, made_for)} models, but {model} is "
-                            f"{names.get(family, family)} (a LoRA from another model family)")
+    made_for, family = meta.get("boothkit.family"), family_of(pipe)
+    if made_for and made_for != family.name:
+        label = by_name(made_for).label if made_for in {f.name for f in FAMILIES.values()} else made_for
+        raise BoothkitError(f"--lora {given}: made for {label} models, but {model} is {family.label} (a LoRA "
+                            f"from another model family)")
     if meta.get("boothkit.adapter") in LYCORIS:
         return _apply_lycoris(pipe, file, meta, given, adapter_name, model)
     try:
@@ -72,17 +72,19 @@ def _apply_lycoris(pipe, file: Path, meta: Mapping[str, str], given: str, adapte
     from safetensors.torch import load_file
 
     kind, configs = meta["boothkit.adapter"], lycoris_config(file, meta, given)
+    denoiser = family_of(pipe).denoiser
     tensors = load_file(str(file))
     for comp, c in configs.items():
         module = getattr(pipe, comp, None)
         sd = {k[len(comp) + 1:]: v for k, v in tensors.items() if k.startswith(comp + ".")}
         if module is None or not sd:
             raise BoothkitError(f"--lora {given}: has {comp} weights, but {model} has no {comp}")
-        if comp != "unet" and not hasattr(module, "text_model"):  # transformers 5 (see canonical_text_encoder_keys)
+        if comp != denoiser and not hasattr(module, "text_model"):  # transformers 5 (see canonical_text_encoder_keys)
             sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
         try:
             with _quiet_lora_load():
-                inject_adapter_in_model(lora_config(c["target_modules"], int(c["r"]), float(c["alpha"]), kind=kind),
+                inject_adapter_in_model(lora_config(c["target_modules"], int(c["r"]), float(c["alpha"]), kind=kind,
+                                                    exclude=c.get("exclude_modules")),
                                         module, adapter_name=adapter_name)
                 result = set_peft_model_state_dict(module, sd, adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
@@ -94,5 +96,5 @@ def _apply_lycoris(pipe, file: Path, meta: Mapping[str, str], given: str, adapte
             if f".{ADAPTER_PREFIX[kind]}" in name:
                 param.data = param.data.to(module.dtype)
         module.requires_grad_(False)
-        if comp == "unet":
-            module._hf_peft_config_loaded = True  # what diffusers' UNet.set_adapters checks
+        if comp == denoiser:
+            module._hf_peft_config_loaded = True  # what diffusers' set_adapters checks on a UNet or transformer

@@ -15,24 +15,27 @@ ADAPTER_PREFIX = {"lora": "lora_", "dora": "lora_", "lokr": "lokr_", "loha": "ha
 LYCORIS = ("lokr", "loha")
 
 
-def lora_config(targets, rank: int, alpha: float, dropout: float = 0.0, kind: str = "lora"):
-    """peft config of adapter `kind` for `targets` (module-name suffixes such as 'to_q' or 'to_out.0')."""
+def lora_config(targets, rank: int, alpha: float, dropout: float = 0.0, kind: str = "lora",
+                exclude: str | None = None):
+    """peft config of adapter `kind` for `targets` (module-name suffixes such as 'to_q' or 'to_out.0'), leaving
+    out the modules whose full name matches the regex `exclude` (Flux's final proj_out beside its blocks')."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     if kind in LYCORIS:  # peft's LyCORIS configs: same rank/alpha meaning (scale alpha / r)
         cls = LoKrConfig if kind == "lokr" else LoHaConfig
-        return cls(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=list(targets), init_weights=True)
+        return cls(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=list(targets), init_weights=True,
+                   exclude_modules=exclude)
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                      init_lora_weights=True, use_dora=kind == "dora")
+                      init_lora_weights=True, use_dora=kind == "dora", exclude_modules=exclude)
 
 
 def add_lora(model: torch.nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
-             kind: str = "lora") -> torch.nn.Module:
+             kind: str = "lora", exclude: str | None = None) -> torch.nn.Module:
     """Inject a trainable adapter (its update starts at 0, so the model starts unchanged); freeze everything else."""
     from peft import inject_adapter_in_model
 
     model.requires_grad_(False)
-    inject_adapter_in_model(lora_config(targets, rank, alpha, dropout, kind), model, adapter_name=ADAPTER)
+    inject_adapter_in_model(lora_config(targets, rank, alpha, dropout, kind, exclude), model, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
         p.requires_grad_(f".{ADAPTER_PREFIX[kind]}" in name)
     if not any(p.requires_grad for p in model.parameters()):

@@ -32,13 +32,15 @@ def canonical_text_encoder_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[
     return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
 
 
-def adapter_metadata(targets, rank: int, alpha: float, kind: str = "lora") -> dict:
+def adapter_metadata(targets, rank: int, alpha: float, kind: str = "lora", exclude: str | None = None) -> dict:
     """The LoraConfig fields diffusers reads back from ``lora_adapter_metadata`` (for lokr/loha: the
-    LoKrConfig/LoHaConfig fields boothkit reads back from ``boothkit.adapter_config``)."""
+    LoKrConfig/LoHaConfig fields boothkit reads back from ``boothkit.adapter_config``); `exclude`: the regex of
+    modules the targets must not reach (peft's exclude_modules)."""
+    more = {"exclude_modules": exclude} if exclude else {}
     if kind in LYCORIS:
-        return {"r": rank, "alpha": alpha, "target_modules": sorted(targets)}
+        return {"r": rank, "alpha": alpha, "target_modules": sorted(targets), **more}
     return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0,
-            "init_lora_weights": True, "use_dora": kind == "dora", "lora_bias": False}
+            "init_lora_weights": True, "use_dora": kind == "dora", "lora_bias": False, **more}
 
 
 def save_lora_file(path: str | Path, layers: Mapping[str, Mapping[str, torch.Tensor]],

@@ -71,13 +71,18 @@ MASK_MEANS = ("image", "area")  # losses.MaskRule.mean
 METHODS = ("lora", "full", "ti", "pivotal")
 ADAPTERS = ("lora", "dora", "lokr", "loha")
 # Sampler names `boothkit generate --scheduler` accepts (built by generate.make_scheduler).
-SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", "pndm")
+SCHEDULERS = ("ddim", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "unipc", "pndm", "flow-euler")
+# Flow-matching training (SD3/3.5, FLUX.1): diffusers' weighting_scheme names (the first three draw σ, the last
+# two weigh the loss) and how σ is shifted (auto: by resolution when the scheduler shifts dynamically, as Flux's)
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
+FLOW_SHIFTS = ("auto", "static", "resolution")
+QUANTIZE = ("int8", "nf4", "fp8")
 
 
 # What --model takes, said when it is missing: there is no default, so a run never trains a toy model unasked.
 MODEL_CHOICES = (f"a hub id ({SD15}), a local diffusers folder or .safetensors file, or a built-in: "
                  "mini (pretrained on emoji, to try boothkit), tiny (random weights, for plumbing tests), "
-                 "tiny-xl (random weights, SDXL's layout)")
+                 "tiny-xl, tiny-sd3, tiny-flux (random weights in SDXL's, SD3's and FLUX.1's layouts)")
 # A --model for train and class-images configs that name none (test suites and scripts set it on purpose).
 DEFAULT_MODEL_ENV = "BOOTHKIT_DEFAULT_MODEL"
 
@@ -92,6 +97,9 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of --model.")
     vae: Optional[str] = opt(None, "Another VAE for --model: a diffusers AutoencoderKL folder or hub id (e.g. an "
                                    "fp16-fixed SDXL VAE); recorded in the LoRA, so generation uses it too.")
+    quantize_base: Optional[str] = opt(None, "Quantize the frozen transformer and T5 of a flow-matching model (SD3, "
+                                             "FLUX.1) under LoRA: int8 (torchao weight-only; CPU or GPU), nf4 "
+                                             "(bitsandbytes, QLoRA; GPU), fp8 (torchao; GPU).", choices=QUANTIZE)
 
 
 DEFAULT_INSTANCE_PROMPT = "a photo of {token} {class_noun}"
@@ -175,11 +183,13 @@ class PriorConfig:
     num_class_images: int = opt(100, "Number of class images.", min=1)
     class_batch_size: int = opt(4, "Batch size when generating class images.", min=1)
     class_steps: int = opt(20, "Sampling steps for class images.", min=1)
-    class_scheduler: str = opt("dpm++2m-karras", "Sampler for class images ('model': the model folder's own). "
-                                                 "DPM++ 2M Karras at 20 steps is 1.5x faster than DDIM/PNDM at 30 and "
-                                                 "closer to a converged sampler (benchmarks/class_images.py).",
-                               choices=("model",) + SCHEDULERS)
-    class_guidance: float = opt(7.5, "Guidance scale for class images.", min=0.0)
+    class_scheduler: str = opt("auto", "Sampler for class images ('model': the model folder's own; auto: DPM++ 2M "
+                                       "Karras for SD/SDXL, which at 20 steps is 1.5x faster than DDIM/PNDM at 30 "
+                                       "and closer to a converged sampler (benchmarks/class_images.py); the model's "
+                                       "own flow sampler for SD3/FLUX.1).",
+                               choices=("auto", "model") + SCHEDULERS)
+    class_guidance: Optional[float] = opt(None, "Guidance scale for class images; default: the model family's "
+                                                "(7.5 SD/SDXL, 7 SD3, 3.5 FLUX.1).", min=0.0)
     class_seed: int = opt(0, "Seed of class image i is class_seed + i.")
     prior_weight: float = opt(1.0, "Weight λ of the prior-preservation loss.", min=0.0)
     prior_target: str = opt("images", "Target for the class examples: 'images' (the paper: the noise added to the "
@@ -222,7 +232,10 @@ class LoraConfig:
     rank: int = opt(8, "LoRA rank.", min=1)
     alpha: float = opt(8.0, "LoRA alpha; the update is scaled by alpha / rank.", min=0.0)
     dropout: float = opt(0.0, "LoRA dropout.", min=0.0, max=1.0)
-    unet_targets: tuple[str, ...] = opt(UNET_LORA_TARGETS, "UNet modules that get LoRA (attention projections).")
+    unet_targets: tuple[str, ...] = opt((), "Denoiser (UNet or transformer) modules that get LoRA; default: the "
+                                            "model family's (SD/SDXL: to_q, to_k, to_v, to_out.0; SD3 adds the text "
+                                            "stream's add_q/k/v_proj and to_add_out; FLUX.1 also the single blocks' "
+                                            "proj_mlp and proj_out).")
     train_text_encoder: bool = opt(False, "Also train the text encoder (LoRA, or fully with --full).")
     text_encoder_targets: tuple[str, ...] = opt(TEXT_ENCODER_LORA_TARGETS, "Text-encoder modules that get LoRA.")
 
@@ -266,6 +279,16 @@ class TrainConfig:
     log_every: int = opt(1, "Write train_log.csv every N steps.", min=1)
     snr_gamma: Optional[float] = opt(None, "Min-SNR-γ loss weighting (Hang et al. 2023), e.g. 5: each example's "
                                            "loss weighted by min(SNR, γ) in its prediction type's terms.")
+    weighting_scheme: str = opt("logit_normal", "Flow-matching models: how σ is drawn (logit_normal, mode, "
+                                                "uniform) or, drawn uniformly, how the loss is weighted (sigma_sqrt, "
+                                                "cosmap), as diffusers' SD3/Flux scripts.", choices=WEIGHTING_SCHEMES)
+    logit_mean: float = opt(0.0, "Flow-matching, logit_normal: mean of the normal whose sigmoid is σ's quantile.")
+    logit_std: float = opt(1.0, "Flow-matching, logit_normal: its standard deviation.", min=0.0)
+    mode_scale: float = opt(1.29, "Flow-matching, mode: the scale of mode sampling (SD3 paper).")
+    flow_shift: str = opt("auto", "Flow-matching: shift of σ: static (the scheduler's shift, SD3's 3.0), "
+                                  "resolution (FLUX.1's shift by image size, as its pipeline samples), auto "
+                                  "(resolution where the scheduler shifts dynamically, else static).",
+                          choices=FLOW_SHIFTS)
     noise_offset: float = opt(0.0, "Offset noise, e.g. 0.05: adds this times a per-channel constant to the noise, "
                                    "so the model learns to change an image's overall brightness.", min=0.0)
     ema_decay: Optional[float] = opt(None, "Keep an EMA of the trained weights (e.g. 0.9999; the decay ramps up as "
@@ -370,7 +393,8 @@ class GenerateConfig:
     prompt: tuple[str, ...] = opt((), "Prompt (repeatable).", required=True, text=True)
     negative_prompt: str = opt("", "Negative prompt.")
     num_images: int = opt(4, "Images per prompt.", short="-n", min=1)
-    guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
+    guidance: Optional[float] = opt(None, "Guidance scale; default: the model family's (7.5 SD/SDXL, 7 SD3, 3.5 "
+                                          "FLUX.1's distilled guidance).", min=0.0)
     unet_scale: float = opt(1.0, "LoRA scale on the UNet.")
     text_encoder_scale: float = opt(1.0, "LoRA scale on the text encoder (SDXL: on both).")
     text_encoder_2_scale: Optional[float] = opt(None, "SDXL: a separate LoRA scale for the second text encoder.")

@@ -119,29 +119,18 @@ def cpu_bf16_speedup() -> float:
         return _cached("matmul 512", lambda: _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16))
 
 
-def unet_step_speedup(unet, resolution: int) -> float:
-    """fp32 time / bf16-autocast time of one forward and backward of `unet` on one latent (at most 32x32, i.e.
-    256 px for SD), gradients flowing to the input as they do to LoRA layers; the weights stay as they are."""
-    cfg = unet.config
-    side = min(resolution // 8, 32)
-    sample = torch.randn(1, cfg.in_channels, side, side)
-    width = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
-    kwargs: dict = {"encoder_hidden_states": torch.randn(1, 77, width)}
-    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text and six size numbers
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.ones(1, 6) * 64}
-    device = next(unet.parameters()).device
+def step_speedup(model, forward) -> float:
+    """fp32 time / bf16-autocast time of one forward and backward of `model` as `forward(module)` runs it (on
+    random inputs that need gradients, as LoRA layers' inputs do); the weights stay as they are."""
+    device = next(model.parameters()).device
     # as training holds it: frozen weights in bf16 under autocast (with fp32 weights, autocast would re-cast every
-    # weight at every op, and the probe would measure that instead); a copy, so `unet` keeps its own precision
-    fast = copy.deepcopy(unet).to(torch.bfloat16)
+    # weight at every op, and the probe would measure that instead); a copy, so `model` keeps its own precision
+    fast = copy.deepcopy(model).to(torch.bfloat16)
 
     def step(bf16: bool) -> float:
-        x = sample.to(device).requires_grad_(True)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = (fast if bf16 else unet)(x, 500, **{k: v.to(device) if torch.is_tensor(v) else
-                                                      {a: b.to(device) for a, b in v.items()}
-                                                      for k, v in kwargs.items()}).sample
+            out = forward(fast if bf16 else model)
         out.float().square().mean().backward()
         return time.perf_counter() - start
 

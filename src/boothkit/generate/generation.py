@@ -48,6 +48,8 @@ SCHEDULER_SPECS: dict[str, tuple[str, dict, str]] = {
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
     # A1111's PLMS is PNDM without the Runge-Kutta warm-up steps, as Stable Diffusion ships it.
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
+    # the flow-matching families' (SD3, FLUX.1) Euler sampler; their model folders ship it
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler (flow)"),
 }
 assert tuple(SCHEDULER_SPECS) == C.SCHEDULERS
 
@@ -77,12 +79,20 @@ def warn_long_prompts(pipe, prompts: dict[str, Sequence[str]]) -> None:
 
 # --------------------------------------------------------------------------------------------- schedulers
 
-def make_scheduler(name: str, scheduler_config):
-    """A diffusers scheduler by boothkit name, built from the model's own scheduler config."""
+def family_samplers(family) -> tuple[str, ...]:
+    """The sampler names a family draws with: the flow families their own, the UNet families every other."""
+    return family.samplers or tuple(n for n, spec in SCHEDULER_SPECS.items() if not spec[0].startswith("FlowMatch"))
+
+
+def make_scheduler(name: str, scheduler_config, family=None, flag: str = "--scheduler"):
+    """A diffusers scheduler by boothkit name, built from the model's own scheduler config; with `family`, a
+    sampler that family does not draw with is refused by name."""
     import diffusers
 
     if name not in SCHEDULER_SPECS:
-        raise ConfigError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULER_SPECS)}")
+        raise ConfigError(f"{flag} {name!r} is not one of {', '.join(SCHEDULER_SPECS)}")
+    if family is not None and name not in family_samplers(family):
+        raise ConfigError(f"{flag} {name}: {family.label} models sample with {', '.join(family_samplers(family))}")
     cls_name, overrides, _ = SCHEDULER_SPECS[name]
     return getattr(diffusers, cls_name).from_config(scheduler_config, **overrides)
 
@@ -149,9 +159,9 @@ def load_generation_pipeline(model: str | None, loras: list[tuple[str, float]], 
         raise ConfigError(f"--scheduler {scheduler!r} is not one of {', '.join(SCHEDULER_SPECS)}")
     pipe = models.load_pipeline(model, model_config=model_config, dtype=dtype, vae=vae)
     pipe.set_progress_bar_config(disable=True)  # boothkit shows one bar over all images instead
-    if scheduler is not None:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     family = families.family_of(pipe)
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config, family)
     for emb, info in embeddings:  # the identifier's learned tokens (Textual Inversion / pivotal runs)
         load_embeddings(pipe, family, emb, info.get("token") or emb.stem)
     adapters = []
@@ -177,12 +187,13 @@ def set_lora_scales(pipe, unet_scale: float, text_encoder_scale: float,
     if not adapters:
         return
 
-    present, encoders = pipe.get_list_adapters(), family_of(pipe).text_encoders
+    family = family_of(pipe)
+    present, encoders = pipe.get_list_adapters(), family.trainable_encoders
     names, weights = [], []
     for name, _, weight in adapters:
         w = {}
-        if name in present.get("unet", []):
-            w["unet"] = unet_scale * weight
+        if name in present.get(family.denoiser, []):
+            w[family.denoiser] = unet_scale * weight
         for k, component in enumerate(encoders):  # the first, or every one unless the second has its own
             scale = text_encoder_2_scale if k and text_encoder_2_scale is not None else text_encoder_scale
             if name in present.get(component, []):
@@ -196,12 +207,11 @@ def set_lora_scales(pipe, unet_scale: float, text_encoder_scale: float,
 
 def image_size(pipe, width: int = 0, height: int = 0) -> tuple[int, int]:
     """(width, height) with 0 meaning the model's native size; both must be multiples of the VAE factor."""
-    native = models.native_resolution(pipe)
+    family = family_of(pipe)
+    native = family.native_resolution(pipe)
     width, height = width or native, height or native
-    factor = int(pipe.vae_scale_factor)
     for flag, value in (("--width", width), ("--height", height)):
-        if value % factor:
-            raise ConfigError(f"{flag} {value}: must be a multiple of {factor}")
+        family.check_size(flag, value, pipe)
     return width, height
 
 
@@ -262,7 +272,9 @@ def parameters_text(prompt: str, negative_prompt: str, *, steps: int, sampler: s
 def pipeline_fields(pipe) -> dict[str, str]:
     """The model, VAE, precision and device a boothkit pipeline draws with, for parameters_text."""
     return {"model": str(getattr(pipe, "boothkit_model", "") or ""),
-            "vae": str(getattr(pipe, "boothkit_vae", "") or ""), "precision": str(pipe.unet.dtype).removeprefix("torch."), "device": pipe.device.type}
+            "vae": str(getattr(pipe, "boothkit_vae", "") or ""),
+            "precision": str(getattr(pipe, family_of(pipe).denoiser).dtype).removeprefix("torch."),
+            "device": pipe.device.type}
 
 
 _FIELD = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -333,12 +345,14 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     set_lora_scales(pipe, g.unet_scale, g.text_encoder_scale, g.text_encoder_2_scale)
     warn_long_prompts(pipe, {"--prompt": g.prompt, "--negative-prompt": [g.negative_prompt]})
     width, height = image_size(pipe, g.width, g.height)
+    guidance = family_of(pipe).default_guidance if g.guidance is None else g.guidance
     # Record the base model actually used, so the saved config repeats the run even if --model was implied.
-    resolved = cfg.replace("generate", model=g.model or pipe.boothkit_model, vae=g.vae or pipe.boothkit_vae)
+    resolved = cfg.replace("generate", model=g.model or pipe.boothkit_model, vae=g.vae or pipe.boothkit_vae,
+                           guidance=guidance)
     out.mkdir(parents=True, exist_ok=True)
     C.save_toml(out / "generate_config.toml", resolved.to_dict())
     params = functools.partial(parameters_text, negative_prompt=g.negative_prompt, steps=g.steps,
-                               sampler=sampler_label(pipe.scheduler), guidance=g.guidance, width=width,
+                               sampler=sampler_label(pipe.scheduler), guidance=guidance, width=width,
                                height=height, **pipeline_fields(pipe), loras=loras, unet_scale=g.unet_scale,
                                text_encoder_scale=g.text_encoder_scale,
                                text_encoder_2_scale=g.text_encoder_2_scale)
@@ -347,7 +361,7 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
         for p, prompt in enumerate(g.prompt):
             seeds = [g.seed + i for i in range(g.num_images)]
             images: list = []
-            for batch in iter_batches(pipe, prompt, seeds, steps=g.steps, guidance=g.guidance,
+            for batch in iter_batches(pipe, prompt, seeds, steps=g.steps, guidance=guidance,
                                       negative_prompt=g.negative_prompt, width=width, height=height,
                                       batch_size=g.batch_size):
                 for img in batch:

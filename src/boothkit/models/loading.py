@@ -2,6 +2,7 @@
 single-file checkpoints and hub ids, each as its family's pipeline (boothkit.models.families)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from ..core.errors import ModelError, first_line
 from ..core.files import boothkit_home
 from ..core.hub_ids import LOCAL_OR_BUILT_IN, hub_error
 from ..core.safety import REFUSAL, as_safetensors, is_pickle, pickle_allowed, pickled_only, refuse_pickle
-from .families import SD, family_of, family_of_folder, family_of_single_file
+from .families import family_of, family_of_folder, family_of_index, family_of_single_file
 from .mini import MINI, mini_path
 from .shapes import SD15_SHAPE, sd15_shape_path
 from .tiny import TINY, TINY_VERSION, TINY_XL, TINY_XL_VERSION, tiny_model_path, tiny_xl_model_path
@@ -123,17 +124,22 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
     if spec in BUILT_IN or path.is_dir():
         if spec not in BUILT_IN and not (path / "model_index.json").is_file():
             raise ModelError(f"--model {spec}: folder has no model_index.json (not a diffusers model folder)")
-        family = family_of_folder(model_path(spec))
-        parts = ("unet", "vae", "scheduler") + family.text_encoders + family.tokenizers
-        _check_parts(Path(model_path(spec)), spec, parts)
-        _check_pickles(Path(model_path(spec)), spec)
+        folder = Path(model_path(spec))
+        family = family_of_folder(folder)
+        parts = (family.denoiser, "vae", "scheduler") + family.text_encoders + family.tokenizers
+        _check_parts(folder, spec, parts)
+        _check_pickles(folder, spec)
         try:
-            return family.pipeline().from_pretrained(model_path(spec), dtype=dtype, use_safetensors=_safetensors(),
+            pipe = family.pipeline().from_pretrained(str(folder), dtype=dtype, use_safetensors=_safetensors(),
                                                      **family.pipeline_kwargs)
         # diffusers' and transformers' ways of saying a part is damaged (weights, config.json, a missing file)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             first = first_line(exc)
             raise ModelError(f"--model {spec}: cannot load the model folder ({first})") from None
+        marker = folder / "BOOTHKIT_TINY.json"  # built-in models record the size they are made for
+        if marker.is_file():
+            pipe.boothkit_resolution = int(json.loads(marker.read_text()).get("resolution", 0)) or None
+        return pipe
     if path.suffix == ".safetensors" or is_pickle(path):
         if not path.is_file():
             raise ModelError(f"--model {spec}: file not found")
@@ -164,19 +170,21 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
     try:
         from diffusers import DiffusionPipeline
 
-        # diffusers picks the pipeline class from the repo's model_index.json; SD's safety checker is not
-        # loaded (other families ignore the two arguments)
-        pipe = DiffusionPipeline.from_pretrained(spec, revision=revision, dtype=dtype, use_safetensors=_safetensors(),
-                                                 **SD.pipeline_kwargs)
+        # the repo's model_index.json names the pipeline: a family boothkit does not train is refused before
+        # any weights download, and each family gets its own loading arguments (SD: no safety checker)
+        family = family_of_index(DiffusionPipeline.load_config(spec, revision=revision), spec)
+        pipe = family.pipeline().from_pretrained(spec, revision=revision, dtype=dtype,
+                                                 use_safetensors=_safetensors(), **family.pipeline_kwargs)
+    except ModelError:
+        raise
     except Exception as exc:  # hub errors come in many types: a missing or removed repository is said as such
         log.debug("hub load of %s failed: %s", spec, exc)
         raise ModelError(hub_error("--model", spec, exc, LOCAL_OR_BUILT_IN) or
                          f"--model {spec}: not a local path and not loadable from the model hub ({first_line(exc)}); "
                          f"{LOCAL_OR_BUILT_IN}") from None
-    family_of(pipe)  # another kind of pipeline (SD3, Flux, ...) is refused by name
     return pipe
 
 
 def native_resolution(pipe) -> int:
-    """The image size the model was trained at (unet sample size x VAE scale factor)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The image size the model was trained at (its family knows where the model says it)."""
+    return family_of(pipe).native_resolution(pipe)

@@ -159,14 +159,13 @@ def _center(img, width: int, height: int) -> tuple[int, int, int, int]:
 
 
 class PromptEncoder:
-    """Prompt -> what the UNet is conditioned on (the family's text encoders); cached when they are frozen."""
+    """Prompt -> what the denoiser is conditioned on (the family's text encoders); cached when they are frozen."""
 
     def __init__(self, family: Family, tokenizers, text_encoders, prompts: list[str], cache: bool, device,
                  rewrite: Callable[[str], str] = str):
         """`rewrite`: the text the tokenizers see for a prompt (Textual Inversion spells out extra vectors)."""
         self.family, self.text_encoders, self.device = family, list(text_encoders), device
-        self.ids = {p: [tok(rewrite(p), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids for tok in tokenizers] for p in prompts}
+        self.ids = {p: family.tokenize(tokenizers, rewrite(p)) for p in prompts}
         self.cached = None
         if cache:
             with torch.no_grad():

@@ -28,24 +28,15 @@ from ..core.errors import BoothkitError, ConfigError, Interrupted
 from ..core.files import atomic_folder, atomic_write_bytes, check_free_space
 from ..core.interrupts import deferred_stop
 from ..core.locks import folder_lock
-from ..core.precision import resolve, unet_step_speedup
+from ..core.precision import resolve, step_speedup
 from ..core.progress import progress_bar
 from ..generate.generation import generate_images, make_grid, save_png
+from ..models.families import Family, family_of
 from ..models.loading import load_pipeline, model_ref, native_resolution
 from . import checkpoint as ckpt
 from . import ema, fingerprint
 from .batches import Batch, draw_batch, step_seed
-from .losses import (
-    MaskRule,
-    add_noise,
-    diffusion_target,
-    example_mse,
-    examples_loss,
-    min_snr_weights,
-    mse,
-    prior_preservation_loss,
-    weighted_loss,
-)
+from .losses import MaskRule, example_mse, examples_loss, mse, prior_preservation_loss, weighted_loss
 from .trainer import Trainer, encoders_train, load_dtypes, read_photos, setup, trainable, validation_prompts
 
 log = logging.getLogger("boothkit")
@@ -54,21 +45,21 @@ LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder
 
 # ------------------------------------------------------------------------------------------- the step
 
-def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Tensor, prediction_type: str,
-                  prior_weight: float | None, g: torch.Generator, frozen_predict: Callable | None = None,
-                  snr_gamma: float | None = None, noise_offset: float = 0.0, mask_rule: MaskRule = MaskRule()):
+def training_step(family: Family, model, encode: Callable, batch: Batch, objective, prior_weight: float | None,
+                  g: torch.Generator, frozen_predict: Callable | None = None, noise_offset: float = 0.0,
+                  mask_rule: MaskRule = MaskRule()):
     """One forward pass over [subject; class] examples -> (loss, instance_loss, prior_loss).
 
-    With `frozen_predict` (--prior-target frozen) the class examples' target is the frozen model's own
-    prediction for the same noisy latents and prompt, instead of the noise that was added. `snr_gamma`: min-SNR-γ
-    weights per example; `noise_offset`: offset noise; `batch.masks`: the subject examples' loss masks, which
-    count as `mask_rule` says.
+    `family` calls the denoiser `model`; `objective` (train.objectives) draws the timesteps, noises the latents and
+    says the target and each example's weight. With `frozen_predict` (--prior-target frozen) the class examples'
+    target is the frozen model's own prediction for the same noisy latents and prompt, instead of the objective's.
+    `noise_offset`: offset noise; `batch.masks`: the subject examples' loss masks, which count as `mask_rule` says.
     A bucketed batch's subject and class examples (`batch.latents` a pair) take one pass each.
     """
     parts = batch.latents if isinstance(batch.latents, tuple) else (batch.latents,)
     device = parts[0].device
     noises = [torch.randn(x.shape, generator=g).to(device) for x in parts]
-    timesteps = torch.randint(0, len(alphas_cumprod), (sum(len(x) for x in parts),), generator=g).to(device)
+    timesteps = objective.timesteps(sum(len(x) for x in parts), g, tuple(parts[0].shape[-2:])).to(device)
     if noise_offset:  # drawn last: with 0 (no draw) the noise and timesteps are a plain run's, bit for bit
         noises = [e + noise_offset * torch.randn(e.shape[:2] + (1,) * (e.ndim - 2), generator=g).to(device)
                   for e in noises]
@@ -76,23 +67,23 @@ def training_step(unet, encode: Callable, batch: Batch, alphas_cumprod: torch.Te
     noisy, preds, targets, start = [], [], [], 0
     for x, e in zip(parts, noises):
         at, start = slice(start, start + len(x)), start + len(x)
-        noisy.append(add_noise(x, e, alphas_cumprod, timesteps[at]))
-        kwargs = encode(batch.prompts[at]).unet_kwargs(None if time_ids is None else time_ids[at])
-        preds.append(unet(noisy[-1], timesteps[at], **kwargs).sample)
-        targets.append(diffusion_target(prediction_type, x, e, alphas_cumprod, timesteps[at]))
+        noisy.append(objective.noisy(x, e, timesteps[at]))
+        preds.append(family.denoise(model, noisy[-1], timesteps[at], encode(batch.prompts[at]),
+                                    None if time_ids is None else time_ids[at]))
+        targets.append(objective.target(x, e, timesteps[at]))
     if prior_weight is not None and frozen_predict is not None:
         n = len(timesteps) // 2  # the class examples: the last n of the last pass
         with torch.no_grad():
             frozen = frozen_predict(noisy[-1][-n:], timesteps[n:], batch.prompts[n:],
                                     None if time_ids is None else time_ids[n:])
         targets[-1] = torch.cat([targets[-1][:-n], frozen.to(targets[-1].dtype)])
-    weights = None if snr_gamma is None else min_snr_weights(alphas_cumprod, timesteps, snr_gamma, prediction_type)
+    weights = objective.weights(timesteps)
     if len(parts) == 2:  # the loss is still each half's mean over its examples, as in one pass
         per = torch.cat([example_mse(preds[0], targets[0], batch.masks, mask_rule),
                          example_mse(preds[1], targets[1])])
         return examples_loss(per, weights, prior_weight)
     pred, target = preds[0], targets[0]
-    if snr_gamma is not None or batch.masks is not None:
+    if weights is not None or batch.masks is not None:
         return weighted_loss(pred, target, weights, batch.masks, prior_weight, mask_rule)
     if prior_weight is None:
         loss = mse(pred, target)
@@ -232,7 +223,9 @@ def _check_room(tr: Trainer, out: Path) -> None:
 def _probe_speedup(cfg: RunConfig) -> float:
     """bf16 speedup of this model's training step on this CPU (a one-off load: the result is cached)."""
     pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
-    return unet_step_speedup(pipe.unet, cfg.data.resolution or native_resolution(pipe))
+    family = family_of(pipe)
+    model = getattr(pipe, family.denoiser)
+    return step_speedup(model, family.probe_forward(model, cfg.data.resolution or native_resolution(pipe)))
 
 
 def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
@@ -284,16 +277,17 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool,
     """Optimizer steps start..max_steps, with logging, checkpoints and validation samples."""
     cfg, acc = tr.cfg, tr.accelerator
     t, d = cfg.train, cfg.data
-    trained = [tr.unet] + (list(tr.text_encoders.values()) if cfg.lora.train_text_encoder else [])
+    trained = [tr.denoiser] + ([tr.text_encoders[n] for n in tr.family.trainable_encoders]
+                               if cfg.lora.train_text_encoder else [])
     prior_weight = cfg.prior.prior_weight if cfg.prior.prior else None
     mask_rule = MaskRule(d.mask_outside, d.mask_mean)
     frozen_predict = None
     if cfg.prior.prior and cfg.prior.prior_target == "frozen":
-        bare = [acc.unwrap_model(m) for m in (tr.unet, *tr.text_encoders.values())]
+        bare = [acc.unwrap_model(m) for m in (tr.denoiser, *tr.text_encoders.values())]
 
         def frozen_predict(noisy, timesteps, prompts, time_ids):
             with adapters_disabled(*bare):
-                return bare[0](noisy, timesteps, **tr.encode(prompts).unet_kwargs(time_ids)).sample
+                return tr.family.denoise(bare[0], noisy, timesteps, tr.encode(prompts), time_ids)
     n_micro, rank, main = t.gradient_accumulation_steps, acc.process_index, acc.is_main_process
     for m in trained:
         m.train()
@@ -312,8 +306,8 @@ def _loop(tr: Trainer, out: Path, start: int, rows: list[dict], progress: bool,
                             stack.enter_context(acc.no_sync(m))
                     with acc.autocast():
                         batch = draw_batch(g, tr.instance, t.batch_size, tr.classes, d.caption_dropout, tr.class_of)
-                        losses = training_step(tr.unet, tr.encode, batch, tr.alphas_cumprod, tr.prediction_type,
-                                               prior_weight, g, frozen_predict, snr_gamma=t.snr_gamma,
+                        losses = training_step(tr.family, tr.denoiser, tr.encode, batch, tr.objective,
+                                               prior_weight, g, frozen_predict,
                                                noise_offset=t.noise_offset, mask_rule=mask_rule)
                     acc.backward(losses[0] / n_micro)
                 totals += torch.stack([x.detach().float().cpu() for x in losses]) / n_micro
@@ -381,7 +375,8 @@ def _stop_on_interrupt(tr: Trainer, out: Path, done: int, rows: list[dict]) -> N
 
 def _models(tr: Trainer) -> dict[str, torch.nn.Module]:
     """Component name -> unwrapped model, for every component that trains."""
-    trained = {"unet": tr.unet, **(tr.text_encoders if encoders_train(tr.cfg) else {})}
+    trained = {tr.family.denoiser: tr.denoiser,
+               **({n: tr.text_encoders[n] for n in tr.family.trainable_encoders} if encoders_train(tr.cfg) else {})}
     return {name: tr.accelerator.unwrap_model(m) for name, m in trained.items()}
 
 
@@ -400,7 +395,7 @@ def _weights(tr: Trainer) -> dict[str, torch.Tensor]:
 
 
 def _restore(tr: Trainer, path: Path, weights: dict[str, torch.Tensor]) -> None:
-    models = {"unet": tr.unet, **tr.text_encoders}
+    models = {tr.family.denoiser: tr.denoiser, **tr.text_encoders}
     params = {f"{name}.{k}": p for name, m in models.items()
               for k, p in trainable(tr.accelerator.unwrap_model(m)).items()}
     missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
@@ -419,7 +414,9 @@ def _restore(tr: Trainer, path: Path, weights: dict[str, torch.Tensor]) -> None:
 def _validate(tr: Trainer, folder: Path) -> None:
     """Fixed-seed samples of the validation prompts with the current weights."""
     cfg, accelerator, val = tr.cfg, tr.accelerator, tr.pipe  # its unet and text encoders are the trained modules
-    modes = [(m, m.training) for m in (val.unet, *(getattr(val, n) for n in tr.family.text_encoders))]
+    parts = (tr.family.denoiser,) + tr.family.text_encoders
+    modes = [(m, m.training) for m in (getattr(val, n) for n in parts)]
+    guidance = tr.family.default_guidance
     images = []
     try:
         for m, _ in modes:
@@ -427,10 +424,10 @@ def _validate(tr: Trainer, folder: Path) -> None:
         with torch.random.fork_rng(), accelerator.autocast():
             for i, prompt in enumerate(validation_prompts(cfg)):
                 imgs = generate_images(val, prompt, num_images=2, seed=0, steps=cfg.train.validation_steps,
-                                       guidance=7.5)
+                                       guidance=guidance)
                 for j, img in enumerate(imgs):
                     save_png(img, folder / f"{i:02d}-{j}.png", f"{prompt}\nSteps: {cfg.train.validation_steps}, "
-                                                                 f"CFG scale: 7.5, Seed: {j}")
+                                                                 f"CFG scale: {guidance:g}, Seed: {j}")
                 images += imgs
     finally:
         for m, was_training in modes:
@@ -469,9 +466,10 @@ def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -
         save_embeddings(out, tr.family, tr.placeholder, vectors, {**info, "vectors": lo.ti_vectors, "method": lo.method})
         if lo.method == "ti":
             return
-    layers = {"unet": lora_state_dict(trained["unet"])}
-    adapters = {"unet": adapter_metadata(lo.unet_targets, lo.rank, lo.alpha, lo.adapter)}
-    for name in tr.family.text_encoders if lo.train_text_encoder else ():
+    denoiser = tr.family.denoiser
+    layers = {denoiser: lora_state_dict(trained[denoiser])}
+    adapters = {denoiser: adapter_metadata(lo.unet_targets, lo.rank, lo.alpha, lo.adapter, tr.family.lora_exclude)}
+    for name in tr.family.trainable_encoders if lo.train_text_encoder else ():
         layers[name] = canonical_text_encoder_keys(lora_state_dict(trained[name]))
         adapters[name] = adapter_metadata(lo.text_encoder_targets, lo.rank, lo.alpha, lo.adapter)
     save_lora_file(out / LORA_FILE, layers, adapters, info, kind=lo.adapter)

@@ -25,6 +25,7 @@ from ..core.precision import default_device
 from ..core.progress import progress_bar
 from ..generate.generation import iter_batches, make_scheduler, sampler_label
 from ..models import loading as models
+from ..models.families import family_of
 from . import data
 
 log = logging.getLogger("boothkit")
@@ -121,7 +122,7 @@ def missing_indices(valid_names: set[str], count: int) -> list[int]:
 
 
 def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_size: int, seed: int, steps: int,
-                        guidance: float, resolution: int, model_name: str, progress: bool = True,
+                        guidance: float | None, resolution: int, model_name: str, progress: bool = True,
                         scheduler: str = "model", stop: threading.Event | None = None) -> list[Path]:
     """Make sure `class_dir` holds num_images readable class images; generate only the missing ones, with the
     sampler `scheduler` (a boothkit sampler name, or 'model' for the pipeline's own).
@@ -129,8 +130,9 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
     Returns the first num_images valid images, sorted by name.
     """
     class_dir = Path(class_dir)
-    if resolution % int(pipe.vae_scale_factor):
-        raise ConfigError(f"--resolution {resolution}: must be a multiple of {pipe.vae_scale_factor}")
+    family = family_of(pipe)
+    family.check_size("--resolution", resolution, pipe)
+    guidance = family.default_guidance if guidance is None else guidance
     # runs sharing a class folder take turns: the second finds the first one's images made
     with folder_lock(class_dir, "--class-dir", "making class images", wait=True):
         return _fill_class_dir(pipe, class_dir, prompt=prompt, num_images=num_images, batch_size=batch_size,
@@ -182,10 +184,13 @@ def _fill_class_dir(pipe, class_dir: Path, *, prompt: str, num_images: int, batc
 
 @contextlib.contextmanager
 def _sampler(pipe, name: str) -> Iterator[str]:
-    """Sample with scheduler `name` for a while (the pipeline's own for 'model'); yields the sampler's label."""
-    own = pipe.scheduler
+    """Sample with scheduler `name` for a while (the pipeline's own for 'model'; for 'auto' the family's choice);
+    yields the sampler's label."""
+    own, family = pipe.scheduler, family_of(pipe)
+    if name == "auto":
+        name = family.default_sampler or "model"
     if name != "model":
-        pipe.scheduler = make_scheduler(name, own.config)
+        pipe.scheduler = make_scheduler(name, own.config, family, "--class-scheduler")
     try:
         yield sampler_label(pipe.scheduler)
     finally:

@@ -20,11 +20,12 @@ from ..core.errors import ConfigError
 from ..core.precision import DTYPES
 from ..generate.generation import warn_long_prompts
 from ..models import tokens
-from ..models.families import Family, family_of
+from ..models.families import Family, check_method, family_of
 from ..models.loading import model_name, native_resolution
 from . import ema
 from .batches import LatentBank, PromptEncoder
 from .data import aspect_buckets, load_folder, load_image
+from .objectives import make_objective
 from .prior import class_folders, ensure_class_images
 from .sidecars import read_sidecars
 
@@ -40,16 +41,15 @@ class Trainer:
     accelerator: object
     pipe: object
     family: Family
-    unet: torch.nn.Module
-    text_encoders: dict[str, torch.nn.Module]  # component name -> (prepared) text encoder
+    denoiser: torch.nn.Module  # the UNet or transformer (prepared)
+    text_encoders: dict[str, torch.nn.Module]  # every text encoder of the family, name -> (prepared when trained)
     optimizer: object
     lr_scheduler: object
     params: list
     instance: LatentBank
     classes: LatentBank | None
     encode: PromptEncoder
-    alphas_cumprod: torch.Tensor
-    prediction_type: str
+    objective: object  # train.objectives: what the denoiser learns to predict
     class_of: list[int] | None = None  # several subjects: subject -> its class's group in `classes`
     ema: object | None = None  # --ema-decay: diffusers' EMAModel of `params`
     placeholder: Placeholder | None = None  # --method ti/pivotal: the identifier as new tokens
@@ -167,15 +167,16 @@ def read_photos(cfg: RunConfig) -> Photos:
 def setup(cfg: RunConfig, accelerator, pipe, photos: Photos, progress: bool,
            stop: threading.Event | None = None) -> tuple[Trainer, RunConfig]:
     """Make class images, add LoRA, build optimizer, schedule and latent banks for the loaded model and photos."""
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-
-
+    family = family_of(pipe)
+    check_method(family, cfg.lora.method, cfg.lora.adapter)
+    if not cfg.lora.unet_targets:  # the family's own LoRA targets, recorded in the config as run
+        cfg = cfg.replace("lora", unet_targets=family.lora_targets)
+    objective = make_objective(family, pipe.scheduler, cfg.train)  # a flag the objective does not take fails here
     t, d, pr, lo = cfg.train, cfg.data, cfg.prior, cfg.lora
     device = accelerator.device
     pipe.set_progress_bar_config(disable=True)
-    family = family_of(pipe)
     subjects = photos.subjects
     for s in subjects if not learns_tokens(cfg) else ():  # ti/pivotal make it one new token, however it splits
         check_identifier(pipe.tokenizer, s.token)
@@ -199,18 +200,17 @@ def setup(cfg: RunConfig, accelerator, pipe, photos: Photos, progress: bool,
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_steps)
     text_encoders = {name: getattr(pipe, name) for name in family.text_encoders}
-    if encoders_train(cfg):
-        unet, *prepared, optimizer = accelerator.prepare(pipe.unet, *text_encoders.values(), optimizer)
-        text_encoders = dict(zip(text_encoders, prepared))
-    else:
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    trained = family.trainable_encoders if encoders_train(cfg) else ()
+    denoiser, *prepared, optimizer = accelerator.prepare(getattr(pipe, family.denoiser),
+                                                         *(text_encoders[n] for n in trained), optimizer)
+    text_encoders.update(zip(trained, prepared))
 
     bank = dict(size=size, vae=pipe.vae, cache=d.cache_latents, flip=d.flip, random_crop=d.crop == "random",
                 device=device)
     several = len(subjects) > 1
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     tr = Trainer(
-        cfg=cfg, subjects=subjects, accelerator=accelerator, pipe=pipe, family=family, unet=unet, text_encoders=text_encoders,
+        cfg=cfg, subjects=subjects, accelerator=accelerator, pipe=pipe, family=family, denoiser=denoiser,
+        text_encoders=text_encoders,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler, params=[p for grp in groups for p in grp["params"]],
         instance=LatentBank(photos.images, **bank, prompts=photos.prompts, masks=photos.masks,
@@ -223,7 +223,7 @@ def setup(cfg: RunConfig, accelerator, pipe, photos: Photos, progress: bool,
                              list(dict.fromkeys([*photos.prompts, *class_prompts, *([""] if d.caption_dropout else [])])),
                              cache=d.cache_latents and not encoders_train(cfg),
                              device=device, rewrite=placeholder.expand if placeholder else str),
-        alphas_cumprod=noise_sched.alphas_cumprod, prediction_type=noise_sched.config.prediction_type,
+        objective=objective,
         class_of=class_of if several else None, placeholder=placeholder, placeholder_ids=placeholder_ids)
     if t.ema_decay is not None:
         tr.ema = ema.make_ema(tr.params, t.ema_decay, t.ema_on_cpu)
@@ -278,46 +278,50 @@ def _buckets(cfg: RunConfig, pipe, size: int) -> list[tuple[int, int]] | None:
 
 def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precision: str) -> list[dict]:
     """Freeze what is not trained, add LoRA adapters (or unfreeze for --full); returns optimizer param groups.
-    --train-text-encoder trains every text encoder of the family (one learning rate for them)."""
+    --train-text-encoder trains every text encoder of the family that LoRA may train (one learning rate for
+    them); the others (T5) stay frozen in the run's precision."""
     t, lo = cfg.train, cfg.lora
-    unet, train_te = pipe.unet, lo.train_text_encoder
-    encoders = [getattr(pipe, name) for name in family.text_encoders]
+    denoiser, train_te = getattr(pipe, family.denoiser), lo.train_text_encoder
+    tuned = [getattr(pipe, name) for name in family.trainable_encoders]
+    frozen = [getattr(pipe, name) for name in family.text_encoders if name not in family.trainable_encoders]
     weight_dtype = DTYPES[mixed_precision]  # the frozen weights
     pipe.vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
+    for te in frozen:
+        te.requires_grad_(False).to(device, weight_dtype).eval()
     torch.manual_seed(t.seed)  # LoRA A matrices are drawn from the global RNG
     if lo.full:
-        unet.requires_grad_(True)
-        for te in encoders:
+        denoiser.requires_grad_(True)
+        for te in tuned:
             te.requires_grad_(train_te)
     elif lo.method == "ti":  # the model stays as it is; only the identifier's embeddings train
-        unet.requires_grad_(False).to(device, weight_dtype)
-        for te in encoders:
+        denoiser.requires_grad_(False).to(device, weight_dtype)
+        for te in tuned:
             te.requires_grad_(False)
     else:
-        unet.to(device, weight_dtype)
-        add_lora(unet, lo.unet_targets, lo.rank, lo.alpha, lo.dropout, lo.adapter)
-        for te in encoders:
+        denoiser.to(device, weight_dtype)
+        add_lora(denoiser, lo.unet_targets, lo.rank, lo.alpha, lo.dropout, lo.adapter, exclude=family.lora_exclude)
+        for te in tuned:
             te.requires_grad_(False)
             if train_te:
                 te.to(device, weight_dtype)
                 add_lora(te, lo.text_encoder_targets, lo.rank, lo.alpha, lo.dropout, lo.adapter)
-    for model in (unet, *encoders):
+    for model in (denoiser, *tuned):
         model.to(device)
         for p in trainable(model).values():
             p.data = p.data.float()  # trainable weights stay fp32; autocast handles the compute
-        if not train_te and model is not unet:
+        if not train_te and model is not denoiser:
             model.to(device, weight_dtype)
     if t.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for te in encoders if train_te else ():
+        denoiser.enable_gradient_checkpointing()
+        for te in tuned if train_te else ():
             te.gradient_checkpointing_enable()
     if t.compile:
-        unet.compile()  # in place (not torch.compile(unet)): parameter and state-dict names stay as they are
-    groups = [{"params": list(trainable(unet).values()), "lr": t.learning_rate}] if lo.method != "ti" else []
+        denoiser.compile()  # in place (not torch.compile(model)): parameter and state-dict names stay as they are
+    groups = [{"params": list(trainable(denoiser).values()), "lr": t.learning_rate}] if lo.method != "ti" else []
     if train_te:
-        groups.append({"params": [p for te in encoders for p in trainable(te).values()], "lr": t.text_encoder_lr})
+        groups.append({"params": [p for te in tuned for p in trainable(te).values()], "lr": t.text_encoder_lr})
     return groups
 
 

@@ -28,7 +28,7 @@ UI_DEFAULTS: dict[str, dict[str, Any]] = {
     "GenerateConfig": {"unet_scale": 0.8, "text_encoder_scale": 0.8},
     "SweepConfig": {"unet_scale": "0.4,0.8,1", "text_encoder_scale": "0,0.8", "num_images": 2},
 }
-SLIDERS = {"guidance": (0.0, 20.0, 0.5), "unet_scale": (0.0, 1.5, 0.05), "text_encoder_scale": (0.0, 1.5, 0.05)}
+SLIDERS = {"unet_scale": (0.0, 1.5, 0.05), "text_encoder_scale": (0.0, 1.5, 0.05)}
 
 SUBJECT = ("instance_dir", "token", "class_noun")  # a preset leaves these as typed
 # The first is what the page opens on: mini, a pretrained model that learns a subject on a CPU (tiny draws noise).
