@@ -18,6 +18,11 @@ Formats (``boothkit export --format ...``):
   translation; text-encoder keys are ``lora_te_text_model_encoder_layers_N_<self_attn_q_proj|...|mlp_fc1>``,
   which ``model_lora_keys_clip`` maps onto CLIP-L. diffusers also loads this layout
   (``load_lora_weights(file, unet_config=pipe.unet.config)``, its sgm-block remapping).
+- Flux.1 and SD3 runs (``boothkit.family`` flux / sd3, the table ``export.flow.FLOW_FAMILIES``): ``kohya`` and
+  ``comfyui`` write one layout, sd-scripts' lora_flux / lora_sd3 names, which ComfyUI reads as its own model's:
+  ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks_0_linear1``,
+  ``lora_unet_joint_blocks_0_x_block_attn_qkv``, CLIP text encoders as ``lora_te1_`` / ``lora_te2_``; q/k/v (and
+  Flux's MLP input) fused as export.flow describes. ``diffusers`` copies the file; anything else is refused.
 - ``merged``: a full diffusers model folder with the LoRA fused in at ``--unet-scale`` / ``--text-encoder-scale``.
 - ``merged-single-file``: the same fused model as one ``.safetensors`` checkpoint in the original SD layout
   (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.text_model.*``), the
@@ -38,6 +43,7 @@ from .. import __version__
 from ..core.config import build, check_output, opt, save_toml, to_dict
 from ..core.errors import BoothkitError, ConfigError, ModelError
 from ..core.files import atomic_folder, atomic_write_bytes, check_free_space, remove_stale_temps
+from .flow import FLOW_COMPONENTS, FLOW_FAMILIES, FlowFamily, flow_family, fused_tensors
 from .naming import comfyui_name, is_xl, kohya_name, ldm_state_dict
 
 # Modules that load torch (train, generate, models, adapters) are imported inside the functions that use them:
@@ -48,6 +54,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so `boothkit --help` st
 
 log = logging.getLogger("boothkit")
 FORMATS = ("diffusers", "kohya", "comfyui", "merged", "merged-single-file")
+UNET_FAMILIES = ("sd", "sdxl")  # what the writers below export; the transformer families' facts are FLOW_FAMILIES
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -96,8 +103,9 @@ class LoraWeights:
     metadata: Mapping[str, str]
 
 
-def read_lora(path: str | Path) -> LoraWeights:
-    """Read a diffusers-format LoRA file (boothkit's, or one from diffusers' training scripts)."""
+def read_lora(path: str | Path, components: tuple[str, ...] | None = None) -> LoraWeights:
+    """Read a diffusers-format LoRA file (boothkit's, or one from diffusers' training scripts) whose keys start
+    with one of `components` (default: the UNet families' LoRA components)."""
     from safetensors import safe_open
 
     from ..adapters.lora import lora_header
@@ -107,8 +115,9 @@ def read_lora(path: str | Path) -> LoraWeights:
     with safe_open(str(file), "pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in keys}
     adapter = _adapter_metadata(file, meta)
-    pattern = re.compile(rf"^({'|'.join(LORA_COMPONENTS)})\.(.+)\.lora_([AB])\.weight$")
-    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in LORA_COMPONENTS}
+    components = components or LORA_COMPONENTS
+    pattern = re.compile(rf"^({'|'.join(components)})\.(.+)\.lora_([AB])\.weight$")
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in components}
     for key, value in tensors.items():
         if key.endswith(".lora_magnitude_vector"):  # DoRA: only merged exports read it, through diffusers
             continue
@@ -178,10 +187,11 @@ def _base_model_version(unet_config: Mapping[str, Any] | None) -> str:
 _ARCHITECTURE = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
 
 
-def _ss_metadata(weights: LoraWeights, cfg: ExportConfig, name: str, version: str) -> dict[str, str]:
+def _ss_metadata(weights: LoraWeights, cfg: ExportConfig, name: str, version: str,
+                 architecture: str | None = None) -> dict[str, str]:
     """Metadata kohya's sd-scripts writes and A1111 / kohya tools read, plus boothkit's own keys."""
     info = weights.info
-    comp = "unet" if "unet" in weights.rank else "text_encoder"
+    comp = next((c for c in ("unet", "transformer") if c in weights.rank), next(iter(weights.rank)))
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(weights.rank[comp]),
@@ -194,7 +204,7 @@ def _ss_metadata(weights: LoraWeights, cfg: ExportConfig, name: str, version: st
         "ss_max_train_steps": info.get("steps", ""),
         "ss_tag_frequency": json.dumps({"boothkit": {p: 1 for p in [info.get("instance_prompt")] if p}}),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{_ARCHITECTURE[version]}/lora",
+        "modelspec.architecture": f"{architecture or _ARCHITECTURE[version]}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
     }
@@ -398,6 +408,23 @@ def write_merged(weights: LoraWeights, cfg: ExportConfig) -> Path:
     return out
 
 
+def export_flow(cfg: ExportConfig, spec: FlowFamily) -> Path:
+    """Flux.1 / SD3: the diffusers file as it is, or the kohya layout, which is also ComfyUI's (export.flow)."""
+    from safetensors.torch import load_file
+
+    from ..adapters.lora import lora_header
+
+    out = Path(cfg.out)
+    if cfg.format == "diffusers":
+        file, meta, _ = lora_header(cfg.lora)
+        return _save_file(out, load_file(str(file)), {k: v for k, v in meta.items() if k != "format"}, cfg)
+    weights = read_lora(cfg.lora, FLOW_COMPONENTS)
+    tensors = fused_tensors(spec.name, weights.modules, weights.alpha, weights.rank)
+    meta = _ss_metadata(weights, cfg, cfg.output_name or out.stem, spec.version, spec.architecture)
+    meta.update({"ss_network_module": spec.network_module, "boothkit.export_format": cfg.format})
+    return _save_file(out, tensors, meta, cfg)
+
+
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the written file or folder."""
     out = check_output(cfg.out, "--out", folder=cfg.format == "merged")
@@ -407,7 +434,13 @@ def export(cfg: ExportConfig) -> Path:
         remove_stale_temps(out.parent, out.name)  # what an export killed mid-write left
     from ..adapters.lora import lora_header
 
-    kind = lora_header(cfg.lora)[1].get("boothkit.adapter", "lora")
+    meta = lora_header(cfg.lora)[1]
+    kind, family = meta.get("boothkit.adapter", "lora"), meta.get("boothkit.family")
+    if family in FLOW_FAMILIES:
+        return export_flow(cfg, flow_family(family, cfg.format, kind))
+    if family not in (None, *UNET_FAMILIES):  # a file without boothkit.family is an SD 1.x/2.x or SDXL one
+        raise BoothkitError(f"--lora {cfg.lora}: export of the {family} family is not supported (supported: "
+                            f"{', '.join((*UNET_FAMILIES, *FLOW_FAMILIES))})")
     if kind != "lora":
         return export_adapter(cfg, kind)
     weights = read_lora(cfg.lora)

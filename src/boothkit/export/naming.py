@@ -1,6 +1,7 @@
 """How other tools name what boothkit's modules are called: diffusers UNet/VAE/CLIP module paths in the original
-(ldm) Stable Diffusion layout, open_clip's text encoder names, and the kohya/A1111 and ComfyUI LoRA key names. Pure
-tables and functions: the writers are in boothkit.export.formats (see its docstring for the formats)."""
+(ldm) Stable Diffusion layout, open_clip's text encoder names, the kohya/A1111 and ComfyUI LoRA key names, and the
+names kohya and ComfyUI give Flux.1 / SD3 LoRAs (the BFL and MMDiT module paths). Pure tables and functions: the
+writers are in boothkit.export.formats and export.flow (see formats' docstring for the formats)."""
 from __future__ import annotations
 
 import re
@@ -184,3 +185,67 @@ def comfyui_name(component: str, module: str, unet_config: Mapping[str, Any]) ->
     if component == "unet":
         return KOHYA_PREFIX["unet"] + unet_to_ldm(module, unet_config).replace(".", "_")
     return kohya_name(component, module, unet_config)
+
+
+# ------------------------------------------------------------------------------------ Flux.1 and SD3
+
+# A diffusers transformer module -> (its module in the original (BFL / SAI MMDiT) model, which of the fused parts it
+# is, the parts' relative widths). The original models fuse q, k and v (and, in Flux's single blocks, the MLP's input
+# projection) into one Linear; kohya's sd-scripts and ComfyUI name LoRAs by those original modules.
+_QKV, _LINEAR1 = (1, 1, 1), (1, 1, 1, 4)  # Flux single blocks: mlp_ratio 4, fixed in FluxTransformer2DModel
+FLUX_DOUBLE = {
+    "attn.to_q": ("img_attn.qkv", 0, _QKV), "attn.to_k": ("img_attn.qkv", 1, _QKV),
+    "attn.to_v": ("img_attn.qkv", 2, _QKV), "attn.to_out.0": ("img_attn.proj", 0, (1,)),
+    "attn.add_q_proj": ("txt_attn.qkv", 0, _QKV), "attn.add_k_proj": ("txt_attn.qkv", 1, _QKV),
+    "attn.add_v_proj": ("txt_attn.qkv", 2, _QKV), "attn.to_add_out": ("txt_attn.proj", 0, (1,)),
+    "ff.net.0.proj": ("img_mlp.0", 0, (1,)), "ff.net.2": ("img_mlp.2", 0, (1,)),
+    "ff_context.net.0.proj": ("txt_mlp.0", 0, (1,)), "ff_context.net.2": ("txt_mlp.2", 0, (1,)),
+    "norm1.linear": ("img_mod.lin", 0, (1,)), "norm1_context.linear": ("txt_mod.lin", 0, (1,)),
+}
+FLUX_SINGLE = {
+    "attn.to_q": ("linear1", 0, _LINEAR1), "attn.to_k": ("linear1", 1, _LINEAR1),
+    "attn.to_v": ("linear1", 2, _LINEAR1), "proj_mlp": ("linear1", 3, _LINEAR1),
+    "proj_out": ("linear2", 0, (1,)), "norm.linear": ("modulation.lin", 0, (1,)),
+}
+# SD3's last joint block is context-pre-only: it has no to_add_out / ff_context, and its norm1_context is
+# scale/shift-swapped against the MMDiT's (diffusers' single-file converter swaps it), so it is left out
+SD3_JOINT = {
+    "attn.to_q": ("x_block.attn.qkv", 0, _QKV), "attn.to_k": ("x_block.attn.qkv", 1, _QKV),
+    "attn.to_v": ("x_block.attn.qkv", 2, _QKV), "attn.to_out.0": ("x_block.attn.proj", 0, (1,)),
+    "attn.add_q_proj": ("context_block.attn.qkv", 0, _QKV), "attn.add_k_proj": ("context_block.attn.qkv", 1, _QKV),
+    "attn.add_v_proj": ("context_block.attn.qkv", 2, _QKV), "attn.to_add_out": ("context_block.attn.proj", 0, (1,)),
+    "attn2.to_q": ("x_block.attn2.qkv", 0, _QKV), "attn2.to_k": ("x_block.attn2.qkv", 1, _QKV),  # SD3.5's
+    "attn2.to_v": ("x_block.attn2.qkv", 2, _QKV), "attn2.to_out.0": ("x_block.attn2.proj", 0, (1,)),
+    "ff.net.0.proj": ("x_block.mlp.fc1", 0, (1,)), "ff.net.2": ("x_block.mlp.fc2", 0, (1,)),
+    "ff_context.net.0.proj": ("context_block.mlp.fc1", 0, (1,)), "ff_context.net.2": ("context_block.mlp.fc2", 0, (1,)),
+    "norm1.linear": ("x_block.adaLN_modulation.1", 0, (1,)),
+}
+FLOW_BLOCKS = {  # family -> diffusers block list -> (original block list, its module table)
+    "flux": {"transformer_blocks": ("double_blocks", FLUX_DOUBLE), "single_transformer_blocks": ("single_blocks", FLUX_SINGLE)},
+    "sd3": {"transformer_blocks": ("joint_blocks", SD3_JOINT)},
+}
+# text encoders: kohya's lora_te1 (CLIP-L), lora_te2 (SD3's CLIP-G); T5 is not exported (diffusers cannot read it back)
+FLOW_TE_PREFIXES = {"flux": {"text_encoder": "lora_te1_"},
+                    "sd3": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
+
+
+def flow_name(family: str, component: str, module: str) -> tuple[str, int, tuple[int, ...]]:
+    """A Flux.1 / SD3 LoRA module -> (kohya / ComfyUI module name, part index, the fused parts' relative widths).
+
+    Transformer modules are named ``lora_unet_<original module path, '.' -> '_'>`` (sd-scripts' lora_flux /
+    lora_sd3, which ComfyUI maps onto its own model: ``lora_unet_double_blocks_0_img_attn_qkv``,
+    ``lora_unet_single_blocks_3_linear1``, ``lora_unet_joint_blocks_0_x_block_attn_qkv``); CLIP text encoders
+    by their transformers-4 path (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj``)."""
+    if component != "transformer":
+        prefixes = FLOW_TE_PREFIXES[family]
+        if component not in prefixes:
+            raise BoothkitError(f"a {component} LoRA cannot be exported for {family} (exported: transformer, "
+                                f"{', '.join(prefixes)})")
+        return prefixes[component] + te_original_name(module).replace(".", "_"), 0, (1,)
+    m = re.match(r"^([a-z_]+)\.(\d+)\.(.+)$", module)
+    place = FLOW_BLOCKS[family].get(m[1]) if m else None
+    if place is None or m[3] not in place[1]:
+        raise BoothkitError(f"{family} transformer module '{module}' has no kohya/ComfyUI LoRA name (exported: the "
+                            "blocks' attention, MLP and modulation linears)")
+    original, part, widths = place[1][m[3]]
+    return f"lora_unet_{place[0]}_{m[2]}_{original.replace('.', '_')}", part, widths
