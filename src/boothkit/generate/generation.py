@@ -220,6 +220,7 @@ def iter_batches(pipe, prompt: str, seeds: Sequence[int], *, steps: int, guidanc
                  batch_size: int = 1) -> Iterator[list]:
     """Yield PIL images batch by batch; image k is drawn from torch.Generator('cpu').manual_seed(seeds[k])."""
     width, height = image_size(pipe, width, height)
+    more = family_of(pipe).sample_kwargs(pipe)
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start:start + batch_size])
         # One generator per image: the initial noise (and an ancestral sampler's noise) of image k then
@@ -229,7 +230,7 @@ def iter_batches(pipe, prompt: str, seeds: Sequence[int], *, steps: int, guidanc
             out = pipe(prompt=[prompt] * len(chunk),
                        negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                        num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                       generator=generators, output_type="pil")
+                       generator=generators, output_type="pil", **more)
         yield list(out.images)
 
 

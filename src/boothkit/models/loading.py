@@ -17,10 +17,16 @@ from .families import family_of, family_of_folder, family_of_index, family_of_si
 from .mini import MINI, mini_path
 from .shapes import SD15_SHAPE, sd15_shape_path
 from .tiny import TINY, TINY_VERSION, TINY_XL, TINY_XL_VERSION, tiny_model_path, tiny_xl_model_path
+from .tiny_flow import TINY_FLUX, TINY_FLUX_VERSION, TINY_SD3, TINY_SD3_VERSION, tiny_flux_model_path, tiny_sd3_model_path
 
 log = logging.getLogger("boothkit")
 
-BUILT_IN = (TINY, MINI, TINY_XL, SD15_SHAPE)
+# built-in name -> (the function that builds it on first use and returns its folder, its cache version or None)
+_BUILT = {TINY: (tiny_model_path, TINY_VERSION), TINY_XL: (tiny_xl_model_path, TINY_XL_VERSION),
+          TINY_SD3: (tiny_sd3_model_path, TINY_SD3_VERSION), TINY_FLUX: (tiny_flux_model_path, TINY_FLUX_VERSION),
+          MINI: (lambda: mini_path("model"), None), SD15_SHAPE: (sd15_shape_path, None)}
+BUILT_IN = tuple(_BUILT)
+TINIES = (TINY, TINY_XL, TINY_SD3, TINY_FLUX)
 
 
 def model_ref(spec: str) -> str:
@@ -32,8 +38,8 @@ def model_ref(spec: str) -> str:
     if not p.exists():
         return spec
     p = p.resolve()
-    for name, version in ((TINY, TINY_VERSION), (TINY_XL, TINY_XL_VERSION)):
-        if p == (boothkit_home() / "models" / version).resolve():
+    for name, (_, version) in _BUILT.items():
+        if version and p == (boothkit_home() / "models" / version).resolve():
             return name
     return MINI if (p / "BOOTHKIT_MINI.json").is_file() and p.parent == (boothkit_home() / "models").resolve() else str(p)
 
@@ -44,20 +50,14 @@ def model_name(model: str, vae: str | None = None) -> str:
 
 
 def is_tiny(spec: str) -> bool:
-    return spec in (TINY, TINY_XL) or Path(spec, "BOOTHKIT_TINY.json").is_file()
+    return spec in TINIES or Path(spec, "BOOTHKIT_TINY.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------- loading
 
 def model_path(spec: str) -> str:
-    """What `spec` names, for from_pretrained: 'tiny' and 'mini' become their cached folders; others pass through."""
-    if spec == MINI:
-        return str(mini_path("model"))
-    if spec == TINY_XL:
-        return str(tiny_xl_model_path())
-    if spec == SD15_SHAPE:
-        return str(sd15_shape_path())
-    return str(tiny_model_path()) if spec == TINY else spec
+    """What `spec` names, for from_pretrained: built-in names become their cached folders; others pass through."""
+    return str(_BUILT[spec][0]()) if spec in _BUILT else spec
 
 
 def load_pipeline(spec: str, *, model_config: str | None = None, revision: str | None = None,

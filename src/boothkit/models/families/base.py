@@ -81,13 +81,17 @@ class Family:
 
     def tokenize(self, tokenizers: Sequence, text: str) -> list[torch.Tensor]:
         """One tensor of token ids per tokenizer, padded to the length the family reads."""
-        out = []
-        for k, tok in enumerate(tokenizers):
-            limit = self.token_lengths[k] if k < len(self.token_lengths) else None
-            length = min(int(tok.model_max_length), limit) if limit else int(tok.model_max_length)
-            out.append(tok(text, padding="max_length", max_length=length, truncation=True,
-                           return_tensors="pt").input_ids)
-        return out
+        return [tok(text, padding="max_length", max_length=self.token_length(tok, k), truncation=True,
+                    return_tensors="pt").input_ids for k, tok in enumerate(tokenizers)]
+
+    def token_length(self, tokenizer, k: int) -> int:
+        """How many tokens tokenizer `k` gives the text encoder: its own limit, or less where the family says."""
+        limit = self.token_lengths[k] if k < len(self.token_lengths) else None
+        return min(int(tokenizer.model_max_length), limit) if limit else int(tokenizer.model_max_length)
+
+    def sample_kwargs(self, pipe) -> dict[str, Any]:
+        """Extra arguments of the pipeline's __call__ that make it encode prompts as training does."""
+        return {}
 
     def encode(self, encoders: Sequence[torch.nn.Module], ids: Sequence[torch.Tensor]) -> Conditioning:
         raise NotImplementedError

@@ -29,6 +29,11 @@ class FlowFamily(Family):
     methods: tuple[str, ...] = FLOW_METHODS
     train_guidance: float = 1.0  # Flux.1-dev's guidance embedding during training (kohya's and ai-toolkit's 1.0)
 
+    def sample_kwargs(self, pipe) -> dict:
+        # the pipelines pad T5's prompt to their own default (Flux 512, SD3 256), not the tokenizer's limit
+        last = len(self.tokenizers) - 1
+        return {"max_sequence_length": self.token_length(getattr(pipe, self.tokenizers[last]), last)}
+
     def native_resolution(self, pipe) -> int:
         # built-in models record their size; real SD3 transformers say theirs (sample_size), Flux's pipeline 1024
         own = getattr(pipe, "boothkit_resolution", None)
