@@ -345,6 +345,9 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
         raise ConfigError(f"lora.adapter {lo.adapter} (--adapter) needs adapters to train; {what} trains none "
                           "(use --method lora or pivotal)")
     if lo.full or lo.method == "full":
+        if cfg.model.quantize_base:
+            raise ConfigError(f"model.quantize_base (--quantize-base) {cfg.model.quantize_base}: LoRA trains on a "
+                              "quantized frozen base; --method full trains every weight (drop one of them)")
         cfg = cfg.replace("lora", full=True, method="full")
     if lo.method == "ti" and lo.train_text_encoder:
         raise ConfigError("lora.method ti trains only the identifier's embeddings; --train-text-encoder needs "

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import ModelError, first_line
+from ..core.errors import ConfigError, ModelError, first_line
 from ..core.files import boothkit_home
 from ..core.hub_ids import LOCAL_OR_BUILT_IN, hub_error
 from ..core.safety import REFUSAL, as_safetensors, is_pickle, pickle_allowed, pickled_only, refuse_pickle
 from .families import family_of, family_of_folder, family_of_index, family_of_single_file
 from .mini import MINI, mini_path
+from .quantize import pipeline_quantization, quiet
 from .shapes import SD15_SHAPE, sd15_shape_path
 from .tiny import TINY, TINY_VERSION, TINY_XL, TINY_XL_VERSION, tiny_model_path, tiny_xl_model_path
 from .tiny_flow import TINY_FLUX, TINY_FLUX_VERSION, TINY_SD3, TINY_SD3_VERSION, tiny_flux_model_path, tiny_sd3_model_path
@@ -60,14 +61,29 @@ def model_path(spec: str) -> str:
     return str(_BUILT[spec][0]()) if spec in _BUILT else spec
 
 
+def family_of_spec(spec: str, model_config: str | None = None):
+    """The family of --model without loading it, where that is cheap (a built-in, a diffusers folder, a single
+    file); None for a hub id (its family is known once its model_index.json is read)."""
+    path = Path(spec)
+    if spec in BUILT_IN or (path / "model_index.json").is_file():
+        return family_of_folder(model_path(spec))
+    if model_config and Path(model_config, "model_index.json").is_file():
+        return family_of_folder(model_config)
+    if path.is_file() and path.suffix == ".safetensors":
+        return family_of_single_file(path)
+    return None
+
+
 def load_pipeline(spec: str, *, model_config: str | None = None, revision: str | None = None,
-                  dtype: torch.dtype | dict[str, torch.dtype] = torch.float32, vae: str | None = None):
+                  dtype: torch.dtype | dict[str, torch.dtype] = torch.float32, vae: str | None = None,
+                  quantize: str | None = None):
     """Load an SD 1.x/2.x or SDXL pipeline (its family's class) from a built-in name, a local folder, a single
     .safetensors file or a hub id; `vae` replaces its VAE. `dtype`: one for all components, or one per component
     as diffusers takes it ({"default": torch.bfloat16, "vae": torch.float32}): each is loaded straight into its
-    dtype, so no full-precision copy of the model is ever held."""
+    dtype, so no full-precision copy of the model is ever held. `quantize` (--quantize-base): the family's frozen
+    transformer and T5 load quantized (models.quantize)."""
     other = load_vae(vae, component_dtype(dtype, "vae")) if vae else None  # a wrong --vae fails before the slow load
-    pipe = _load_pipeline(spec, model_config=model_config, revision=revision, dtype=dtype)
+    pipe = _load_pipeline(spec, model_config=model_config, revision=revision, dtype=dtype, quantize=quantize)
     if other is not None:
         pipe.vae = other
     return pipe
@@ -119,7 +135,7 @@ def _safetensors() -> bool | None:
 
 
 def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
-                   dtype: torch.dtype | dict[str, torch.dtype]):
+                   dtype: torch.dtype | dict[str, torch.dtype], quantize: str | None = None):
     path = Path(spec)
     if spec in BUILT_IN or path.is_dir():
         if spec not in BUILT_IN and not (path / "model_index.json").is_file():
@@ -129,9 +145,11 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
         parts = (family.denoiser, "vae", "scheduler") + family.text_encoders + family.tokenizers
         _check_parts(folder, spec, parts)
         _check_pickles(folder, spec)
+        more = {"quantization_config": pipeline_quantization(quantize, family)} if quantize else {}
         try:
-            pipe = family.pipeline().from_pretrained(str(folder), dtype=dtype, use_safetensors=_safetensors(),
-                                                     **family.pipeline_kwargs)
+            with quiet():
+                pipe = family.pipeline().from_pretrained(str(folder), dtype=dtype, use_safetensors=_safetensors(),
+                                                         **family.pipeline_kwargs, **more)
         # diffusers' and transformers' ways of saying a part is damaged (weights, config.json, a missing file)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             first = first_line(exc)
@@ -143,6 +161,9 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
     if path.suffix == ".safetensors" or is_pickle(path):
         if not path.is_file():
             raise ModelError(f"--model {spec}: file not found")
+        if quantize:
+            raise ModelError(f"--quantize-base {quantize}: quantizes a diffusers folder or hub model as it loads; "
+                             f"convert {spec} to a diffusers folder first")
         refuse_pickle("--model", spec, ModelError)
         path = as_safetensors(path, "--model")
         if model_config is not None and not Path(model_config, "model_index.json").is_file():
@@ -173,9 +194,11 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
         # the repo's model_index.json names the pipeline: a family boothkit does not train is refused before
         # any weights download, and each family gets its own loading arguments (SD: no safety checker)
         family = family_of_index(DiffusionPipeline.load_config(spec, revision=revision), spec)
-        pipe = family.pipeline().from_pretrained(spec, revision=revision, dtype=dtype,
-                                                 use_safetensors=_safetensors(), **family.pipeline_kwargs)
-    except ModelError:
+        more = {"quantization_config": pipeline_quantization(quantize, family)} if quantize else {}
+        with quiet():
+            pipe = family.pipeline().from_pretrained(spec, revision=revision, dtype=dtype,
+                                                     use_safetensors=_safetensors(), **family.pipeline_kwargs, **more)
+    except (ModelError, ConfigError):
         raise
     except Exception as exc:  # hub errors come in many types: a missing or removed repository is said as such
         log.debug("hub load of %s failed: %s", spec, exc)

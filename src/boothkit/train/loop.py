@@ -31,11 +31,13 @@ from ..core.locks import folder_lock
 from ..core.precision import resolve, step_speedup
 from ..core.progress import progress_bar
 from ..generate.generation import generate_images, make_grid, save_png
-from ..models.families import Family, family_of
-from ..models.loading import load_pipeline, model_ref, native_resolution
+from ..models.families import Family, check_method, family_of
+from ..models.loading import family_of_spec, load_pipeline, model_ref, native_resolution
+from ..models.quantize import check_quantize
 from . import checkpoint as ckpt
 from . import ema, fingerprint
 from .batches import Batch, draw_batch, step_seed
+from .objectives import check_flags
 from .losses import MaskRule, example_mse, examples_loss, mse, prior_preservation_loss, weighted_loss
 from .trainer import Trainer, encoders_train, load_dtypes, read_photos, setup, trainable, validation_prompts
 
@@ -168,6 +170,12 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     if earlier and not (cfg.train.resume or cfg.train.overwrite):
         raise BoothkitError(f"--output-dir {out} holds an earlier run ({earlier[0].name}); pass --resume to "
                             f"continue it, --overwrite to replace it, or choose another folder")
+    family = family_of_spec(cfg.model.model, cfg.model.model_config)
+    if family is not None:  # a method or loss flag the family does not take fails before anything loads
+        check_method(family, cfg.lora.method, cfg.lora.adapter)
+        check_flags(family, cfg.train)
+        if cfg.model.quantize_base:
+            check_quantize(cfg.model.quantize_base, family)
     photos = read_photos(cfg)  # photos, captions and masks: a bad one is reported before the model loads
     # auto on a CPU: what this model's own forward/backward runs fastest in (probed once, cached). The saved
     # config names the precision actually used, so a rerun elsewhere repeats it.
@@ -175,7 +183,7 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
                         probe=lambda: _probe_speedup(cfg), model=model_ref(cfg.model.model))
     cfg = cfg.replace("train", mixed_precision=precision)
     pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision,
-                         vae=cfg.model.vae, dtype=load_dtypes(cfg))
+                         vae=cfg.model.vae, dtype=load_dtypes(cfg), quantize=cfg.model.quantize_base)
     t = cfg.train
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
     if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
@@ -437,7 +445,7 @@ def _validate(tr: Trainer, folder: Path) -> None:
 
 def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -> None:
     """The trained LoRA (diffusers format, with boothkit metadata) or the full model folder."""
-    lo, pipe = cfg.lora, tr.pipe
+    lo, pipe = tr.cfg.lora, tr.pipe  # as run: the LoRA targets filled in from the family
     trained = _models(tr)
     subjects = tr.subjects
     first = subjects[0]

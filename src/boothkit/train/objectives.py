@@ -112,19 +112,25 @@ def flow_objective(scheduler, t) -> FlowObjective:
     return FlowObjective(sigmas, t.weighting_scheme, t.logit_mean, t.logit_std, t.mode_scale, dyn)
 
 
+def check_flags(family, t) -> None:
+    """A loss flag the family's objective does not take is refused by name (before any weights load)."""
+    if family.objective == "flow" and t.snr_gamma is not None:
+        raise ConfigError(f"train.snr_gamma (--snr-gamma): min-SNR weighting is for diffusion models; "
+                          f"{family.label} learns rectified flow (see --weighting-scheme)")
+    if family.objective != "flow":
+        for key, value, default in (("weighting_scheme", t.weighting_scheme, "logit_normal"),
+                                    ("flow_shift", t.flow_shift, "auto")):
+            if value != default:
+                raise ConfigError(f"train.{key} (--{key.replace('_', '-')}) {value}: applies to the flow-matching "
+                                  f"families (SD3/3.5, FLUX.1), not {family.label} models")
+
+
 def make_objective(family, scheduler, t):
     """The objective `family` learns, for the model's scheduler and the run's TrainConfig `t`."""
     from diffusers import DDPMScheduler
 
+    check_flags(family, t)
     if family.objective == "flow":
-        if t.snr_gamma is not None:
-            raise ConfigError(f"train.snr_gamma (--snr-gamma): min-SNR weighting is for diffusion models; "
-                              f"{family.label} learns rectified flow (see --weighting-scheme)")
         return flow_objective(scheduler, t)
-    for key, value, default in (("weighting_scheme", t.weighting_scheme, "logit_normal"),
-                                ("flow_shift", t.flow_shift, "auto")):
-        if value != default:
-            raise ConfigError(f"train.{key} (--{key.replace('_', '-')}) {value}: applies to the flow-matching "
-                              f"families (SD3/3.5, FLUX.1), not {family.label} models")
     ddpm = DDPMScheduler.from_config(scheduler.config)
     return DiffusionObjective(ddpm.alphas_cumprod, ddpm.config.prediction_type, t.snr_gamma)

@@ -21,6 +21,7 @@ from ..core.precision import DTYPES
 from ..generate.generation import warn_long_prompts
 from ..models import tokens
 from ..models.families import Family, check_method, family_of
+from ..models.quantize import is_quantized
 from ..models.loading import model_name, native_resolution
 from . import ema
 from .batches import LatentBank, PromptEncoder
@@ -185,6 +186,7 @@ def setup(cfg: RunConfig, accelerator, pipe, photos: Photos, progress: bool,
                              "--class-prompt": [s.class_prompt for s in subjects],
                              "--validation-prompts": validation_prompts(cfg), "--captions": captions})
     size = d.resolution or native_resolution(pipe)
+    family.check_size("--resolution", size, pipe)
     class_dirs = class_folders(subjects, pr.class_dir, t.output_dir)
     class_prompts = list(dict.fromkeys(s.class_prompt for s in subjects))  # one group of class images each
     class_of = [class_prompts.index(s.class_prompt) for s in subjects]
@@ -287,18 +289,18 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
     weight_dtype = DTYPES[mixed_precision]  # the frozen weights
     pipe.vae.requires_grad_(False).to(device, torch.float32).eval()  # fp32: the SD VAE overflows in fp16
     for te in frozen:
-        te.requires_grad_(False).to(device, weight_dtype).eval()
+        place(te.requires_grad_(False).eval(), device, weight_dtype)
     torch.manual_seed(t.seed)  # LoRA A matrices are drawn from the global RNG
     if lo.full:
         denoiser.requires_grad_(True)
         for te in tuned:
             te.requires_grad_(train_te)
     elif lo.method == "ti":  # the model stays as it is; only the identifier's embeddings train
-        denoiser.requires_grad_(False).to(device, weight_dtype)
+        place(denoiser.requires_grad_(False), device, weight_dtype)
         for te in tuned:
             te.requires_grad_(False)
     else:
-        denoiser.to(device, weight_dtype)
+        place(denoiser, device, weight_dtype)
         add_lora(denoiser, lo.unet_targets, lo.rank, lo.alpha, lo.dropout, lo.adapter, exclude=family.lora_exclude)
         for te in tuned:
             te.requires_grad_(False)
@@ -323,6 +325,11 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
     if train_te:
         groups.append({"params": [p for te in tuned for p in trainable(te).values()], "lr": t.text_encoder_lr})
     return groups
+
+
+def place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Move a frozen model to the device in the run's precision; a quantized one keeps its weights' storage."""
+    model.to(device) if is_quantized(model) else model.to(device, dtype)
 
 
 def _add_placeholder(cfg: RunConfig, pipe, family: Family, device) -> tuple[Placeholder, dict, list]:

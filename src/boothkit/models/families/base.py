@@ -58,6 +58,7 @@ class Family:
     samplers: Optional[tuple[str, ...]] = None  # the --scheduler names it samples with (None: every UNet sampler)
     default_sampler: Optional[str] = None  # "auto" class-image sampler (None: the model folder's own)
     size_step: int = 8              # image sides in multiples of this many pixels (Flux packs 2x2 latents: 16)
+    quantizable: tuple[str, ...] = ()  # the frozen parts --quantize-base quantizes (the transformer and T5)
     methods: tuple[str, ...] = METHODS
     adapters: tuple[str, ...] = ADAPTERS
 

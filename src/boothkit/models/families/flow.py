@@ -118,9 +118,11 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 SD3 = SD3Family("sd3", "SD3/3.5", "StableDiffusion3Pipeline", ("text_encoder", "text_encoder_2", "text_encoder_3"),
                 ("tokenizer", "tokenizer_2", "tokenizer_3"), {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
                 JOINT_TARGETS, lora_encoders=("text_encoder", "text_encoder_2"),
+                quantizable=("transformer", "text_encoder_3"),
                 token_lengths=(None, None, 256), default_guidance=7.0,
                 embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"})
 FLUX = FluxFamily("flux", "FLUX.1", "FluxPipeline", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
                   {"text_encoder": "lora_te1_"}, FLUX_TARGETS, lora_encoders=("text_encoder",),
+                  quantizable=("transformer", "text_encoder_2"),
                   lora_exclude="^proj_out$",  # the final layer; the single blocks' proj_out is a target
                   token_lengths=(None, 512), default_guidance=3.5, embedding_keys={"text_encoder": "clip_l"})
