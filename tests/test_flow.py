@@ -4,6 +4,7 @@ refusals that name the fix."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,53 @@ def test_int8_base_predicts_what_the_full_precision_one_does(flux):
         full = FLUX.denoise(flux.transformer, x, torch.tensor([500.0]), cond)
         int8 = FLUX.denoise(q.transformer, x, torch.tensor([500.0]), cond)
     assert 0 < (int8 - full).abs().max() < 0.05 * full.abs().max()  # rounded weights, the same model
+
+
+# ------------------------------------------------------------------------------ the other methods of the matrix
+
+@pytest.mark.parametrize("flags", [["--adapter", "dora"], ["--adapter", "lokr"], ["--adapter", "loha"],
+                                   ["--method", "full"]])
+def test_flux_trains_every_method_it_lists_and_generation_reads_it(flags, demo_subject, tmp_path):
+    from boothkit.generate.generation import generate_images, load_generation_pipeline, set_lora_scales
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--model", "tiny-flux", "--instance-dir", str(demo_subject), "--class-noun", "dog",
+              "--output-dir", str(out), "--max-steps", "2", "--no-prior", "--learning-rate", "5e-2",
+              "--mixed-precision", "no", *flags])
+    assert done.value.code in (0, None)
+    kw = dict(num_images=1, seed=0, steps=2, guidance=3.5)
+    base = np.asarray(generate_images(load_generation_pipeline("tiny-flux", []), "a photo of sks dog", **kw)[0])
+    if "full" in flags:  # a whole FluxPipeline folder
+        pipe = load_generation_pipeline(str(out / "model"), [])
+    else:
+        pipe = load_generation_pipeline(None, [(str(out), 1.0)])  # the base model from the LoRA's metadata
+    pipe.set_progress_bar_config(disable=True)
+    assert np.abs(np.asarray(generate_images(pipe, "a photo of sks dog", **kw)[0], np.int16) - base).max() > 0
+    if "full" not in flags and "dora" not in flags:  # DoRA's trained magnitudes act at any scale
+        set_lora_scales(pipe, 0.0, 0.0)
+        assert np.array_equal(np.asarray(generate_images(pipe, "a photo of sks dog", **kw)[0]), base)
+
+
+def test_a_hub_id_loads_as_the_family_its_model_index_names(monkeypatch):
+    """No hub here: the hub's two answers (model_index.json, then the weights) come from the tiny-sd3 folder."""
+    import json
+
+    import diffusers
+
+    folder = model_path("tiny-sd3")
+    asked = []
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config",
+                        lambda spec, **kw: asked.append(("config", spec)) or json.loads(
+                            (Path(folder) / "model_index.json").read_text()))
+    real = diffusers.StableDiffusion3Pipeline.from_pretrained.__func__
+
+    def from_hub(cls, spec, **kw):
+        asked.append(("weights", spec, kw.get("quantization_config") is not None))
+        return real(cls, folder, **kw)
+
+    monkeypatch.setattr(diffusers.StableDiffusion3Pipeline, "from_pretrained", classmethod(from_hub))
+    pipe = load_pipeline("stabilityai/stable-diffusion-3.5-medium", quantize="int8")
+    assert family_of(pipe) is SD3
+    hub = "stabilityai/stable-diffusion-3.5-medium"  # (diffusers reads the folder's own config again inside)
+    assert [a for a in asked if hub in a] == [("config", hub), ("weights", hub, True)]

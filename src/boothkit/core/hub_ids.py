@@ -15,8 +15,16 @@ SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16 = "madebyollin/sdxl-vae-fp16-fix"  # SDXL's VAE, fine-tuned to run in fp16
 CLIP = "openai/clip-vit-base-patch32"  # CLIP-I / CLIP-T evaluator (boothkit.evaluate.metrics)
 DINO = "facebook/dino-vits16"  # DINO / PRES evaluator (boothkit.evaluate.metrics)
+CLIP_L = "openai/clip-vit-large-patch14"  # the CLIP-L text encoder of SD3 and FLUX.1 (models.published)
 
-KNOWN: dict[str, str] = {"sd15": SD15, "sdxl": SDXL, "sdxl-vae-fp16": SDXL_VAE_FP16, "clip": CLIP, "dino": DINO}
+FLUX1_DEV = "black-forest-labs/FLUX.1-dev"  # gated: accept its licence on the hub first
+FLUX1_SCHNELL = "black-forest-labs/FLUX.1-schnell"
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"  # gated, as SD3.5-large
+SD35_LARGE = "stabilityai/stable-diffusion-3.5-large"
+
+KNOWN: dict[str, str] = {"sd15": SD15, "sdxl": SDXL, "sdxl-vae-fp16": SDXL_VAE_FP16, "clip": CLIP, "dino": DINO,
+                         "clip-l": CLIP_L, "flux1-dev": FLUX1_DEV, "flux1-schnell": FLUX1_SCHNELL, "sd35-medium": SD35_MEDIUM,
+                         "sd35-large": SD35_LARGE}
 
 # removed id -> maintained copy. runwayml deleted its hub repositories at the end of August 2024.
 REMOVED: dict[str, str] = {

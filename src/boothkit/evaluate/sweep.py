@@ -61,7 +61,8 @@ class SweepConfig:
     prompt: tuple[str, ...] = opt((), "Prompt (repeatable).", text=True)
     prompts_file: Optional[str] = opt(None, "Text file with one prompt per line (blank lines and #-comments skipped).")
     negative_prompt: str = opt("", "Negative prompt.")
-    guidance: str = opt("7.5", "Guidance scales to sweep, comma-separated (e.g. 5,7.5,15).")
+    guidance: str = opt("", "Guidance scales to sweep, comma-separated (e.g. 5,7.5,15); default: the model family's "
+                            "(7.5 SD/SDXL, 7 SD3, 3.5 FLUX.1), from the LoRA's metadata.")
     unet_scale: str = opt("1", "UNet LoRA scales to sweep, comma-separated (e.g. 0.4,0.8,1).")
     text_encoder_scale: str = opt("1", "Text-encoder LoRA scales to sweep, comma-separated (e.g. 0,0.8).")
     num_images: int = opt(4, "Images per cell (image i uses seed + i in every cell).", short="-n", min=1)
@@ -82,7 +83,8 @@ class SweepConfig:
         self.axes()
 
     def axes(self) -> dict[str, tuple[float, ...]]:
-        return {"guidance": parse_values("guidance", self.guidance, 0.0),
+        # an empty guidance is the family's, filled in by run_sweep once the LoRA is read
+        return {"guidance": parse_values("guidance", self.guidance, 0.0) if self.guidance else (),
                 "unet_scale": parse_values("unet_scale", self.unet_scale),
                 "text_encoder_scale": parse_values("text_encoder_scale", self.text_encoder_scale)}
 
@@ -262,6 +264,15 @@ def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequ
             advance(s.num_images)
 
 
+def family_guidance(lora: str) -> float:
+    """The default guidance of the family a boothkit LoRA was trained for (SD's 7.5 for other LoRAs)."""
+    from ..adapters.lora import read_lora_info
+    from ..models.families import SD, by_name
+
+    name = read_lora_info(lora).get("family")
+    return (by_name(name) if name else SD).default_guidance
+
+
 def run_sweep(cfg: C.RunConfig) -> Path:
     """`boothkit sweep`: generate every unfinished cell, then the contact sheets, sweep.csv and (--metrics) metrics."""
     from ..adapters.lora import lora_header
@@ -272,6 +283,8 @@ def run_sweep(cfg: C.RunConfig) -> Path:
         raise ConfigError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
     # resolved before it is saved and compared: cells made in another precision are other pixels
     cfg = cfg.replace("sweep", mixed_precision=resolve(cfg.sweep.mixed_precision, default_device()))
+    if not cfg.sweep.guidance:  # the family's own, named in the saved config (a rerun compares it)
+        cfg = cfg.replace("sweep", guidance=f"{family_guidance(parse_lora_spec(cfg.sweep.lora)[0]):g}")
     s = cfg.sweep
     out = C.check_output(s.out, "--out")
     prompts, axes = load_prompts(s), s.axes()

@@ -129,6 +129,17 @@ def _check_pickles(folder: Path, spec: str, flag: str = "--model") -> None:
         raise ModelError(f"{flag} {spec} ({found[0].relative_to(folder)}): {REFUSAL}")
 
 
+def _recorded_resolution(folder: Path) -> int | None:
+    """The size a built-in model (BOOTHKIT_TINY.json) or a boothkit full fine-tune (boothkit.json) was made for:
+    a transformer's config does not say it, and FluxPipeline would otherwise draw at 1024 px."""
+    for name in ("BOOTHKIT_TINY.json", "boothkit.json"):
+        try:
+            return int(json.loads((folder / name).read_text()).get("resolution") or 0) or None
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return None
+
+
 def _safetensors() -> bool | None:
     """diffusers' use_safetensors: only safetensors, unless pickles are allowed (then either; weights-only)."""
     return None if pickle_allowed() else True
@@ -154,9 +165,7 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             first = first_line(exc)
             raise ModelError(f"--model {spec}: cannot load the model folder ({first})") from None
-        marker = folder / "BOOTHKIT_TINY.json"  # built-in models record the size they are made for
-        if marker.is_file():
-            pipe.boothkit_resolution = int(json.loads(marker.read_text()).get("resolution", 0)) or None
+        pipe.boothkit_resolution = _recorded_resolution(folder)
         return pipe
     if path.suffix == ".safetensors" or is_pickle(path):
         if not path.is_file():

@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import copy
 
-FLUX_DEV, FLUX_SCHNELL = "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"
-SD35_MEDIUM, SD35_LARGE = "stabilityai/stable-diffusion-3.5-medium", "stabilityai/stable-diffusion-3.5-large"
+from ..core.hub_ids import CLIP_L, FLUX1_DEV, FLUX1_SCHNELL
+from ..core.hub_ids import SD35_LARGE as SD35_LARGE_ID
+from ..core.hub_ids import SD35_MEDIUM as SD35_MEDIUM_ID
+
+FLUX_DEV, FLUX_SCHNELL, SD35_MEDIUM, SD35_LARGE = FLUX1_DEV, FLUX1_SCHNELL, SD35_MEDIUM_ID, SD35_LARGE_ID
 
 # boothkit's default LoRA targets on the transformer (peft target_modules suffixes). Flux's top-level
 # `proj_out` (the final layer to the 64 packed latent channels) is excluded; the single blocks' `proj_out` is not.
@@ -52,7 +55,7 @@ _FLUX_TRANSFORMER = {
     "pooled_projection_dim": 768,
 }
 _CLIP_L = {
-    "_name_or_path": "openai/clip-vit-large-patch14",
+    "_name_or_path": CLIP_L,
     "architectures": ["CLIPTextModel"],
     "attention_dropout": 0.0,
     "bos_token_id": 0,

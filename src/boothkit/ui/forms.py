@@ -10,7 +10,7 @@ from typing import Any, Iterator, Mapping
 
 from ..core import config as C
 from ..core.errors import BoothkitError, ConfigError
-from ..core.hub_ids import SD15, SDXL
+from ..core.hub_ids import FLUX1_DEV, SD15, SD35_MEDIUM, SDXL
 
 TRAIN_MAIN = ("token", "class_noun", "instance_prompt", "model", "max_steps", "learning_rate", "rank",
               "train_text_encoder", "prior", "num_class_images", "validate_every", "checkpoint_every")
@@ -38,6 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Quick test: built-in tiny model (CPU, under a minute)": dict(
         model="tiny", max_steps=40, rank=4, alpha=4.0, num_class_images=8, class_steps=5, validate_every=10,
         validation_steps=5, checkpoint_every=10),
+    "Quick test: built-in tiny-flux, FLUX.1's layout (CPU, under a minute)": dict(
+        model="tiny-flux", max_steps=40, rank=4, alpha=4.0, num_class_images=8, class_steps=5, validate_every=10,
+        validation_steps=5, checkpoint_every=10),
     "SD 1.5 LoRA (GPU)": dict(  # examples/sd15-lora.toml
         model=SD15, resolution=512, num_class_images=200, rank=16, alpha=16.0,
         train_text_encoder=True, max_steps=800, lr_scheduler="constant_with_warmup", lr_warmup_steps=50,
@@ -46,6 +49,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=SDXL, resolution=1024, num_class_images=200, rank=16,
         alpha=16.0, train_text_encoder=True, gradient_checkpointing=True, max_steps=800,
         lr_scheduler="constant_with_warmup", lr_warmup_steps=50, checkpoint_every=200, validate_every=200),
+    "FLUX.1-dev LoRA (GPU, 4-bit base)": dict(  # docs/families.md; memory: BENCHMARKS.md
+        model=FLUX1_DEV, resolution=512, quantize_base="nf4", gradient_checkpointing=True, num_class_images=100,
+        rank=16, alpha=16.0, max_steps=500, learning_rate=1e-4, checkpoint_every=100, validate_every=100),
+    "SD3.5-medium LoRA (GPU)": dict(  # docs/families.md
+        model=SD35_MEDIUM, resolution=512, gradient_checkpointing=True, num_class_images=100, rank=16, alpha=16.0,
+        max_steps=500, learning_rate=1e-4, checkpoint_every=100, validate_every=100),
 }
 DEFAULT_PRESET = next(iter(PRESETS))
 
