@@ -324,3 +324,20 @@ def test_a_hub_id_loads_as_the_family_its_model_index_names(monkeypatch):
     assert family_of(pipe) is SD3
     hub = "stabilityai/stable-diffusion-3.5-medium"  # (diffusers reads the folder's own config again inside)
     assert [a for a in asked if hub in a] == [("config", hub), ("weights", hub, True)]
+
+
+def test_the_memory_estimate_counts_the_loaded_model_exactly():
+    """The rows that are counted, not modelled, equal the loaded tiny-flux's own numbers."""
+    from boothkit.adapters.inject import add_lora
+    from boothkit.models.memory import run_estimate
+
+    pipe = load_pipeline("tiny-flux")
+    base = sum(p.numel() for p in pipe.transformer.parameters())
+    add_lora(pipe.transformer, FLUX.lora_targets, 4, 4.0, exclude=FLUX.lora_exclude)
+    lora = sum(p.numel() for p in pipe.transformer.parameters() if p.requires_grad)
+    est = run_estimate(pipe, FLUX, resolution=64, batch_size=1, rank=4, precision="no", quantize=None,
+                       gradient_checkpointing=False, prior=True, cache=True)
+    assert est.rows[0][1] == base * 4 and est.row("LoRA weights (fp32)") == lora * 4
+    assert est.row("optimizer states (adamw)") == lora * 8 and est.row("activations") > 0
+    assert run_estimate(load_pipeline("tiny"), family_of(load_pipeline("tiny")), resolution=64, batch_size=1, rank=4,
+                        precision="no", quantize=None, gradient_checkpointing=False, prior=True, cache=True) is None

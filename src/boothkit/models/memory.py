@@ -175,3 +175,25 @@ def estimate(model: str | Facts, *, resolution: int, batch_size: int = 1, rank: 
     title = (f"{f.name} {resolution} px, batch {batch_size}{' + prior' if prior else ''}, rank {rank}, "
              f"{quantize or base_dtype}, {'checkpointing' if gradient_checkpointing else 'no checkpointing'}")
     return Estimate(rows=rows, train_step=train, encoding=encoding, title=title)
+
+
+def run_estimate(pipe, family, *, resolution: int, batch_size: int, rank: int, precision: str,
+                 quantize: str | None, gradient_checkpointing: bool, prior: bool, cache: bool) -> Estimate | None:
+    """The estimate for a loaded pipeline whose transformer already holds its LoRA (None for the UNet families,
+    which this model of activations does not describe)."""
+    import torch
+
+    if family.denoiser != "transformer":
+        return None
+    counts = {name: sum(p.numel() for p in part.parameters())
+              for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
+    base = sum(p.numel() for n, p in pipe.transformer.named_parameters() if "lora_" not in n)
+    counts["transformer"] = base
+    last = len(family.tokenizers) - 1
+    tokens = family.token_length(getattr(pipe, family.tokenizers[last]), last)
+    facts = facts_of(pipe.transformer, pipe.transformer, counts=counts, text_tokens=tokens,
+                     name=type(pipe.transformer).__name__)
+    dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(precision, "bf16")
+    return estimate(facts, resolution=resolution, batch_size=batch_size, rank=rank, base_dtype=dtype,
+                    quantize=quantize, gradient_checkpointing=gradient_checkpointing, cache_text=cache,
+                    cache_latents=cache, prior=prior)
