@@ -126,7 +126,8 @@ def models() -> None:
 @models.command("path")
 @click.argument("name")
 def models_path(name: str) -> None:
-    """Print the local folder of a model (the built-in 'tiny', 'tiny-xl' and 'mini' are built on first use)."""
+    """Print the local folder of a model (the built-in 'mini', 'tiny', 'tiny-xl', 'tiny-sd3' and 'tiny-flux' are built on
+    first use)."""
     from .models.loading import model_path
 
     path = model_path(name)
