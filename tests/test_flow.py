@@ -341,3 +341,40 @@ def test_the_memory_estimate_counts_the_loaded_model_exactly():
     assert est.row("optimizer states (adamw)") == lora * 8 and est.row("activations") > 0
     assert run_estimate(load_pipeline("tiny"), family_of(load_pipeline("tiny")), resolution=64, batch_size=1, rank=4,
                         precision="no", quantize=None, gradient_checkpointing=False, prior=True, cache=True) is None
+
+
+def test_flux_resumes_bit_for_bit_with_ema(demo_subject, tmp_path):
+    """Checkpoints, the resume fingerprint, EMA and the draws of every step go through the seam: a run resumed from
+    its step-1 checkpoint to step 3 saves what an uninterrupted run of 3 does."""
+    from safetensors.torch import load_file
+
+    def train(out, steps, *more):
+        with pytest.raises(SystemExit) as done:
+            main(["train", "--model", "tiny-flux", "--instance-dir", str(demo_subject), "--class-noun", "dog",
+                  "--output-dir", str(out), "--max-steps", str(steps), "--num-class-images", "2", "--class-steps",
+                  "2", "--class-dir", str(tmp_path / "class"), "--mixed-precision", "no", "--checkpoint-every", "1",
+                  "--ema-decay", "0.9", "--weighting-scheme", "cosmap", *more])
+        assert done.value.code in (0, None)
+        return load_file(out / "pytorch_lora_weights.safetensors")
+
+    whole = train(tmp_path / "whole", 3)
+    train(tmp_path / "cut", 2)
+    resumed = train(tmp_path / "cut", 3, "--resume")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_folder_of_another_pipeline_or_without_its_transformer_is_one_line(tmp_path, capsys):
+    import json
+    import shutil
+
+    other = tmp_path / "qwen"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    args = ["generate", "--prompt", "x", "--out", tmp_path / "g", "--model"]
+    assert refused([*args, other], capsys) == (
+        f"error: --model {other}: a QwenImagePipeline model; boothkit trains SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 "
+        "(StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)")
+    partial = tmp_path / "flux"
+    shutil.copytree(model_path("tiny-flux"), partial, ignore=shutil.ignore_patterns("transformer"))
+    assert refused([*args, partial], capsys) == (f"error: --model {partial}: the model folder lacks transformer/ "
+                                                 "(copy the whole diffusers folder)")
