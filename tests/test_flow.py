@@ -196,6 +196,9 @@ def refused(args, capsys) -> str:
     (["--model", "tiny", "--weighting-scheme", "cosmap"], "train.weighting_scheme (--weighting-scheme) cosmap: "
                                                           "applies to the flow-matching families"),
     (["--model", "tiny-flux", "--resolution", "72"], "--resolution 72: must be a multiple of 16 for FLUX.1 models"),
+    (["--model", "tiny-sd3", "--resolution", "72"], "--resolution 72: must be a multiple of 16 for SD3/3.5 models"),
+    (["--model", "tiny-sd3", "--flow-shift", "resolution"], "train.flow_shift (--flow-shift) resolution: this "
+                                                            "model's scheduler shifts σ statically (shift 3)"),
 ])
 def test_what_a_family_cannot_train_is_one_line(flags, said, demo_subject, tmp_path, capsys):
     err = refused(["train", *flags, "--instance-dir", demo_subject, "--class-noun", "dog", "--output-dir",
@@ -378,3 +381,24 @@ def test_a_folder_of_another_pipeline_or_without_its_transformer_is_one_line(tmp
     shutil.copytree(model_path("tiny-flux"), partial, ignore=shutil.ignore_patterns("transformer"))
     assert refused([*args, partial], capsys) == (f"error: --model {partial}: the model folder lacks transformer/ "
                                                  "(copy the whole diffusers folder)")
+
+
+def test_the_prior_effect_bench_measures_drift_through_the_family(flux, sd3):
+    """bench prior-effect's class drift: the family noises, encodes and calls the denoiser (any family)."""
+    from boothkit.evaluate.bench import denoiser_outputs
+
+    for pipe, channels in ((flux, 16), (sd3, 16)):
+        latents = torch.randn(3, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        noise, t = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)), torch.tensor([100, 500, 900])
+        a = denoiser_outputs(pipe, "a photo of dog", latents, noise, t, batch=2)
+        b = denoiser_outputs(pipe, "a photo of cat", latents, noise, t)
+        assert a.shape == latents.shape and torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
+def test_embeddings_are_refused_for_a_family_without_textual_inversion(flux, tmp_path):
+    from boothkit.adapters.embeddings import load_embeddings
+    from boothkit.core.errors import BoothkitError
+
+    save_file({"clip_l": torch.zeros(1, 16)}, tmp_path / "e.safetensors")
+    with pytest.raises(BoothkitError, match="learned embeddings are not supported for FLUX.1 models yet"):
+        load_embeddings(flux, FLUX, tmp_path / "e.safetensors", "sks")

@@ -119,6 +119,8 @@ def load_embeddings(pipe, family: Family, path: str | Path, token: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if "ti" not in family.methods:  # its identifier would reach the CLIP encoders only, not T5
+        raise BoothkitError(f"--embedding {path}: learned embeddings are not supported for {family.label} models yet")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -130,7 +132,7 @@ def load_embeddings(pipe, family: Family, path: str | Path, token: str) -> None:
         parts = {keys[k]: v for k, v in state.items() if k in keys}
     if set(parts) != set(family.text_encoders):
         raise BoothkitError(f"--embedding {path}: holds {sorted(state)}, not an embedding for this model's text "
-                            f"encoders ({', '.join(family.embedding_keys[c] for c in family.text_encoders)})")
+                            f"encoders ({', '.join(family.embedding_keys.get(c, c) for c in family.text_encoders)})")
     for component, tokenizer in zip(family.text_encoders, family.tokenizers):
         encoder = getattr(pipe, component)
         vectors = parts[component]

@@ -285,9 +285,10 @@ class TrainConfig:
     logit_mean: float = opt(0.0, "Flow-matching, logit_normal: mean of the normal whose sigmoid is σ's quantile.")
     logit_std: float = opt(1.0, "Flow-matching, logit_normal: its standard deviation.", min=0.0)
     mode_scale: float = opt(1.29, "Flow-matching, mode: the scale of mode sampling (SD3 paper).")
-    flow_shift: str = opt("auto", "Flow-matching: shift of σ: static (the scheduler's shift, SD3's 3.0), "
-                                  "resolution (FLUX.1's shift by image size, as its pipeline samples), auto "
-                                  "(resolution where the scheduler shifts dynamically, else static).",
+    flow_shift: str = opt("auto", "Flow-matching: shift of σ: static (the scheduler's own training sigmas: SD3's "
+                                  "shift 3.0; for FLUX.1, whose scheduler shifts by resolution, none, as diffusers' "
+                                  "Flux script), resolution (FLUX.1's shift by image size, as its pipeline samples), "
+                                  "auto (resolution where the scheduler shifts dynamically, else static).",
                           choices=FLOW_SHIFTS)
     noise_offset: float = opt(0.0, "Offset noise, e.g. 0.05: adds this times a per-channel constant to the noise, "
                                    "so the model learns to change an image's overall brightness.", min=0.0)

@@ -477,35 +477,45 @@ def _use_adapter(pipe, name: Optional[str]) -> None:
         pipe.set_adapters([name], adapter_weights=[1.0])
 
 
-def unet_outputs(pipe, prompt: str, latents, noise, timesteps, batch: int = 8):
-    """The UNet's predictions for `prompt` on latents noised with fixed noise at fixed timesteps."""
+def denoiser_outputs(pipe, prompt: str, latents, noise, timesteps, batch: int = 8):
+    """The denoiser's predictions for `prompt` on latents noised with fixed noise at fixed timesteps, through the
+    family: its objective noises them (DDPM or rectified flow), its encoder and denoiser call do the rest."""
     import torch
-    from diffusers import DDPMScheduler
 
-    from ..train.losses import add_noise
+    from ..models.families import Conditioning, family_of, micro_conditioning
+    from ..train.objectives import make_objective
 
-    device = pipe.unet.device
-    acp = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    family = family_of(pipe)
+    model = getattr(pipe, family.denoiser)
+    objective = make_objective(family, pipe.scheduler, C.TrainConfig(output_dir="-"))
+    device = model.device
     out = []
     with torch.no_grad():
-        cond = pipe.encode_prompt(prompt, device, 1, False)[0]
+        ids = family.tokenize([getattr(pipe, t) for t in family.tokenizers], prompt)
+        cond = family.encode([getattr(pipe, n) for n in family.text_encoders], [i.to(device) for i in ids])
         for k in range(0, len(latents), batch):
-            x = add_noise(latents[k:k + batch].to(device), noise[k:k + batch].to(device), acp, timesteps[k:k + batch])
-            out.append(pipe.unet(x, timesteps[k:k + batch].to(device),
-                                 encoder_hidden_states=cond.expand(len(x), -1, -1)).sample.float().cpu())
+            x = objective.noisy(latents[k:k + batch].to(device), noise[k:k + batch].to(device), timesteps[k:k + batch])
+            n, side = len(x), latents.shape[-1] * int(pipe.vae_scale_factor)
+            batch_cond = Conditioning(cond.hidden.expand(n, -1, -1),
+                                      None if cond.pooled is None else cond.pooled.expand(n, -1))
+            time_ids = micro_conditioning((side, side), (0, 0), (side, side)).expand(n, -1)  # SDXL's; others ignore
+            out.append(family.denoise(model, x, timesteps[k:k + batch].to(device), batch_cond,
+                                      time_ids).float().cpu())
     return torch.cat(out)
 
 
 def drift_inputs(pipe, images: Sequence, draws: int, seed: int, size: int):
-    """Fixed (latents, noise, timesteps): class images (cycled) through the VAE, noise and t from `seed`."""
+    """Fixed (latents, noise, timesteps): class images (cycled) through the VAE, noise and t from `seed` (t on the
+    scheduler's 0..N-1 steps: for the flow families σ·1000 at the same points)."""
     import torch
 
     from ..train.data import stack_prepared
 
     vae = pipe.vae
     pixels = stack_prepared([images[k % len(images)] for k in range(draws)], size).to(vae.device, vae.dtype)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        latents = (vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g)
     timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (draws,), generator=g)
@@ -556,8 +566,8 @@ def run_prior_effect(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
         _use_adapter(pipe, adapter)
         measured[variant] = dict(id=generate_images(pipe, instance_prompt, **kw),
                                  cls=generate_images(pipe, class_prompt, **kw),
-                                 eps_cls=unet_outputs(pipe, class_prompt, *drift),
-                                 eps_id=unet_outputs(pipe, instance_prompt, *id_drift))
+                                 eps_cls=denoiser_outputs(pipe, class_prompt, *drift),
+                                 eps_id=denoiser_outputs(pipe, instance_prompt, *id_drift))
     frozen = measured[VARIANTS[0]]
     n, m = e.samples, len(photos)
     rows = []

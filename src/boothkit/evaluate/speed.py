@@ -127,26 +127,28 @@ def matmul_gflops(dtype_name: str) -> float:
 
 
 def unet_gflops(model: str, resolution: int, batch: int, checkpointing: bool, full: bool) -> float:
-    """GFLOPs of one UNet forward and backward at `batch`: gradients to the activations (what LoRA needs), and to
-    every weight too for a full fine-tune. Counted on the GPU where there is one (the count is the same)."""
+    """GFLOPs of one denoiser (UNet or transformer) forward and backward at `batch`: gradients to the activations
+    (what LoRA needs), and to every weight too for a full fine-tune. Counted on the GPU where there is one (the count
+    is the same)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..core.precision import default_device
+    from ..models.families import family_of
     from ..models.loading import load_pipeline
 
     gpu = default_device() == "cuda"
-    unet = load_pipeline(model).unet.requires_grad_(full).to(default_device(), torch.bfloat16 if gpu else torch.float32)
-    side, dtype = resolution // 8, unet.dtype
-    x = torch.randn(batch, unet.config.in_channels, side, side, device=default_device(), dtype=dtype, requires_grad=True)
-    cond = torch.randn(batch, 77, unet.config.cross_attention_dim, device=default_device(), dtype=dtype)
-    t = torch.full((batch,), 500, device=default_device())
+    pipe = load_pipeline(model)
+    family = family_of(pipe)
+    net = getattr(pipe, family.denoiser).requires_grad_(full).to(default_device(),
+                                                               torch.bfloat16 if gpu else torch.float32)
+    forward = family.probe_forward(net, resolution, batch, cap=False)
     with FlopCounterMode(display=False) as counter:
-        unet(x, t, cond).sample.float().square().mean().backward()
+        forward(net).float().square().mean().backward()
     total = counter.get_total_flops()
     if checkpointing:  # the forward runs twice
         with FlopCounterMode(display=False) as fwd, torch.no_grad():
-            unet(x, t, cond)
+            forward(net)
         total += fwd.get_total_flops()
     return total / 1e9
 
@@ -237,25 +239,28 @@ def class_image_rates(s: SpeedConfig) -> list[dict]:
 
     from ..core.precision import default_device
     from ..generate.generation import generate_images, make_scheduler
+    from ..models.families import family_of
     from ..models.loading import load_pipeline
 
     gpu = default_device() == "cuda"
     pipe = load_pipeline(s.model).to(default_device())
     pipe.set_progress_bar_config(disable=True)
-    own = pipe.scheduler
+    own, family = pipe.scheduler, family_of(pipe)
+    name = family.default_sampler  # the class-image default (--class-scheduler auto); None: the model's own
+    default = f"{name or 'the model' + chr(39) + 's own'}, 20 steps (default)"
     settings = [(f"model's own ({type(own).__name__}), 30 steps", None, 30, s.class_images),
-                ("dpm++2m-karras, 20 steps (default)", "dpm++2m-karras", 20, s.class_images)]
+                (default, name, 20, s.class_images)]
     if gpu and s.class_images > 1:
-        settings.append(("dpm++2m-karras, 20 steps (default)", "dpm++2m-karras", 20, 1))
-    rows = []
+        settings.append((default, name, 20, 1))
+    rows, guidance = [], family.default_guidance
     with torch.autocast(default_device(), dtype=torch.bfloat16, enabled=gpu):
-        generate_images(pipe, "a photo of a girl", num_images=1, seed=0, steps=2, guidance=7.5,
+        generate_images(pipe, "a photo of a girl", num_images=1, seed=0, steps=2, guidance=guidance,
                         width=s.resolution, height=s.resolution)  # warm-up: kernel selection
         for label, name, steps, batch in settings:
-            pipe.scheduler = make_scheduler(name, own.config) if name else own
+            pipe.scheduler = make_scheduler(name, own.config, family) if name else own
             start = time.perf_counter()
-            generate_images(pipe, "a photo of a girl", num_images=s.class_images, seed=0, steps=steps, guidance=7.5,
-                            width=s.resolution, height=s.resolution, batch_size=batch)
+            generate_images(pipe, "a photo of a girl", num_images=s.class_images, seed=0, steps=steps,
+                            guidance=guidance, width=s.resolution, height=s.resolution, batch_size=batch)
             rows.append({"sampler": label, "batch": batch, "precision": "bf16" if gpu else "fp32",
                          "seconds_per_image": (time.perf_counter() - start) / s.class_images})
     return rows

@@ -66,9 +66,12 @@ def precision_dtype(mixed_precision: str, on: str) -> torch.dtype:
 
 def warn_long_prompts(pipe, prompts: dict[str, Sequence[str]]) -> None:
     """Warn, naming the flag, about each prompt longer than the text encoder reads: CLIP silently drops every
-    token past its limit (77 with the start and end tokens), so the end of such a prompt has no effect."""
-    tokenizer = pipe.tokenizer
-    limit = int(tokenizer.model_max_length)
+    token past its limit (77 with the start and end tokens), so the end of such a prompt has no effect. A family with
+    a T5 reads more (FLUX.1 512 tokens, SD3 256): its longest reader decides."""
+    family = family_of(pipe)
+    tokenizers = [getattr(pipe, name) for name in family.tokenizers]
+    k = max(range(len(tokenizers)), key=lambda i: family.token_length(tokenizers[i], i))
+    tokenizer, limit = tokenizers[k], family.token_length(tokenizers[k], k)
     for flag, texts in prompts.items():
         for text in dict.fromkeys(t for t in texts if t):
             n = len(tokenizer(text, truncation=False).input_ids)
@@ -346,7 +349,11 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     set_lora_scales(pipe, g.unet_scale, g.text_encoder_scale, g.text_encoder_2_scale)
     warn_long_prompts(pipe, {"--prompt": g.prompt, "--negative-prompt": [g.negative_prompt]})
     width, height = image_size(pipe, g.width, g.height)
-    guidance = family_of(pipe).default_guidance if g.guidance is None else g.guidance
+    family = family_of(pipe)
+    guidance = family.default_guidance if g.guidance is None else g.guidance
+    if g.negative_prompt and not family.negative_prompts:
+        log.warning("--negative-prompt: %s models ignore negative prompts (their guidance is distilled); it has no "
+                    "effect", family.label)
     # Record the base model actually used, so the saved config repeats the run even if --model was implied.
     resolved = cfg.replace("generate", model=g.model or pipe.boothkit_model, vae=g.vae or pipe.boothkit_vae,
                            guidance=guidance)

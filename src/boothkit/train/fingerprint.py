@@ -68,9 +68,9 @@ def of(tr: Trainer) -> dict:
                   adam_epsilon=t.adam_epsilon, weight_decay=t.weight_decay)
     if lo.train_text_encoder:
         fp["text_encoder_lr"] = t.text_encoder_lr
-    if tr.family.objective == "flow":  # how σ is drawn, shifted and weighed; the quantized frozen base
-        fp.update(weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                  mode_scale=t.mode_scale, flow_shift=t.flow_shift, quantize_base=mo.quantize_base)
+    fp.update(tr.objective.fingerprint(t))  # flow: how σ is drawn, shifted and weighed
+    if mo.quantize_base:
+        fp["quantize_base"] = mo.quantize_base
     fp["ema"] = "on" if t.ema_decay is not None else "off"
     if t.ema_decay is not None:
         fp["ema_decay"] = t.ema_decay

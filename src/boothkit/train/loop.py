@@ -25,7 +25,7 @@ from ..adapters.inject import adapters_disabled, lora_state_dict
 from ..adapters.lora import LORA_FILE, adapter_metadata, canonical_text_encoder_keys, save_lora_file
 from ..core.config import RunConfig, save_toml, validate_train
 from ..core.errors import BoothkitError, ConfigError, Interrupted
-from ..core.files import atomic_folder, atomic_write_bytes, check_free_space, human_bytes
+from ..core.files import atomic_folder, atomic_write_bytes, check_free_space
 from ..core.interrupts import deferred_stop
 from ..core.locks import folder_lock
 from ..core.precision import resolve, step_speedup
@@ -33,14 +33,22 @@ from ..core.progress import progress_bar
 from ..generate.generation import generate_images, make_grid, save_png
 from ..models.families import Family, check_method, family_of
 from ..models.loading import family_of_spec, load_pipeline, model_ref, native_resolution
-from ..models.memory import run_estimate
 from ..models.quantize import check_quantize
 from . import checkpoint as ckpt
 from . import ema, fingerprint
 from .batches import Batch, draw_batch, step_seed
 from .objectives import check_flags
 from .losses import MaskRule, example_mse, examples_loss, mse, prior_preservation_loss, weighted_loss
-from .trainer import Trainer, encoders_train, load_dtypes, read_photos, setup, trainable, validation_prompts
+from .trainer import (
+    Trainer,
+    encoders_train,
+    load_dtypes,
+    log_memory_estimate,
+    read_photos,
+    setup,
+    trainable,
+    validation_prompts,
+)
 
 log = logging.getLogger("boothkit")
 LOG_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr", "text_encoder_lr")
@@ -195,7 +203,7 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     if main:  # after set-up: a bad photo, model or class folder is reported alone, on one line
         log.info("training on %d process(es), device %s, mixed precision %s", accelerator.num_processes,
                  accelerator.device, t.mixed_precision)
-        _log_memory_estimate(tr)
+        log_memory_estimate(tr)
     start, rows = _maybe_resume(tr, out) if t.resume else (0, [])
     if main:
         _check_room(tr, out)
@@ -228,22 +236,6 @@ def _check_room(tr: Trainer, out: Path) -> None:
     need = _output_bytes(tr) + (states * trainable + (1 << 20) if t.checkpoint_every else 0)
     what = "the trained weights" + (" and a checkpoint" if t.checkpoint_every else "")
     check_free_space(out, need, f"--output-dir: {what}")
-
-
-def _log_memory_estimate(tr: Trainer) -> None:
-    """The training-memory estimate of a LoRA on a flow transformer (models.memory), before the first step."""
-    cfg, t = tr.cfg, tr.cfg.train
-    if cfg.lora.full or cfg.lora.method == "ti":
-        return
-    est = run_estimate(tr.pipe, tr.family, resolution=tr.instance.size, batch_size=t.batch_size, rank=cfg.lora.rank,
-                       precision=t.mixed_precision, quantize=cfg.model.quantize_base,
-                       gradient_checkpointing=t.gradient_checkpointing, prior=cfg.prior.prior,
-                       cache=cfg.data.cache_latents)
-    if est is not None:
-        trained = sum(b for n, b, _ in est.rows if "LoRA" in n or "optimizer" in n)
-        log.info("memory estimate: peak %s (frozen transformer %s, LoRA with gradients and optimizer %s, "
-                 "activations %s; BENCHMARKS.md has the full-size tables)", human_bytes(est.peak),
-                 human_bytes(est.rows[0][1]), human_bytes(trained), human_bytes(est.row("activations")))
 
 
 def _probe_speedup(cfg: RunConfig) -> float:

@@ -12,6 +12,7 @@ example's loss weight are. A family names its objective (`Family.objective`); `m
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -36,6 +37,9 @@ class DiffusionObjective:
 
     def target(self, x: torch.Tensor, e: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return diffusion_target(self.prediction_type, x, e, self.alphas_cumprod, t)
+
+    def fingerprint(self, t) -> dict:
+        return {}  # snr_gamma and noise_offset are recorded for every run
 
     def weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
         if self.snr_gamma is None:
@@ -74,6 +78,15 @@ class FlowObjective:
     def target(self, x: torch.Tensor, e: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (e.float() - x.float()).to(e.dtype)
 
+    def fingerprint(self, t) -> dict:
+        """The settings of TrainConfig `t` this objective's draws and weights depend on (a resume must match)."""
+        fp = {"weighting_scheme": t.weighting_scheme, "flow_shift": t.flow_shift}
+        if t.weighting_scheme == "logit_normal":
+            fp.update(logit_mean=t.logit_mean, logit_std=t.logit_std)
+        if t.weighting_scheme == "mode":
+            fp["mode_scale"] = t.mode_scale
+        return fp
+
     def weights(self, t: torch.Tensor) -> Optional[torch.Tensor]:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
@@ -90,20 +103,14 @@ def resolution_shift(sigma: torch.Tensor, tokens: int, dyn: dict) -> torch.Tenso
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
 
 
-FLOW_SHIFTS = ("auto", "static", "resolution")
-
-
 def flow_objective(scheduler, t) -> FlowObjective:
     """The flow objective of a FlowMatchEulerDiscreteScheduler and the run's train settings."""
-    import copy
-
     config = scheduler.config
     dynamic_scheduler = bool(config.get("use_dynamic_shifting", False))
     shift = t.flow_shift if t.flow_shift != "auto" else ("resolution" if dynamic_scheduler else "static")
-    if shift == "resolution" and not all(k in config for k in ("base_shift", "max_shift", "base_image_seq_len",
-                                                                "max_image_seq_len")):
-        raise ConfigError("train.flow_shift (--flow-shift) resolution: this model's scheduler has no "
-                          "resolution-shift settings; use static")
+    if shift == "resolution" and not dynamic_scheduler:  # its sigmas are shifted already; its pipeline samples so
+        raise ConfigError("train.flow_shift (--flow-shift) resolution: this model's scheduler shifts σ statically "
+                          f"(shift {config.get('shift', 1.0):g}), as its pipeline samples; use static or auto")
     # the scheduler's own sigmas at creation: shifted by its static shift unless it shifts dynamically
     fresh = type(scheduler).from_config(copy.deepcopy(dict(config)))
     sigmas = fresh.sigmas[:config.num_train_timesteps].float()  # σ of index ⌊u·N⌋, as the scripts draw it

@@ -17,10 +17,12 @@ from ..adapters.embeddings import Placeholder, add_placeholder, train_rows
 from ..adapters.inject import add_lora
 from ..core.config import RunConfig, Subject, fill, run_subjects
 from ..core.errors import ConfigError
+from ..core.files import human_bytes
 from ..core.precision import DTYPES
 from ..generate.generation import warn_long_prompts
 from ..models import tokens
 from ..models.families import Family, check_method, family_of
+from ..models.memory import run_estimate
 from ..models.quantize import is_quantized
 from ..models.loading import model_name, native_resolution
 from . import ema
@@ -328,8 +330,10 @@ def _make_trainable(cfg: RunConfig, pipe, family: Family, device, mixed_precisio
 
 
 def place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
-    """Move a frozen model to the device in the run's precision; a quantized one keeps its weights' storage."""
-    model.to(device) if is_quantized(model) else model.to(device, dtype)
+    """Move a frozen model to the device in the run's precision. A quantized one keeps its weights' storage, and
+    one with modules kept in fp32 (T5's `wo`, which overflows in fp16) keeps the dtypes it was loaded in."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) and dtype == torch.float16
+    model.to(device) if is_quantized(model) or keep else model.to(device, dtype)
 
 
 def _add_placeholder(cfg: RunConfig, pipe, family: Family, device) -> tuple[Placeholder, dict, list]:
@@ -346,3 +350,17 @@ def _add_placeholder(cfg: RunConfig, pipe, family: Family, device) -> tuple[Plac
     return placeholder, ids, rows
 
 
+def log_memory_estimate(tr: Trainer) -> None:
+    """The training-memory estimate of a LoRA on a flow transformer (models.memory), before the first step."""
+    cfg, t = tr.cfg, tr.cfg.train
+    if cfg.lora.full or cfg.lora.method == "ti":
+        return
+    est = run_estimate(tr.pipe, tr.family, resolution=tr.instance.size, batch_size=t.batch_size, rank=cfg.lora.rank,
+                       precision=t.mixed_precision, quantize=cfg.model.quantize_base,
+                       gradient_checkpointing=t.gradient_checkpointing, prior=cfg.prior.prior,
+                       cache=cfg.data.cache_latents)
+    if est is not None:
+        trained = sum(b for n, b, _ in est.rows if "LoRA" in n or "optimizer" in n)
+        log.info("memory estimate: peak %s (frozen transformer %s, LoRA with gradients and optimizer %s, "
+                 "activations %s; BENCHMARKS.md has the full-size tables)", human_bytes(est.peak),
+                 human_bytes(est.rows[0][1]), human_bytes(trained), human_bytes(est.row("activations")))

@@ -58,6 +58,7 @@ class Family:
     samplers: Optional[tuple[str, ...]] = None  # the --scheduler names it samples with (None: every UNet sampler)
     default_sampler: Optional[str] = None  # "auto" class-image sampler (None: the model folder's own)
     size_step: int = 8              # image sides in multiples of this many pixels (Flux packs 2x2 latents: 16)
+    negative_prompts: bool = True  # classifier-free guidance reads a negative prompt (FLUX.1's distilled one not)
     quantizable: tuple[str, ...] = ()  # the frozen parts --quantize-base quantizes (the transformer and T5)
     methods: tuple[str, ...] = METHODS
     adapters: tuple[str, ...] = ADAPTERS
@@ -113,7 +114,9 @@ class Family:
         if value % step:
             raise ConfigError(f"{flag} {value}: must be a multiple of {step} for {self.label} models")
 
-    def probe_forward(self, model: torch.nn.Module, resolution: int) -> Callable[[torch.nn.Module], torch.Tensor]:
-        """A forward pass of `model` (or a copy of it) on random inputs at up to `resolution`, whose input needs
-        gradients as LoRA layers' do: the precision probe times it in fp32 and bf16."""
+    def probe_forward(self, model: torch.nn.Module, resolution: int, batch: int = 1,
+                      cap: bool = True) -> Callable[[torch.nn.Module], torch.Tensor]:
+        """A forward pass of `model` (or a copy of it) on random inputs of `batch` pictures at `resolution` (with
+        `cap`, at most 256-512 px: the precision probe compares fp32 with bf16, for which the size matters little),
+        whose input needs gradients as LoRA layers' do; the speed bench counts its FLOPs."""
         raise NotImplementedError

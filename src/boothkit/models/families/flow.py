@@ -34,6 +34,17 @@ class FlowFamily(Family):
         last = len(self.tokenizers) - 1
         return {"max_sequence_length": self.token_length(getattr(pipe, self.tokenizers[last]), last)}
 
+    def probe_forward(self, model, resolution: int, batch: int = 1,
+                      cap: bool = True) -> Callable[[torch.nn.Module], torch.Tensor]:
+        cfg = model.config
+        side = 2 * max(1, min(resolution // 16, 32) if cap else resolution // 16)  # even: 2x2 patches
+        p = next(model.parameters())
+        sample = torch.randn(batch, self.latent_channels(cfg), side, side, device=p.device, dtype=p.dtype)
+        cond = Conditioning(torch.randn(batch, 77, cfg.joint_attention_dim, device=p.device, dtype=p.dtype),
+                            torch.randn(batch, cfg.pooled_projection_dim, device=p.device, dtype=p.dtype))
+        t = torch.full((batch,), 500.0, device=p.device)
+        return lambda m: self.denoise(m, sample.clone().requires_grad_(True), t, cond)
+
     def native_resolution(self, pipe) -> int:
         # built-in models record their size; real SD3 transformers say theirs (sample_size), Flux's pipeline 1024
         own = getattr(pipe, "boothkit_resolution", None)
@@ -62,19 +73,14 @@ class SD3Family(FlowFamily):
         return model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond.hidden,
                      pooled_projections=cond.pooled, return_dict=False)[0]
 
-    def probe_forward(self, model, resolution: int) -> Callable[[torch.nn.Module], torch.Tensor]:
-        cfg = model.config
-        side = min(resolution // 8, 64)
-        device = next(model.parameters()).device
-        sample = torch.randn(1, cfg.in_channels, side, side, device=device)
-        cond = Conditioning(torch.randn(1, 77, cfg.joint_attention_dim, device=device),
-                            torch.randn(1, cfg.pooled_projection_dim, device=device))
-        return lambda m: self.denoise(m, sample.clone().requires_grad_(True), torch.tensor([500.0]), cond)
+    latent_channels = staticmethod(lambda cfg: cfg.in_channels)
 
 
 @dataclass(frozen=True)
 class FluxFamily(FlowFamily):
     size_step: int = 16  # 2x2 packing of 8x latents
+    negative_prompts: bool = False  # guidance is distilled into the model; FluxPipeline reads negatives only with
+    # true_cfg_scale > 1, which doubles the cost and is not what the model was made for
 
     def encode(self, encoders: Sequence[torch.nn.Module], ids: Sequence[torch.Tensor]) -> Conditioning:
         """As FluxPipeline.encode_prompt: CLIP's pooled output and T5's sequence."""
@@ -91,21 +97,14 @@ class FluxFamily(FlowFamily):
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
         txt_ids = torch.zeros(cond.hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         guidance = None
-        if model.config.guidance_embeds:
+        if getattr(model, "module", model).config.guidance_embeds:  # under DDP the model is wrapped
             guidance = torch.full((b,), self.train_guidance, device=noisy.device, dtype=torch.float32)
         pred = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
                      pooled_projections=cond.pooled, encoder_hidden_states=cond.hidden, txt_ids=txt_ids,
                      img_ids=img_ids, return_dict=False)[0]
         return unpack(pred, h, w)
 
-    def probe_forward(self, model, resolution: int) -> Callable[[torch.nn.Module], torch.Tensor]:
-        cfg = model.config
-        side = min(resolution // 8, 64)
-        device = next(model.parameters()).device
-        sample = torch.randn(1, cfg.in_channels // 4, side, side, device=device)
-        cond = Conditioning(torch.randn(1, 64, cfg.joint_attention_dim, device=device),
-                            torch.randn(1, cfg.pooled_projection_dim, device=device))
-        return lambda m: self.denoise(m, sample.clone().requires_grad_(True), torch.tensor([500.0]), cond)
+    latent_channels = staticmethod(lambda cfg: cfg.in_channels // 4)  # 2x2 patches packed into channels
 
 
 def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -118,7 +117,7 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 SD3 = SD3Family("sd3", "SD3/3.5", "StableDiffusion3Pipeline", ("text_encoder", "text_encoder_2", "text_encoder_3"),
                 ("tokenizer", "tokenizer_2", "tokenizer_3"), {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
                 JOINT_TARGETS, lora_encoders=("text_encoder", "text_encoder_2"),
-                quantizable=("transformer", "text_encoder_3"),
+                quantizable=("transformer", "text_encoder_3"), size_step=16,  # 8x VAE, 2x2 patches
                 token_lengths=(None, None, 256), default_guidance=7.0,
                 embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"})
 FLUX = FluxFamily("flux", "FLUX.1", "FluxPipeline", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),

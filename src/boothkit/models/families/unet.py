@@ -33,20 +33,22 @@ class UNetFamily(Family):
         """The image size the model was trained at (UNet sample size x VAE scale factor)."""
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
-    def probe_forward(self, model, resolution: int) -> Callable[[torch.nn.Module], torch.Tensor]:
+    def probe_forward(self, model, resolution: int, batch: int = 1,
+                      cap: bool = True) -> Callable[[torch.nn.Module], torch.Tensor]:
         cfg = model.config
-        side = min(resolution // 8, 32)  # at most 32x32 latents (256 px for SD): the ratio, not the size, matters
+        side = min(resolution // 8, 32) if cap else resolution // 8  # capped: 256 px for SD
         width = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
-        device = next(model.parameters()).device
-        sample = torch.randn(1, cfg.in_channels, side, side, device=device)
-        kwargs: dict = {"encoder_hidden_states": torch.randn(1, 77, width, device=device)}
+        p = next(model.parameters())
+        sample = torch.randn(batch, cfg.in_channels, side, side, device=p.device, dtype=p.dtype)
+        kwargs: dict = {"encoder_hidden_states": torch.randn(batch, 77, width, device=p.device, dtype=p.dtype)}
         if cfg.addition_embed_type == "text_time":  # SDXL: pooled text and six size numbers
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, device=device),
-                                           "time_ids": torch.ones(1, 6, device=device) * 64}
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=p.device, dtype=p.dtype),
+                                           "time_ids": torch.ones(batch, 6, device=p.device, dtype=p.dtype) * 64}
+        t = torch.full((batch,), 500, device=p.device)
 
         def forward(m: torch.nn.Module) -> torch.Tensor:
-            return m(sample.clone().requires_grad_(True), 500, **kwargs).sample
+            return m(sample.clone().requires_grad_(True), t, **kwargs).sample
         return forward
 
 
