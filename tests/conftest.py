@@ -19,6 +19,11 @@ os.environ["BOOTHKIT_AUTO_PRECISION"] = "no"
 # configs and commands that name none mean the built-in tiny model: the one shared place that says so, for
 # in-process runs and the subprocesses that inherit this environment. Tests of the refusal use `no_default_model`.
 os.environ["BOOTHKIT_DEFAULT_MODEL"] = "tiny"
+# what the command line quiets before any library loads: here before any test's first import of them, so that no
+# test's captured output holds the libraries' import-time chatter (torchao's missing GPU kernels)
+from boothkit.cli import quiet_libraries  # noqa: E402
+
+quiet_libraries()
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SUBJECT = REPO / "src" / "boothkit" / "assets" / "demo_subject"

@@ -76,7 +76,7 @@ def test_state_json_records_a_checksum_of_every_file(trained):
         photos.update(f"{p.name}\0{p.stat().st_size}\0".encode() + p.read_bytes())
     assert state["config"] == {
         "model": "tiny", "revision": None, "vae": None, "method": "lora", "full": False, "train_text_encoder": False,
-        "adapter": "lora", "rank": 4, "alpha": 4.0, "dropout": 0.0, "unet_targets": list(C.LoraConfig().unet_targets),
+        "adapter": "lora", "rank": 4, "alpha": 4.0, "dropout": 0.0, "unet_targets": list(C.UNET_LORA_TARGETS),
         "subjects": [["sks", "dog"]], "instance_prompts": ["a photo of {token} {class_noun}"],
         "photos": [[3, photos.hexdigest()]], "resolution": 64, "crop": "center", "flip": False, "buckets": False,
         "captions": False, "caption_dropout": 0.0, "masked_loss": False, "prior": False, "seed": 0,

@@ -306,27 +306,23 @@ def test_flux_trains_every_method_it_lists_and_generation_reads_it(flags, demo_s
 
 
 def test_a_hub_id_loads_as_the_family_its_model_index_names(monkeypatch):
-    """No hub here: the hub's two answers (model_index.json, then the weights) come from the tiny-sd3 folder."""
-    import json
-
+    """No hub here: the hub's download answers with the tiny-sd3 folder, as a snapshot would."""
     import diffusers
 
-    folder = model_path("tiny-sd3")
     asked = []
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config",
-                        lambda spec, **kw: asked.append(("config", spec)) or json.loads(
-                            (Path(folder) / "model_index.json").read_text()))
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download",
+                        lambda spec, **kw: asked.append(("download", spec)) or str(model_path("tiny-sd3")))
     real = diffusers.StableDiffusion3Pipeline.from_pretrained.__func__
 
-    def from_hub(cls, spec, **kw):
-        asked.append(("weights", spec, kw.get("quantization_config") is not None))
+    def from_folder(cls, folder, **kw):
+        asked.append(("weights", folder, kw.get("quantization_config") is not None))
         return real(cls, folder, **kw)
 
-    monkeypatch.setattr(diffusers.StableDiffusion3Pipeline, "from_pretrained", classmethod(from_hub))
+    monkeypatch.setattr(diffusers.StableDiffusion3Pipeline, "from_pretrained", classmethod(from_folder))
     pipe = load_pipeline("stabilityai/stable-diffusion-3.5-medium", quantize="int8")
     assert family_of(pipe) is SD3
-    hub = "stabilityai/stable-diffusion-3.5-medium"  # (diffusers reads the folder's own config again inside)
-    assert [a for a in asked if hub in a] == [("config", hub), ("weights", hub, True)]
+    assert asked == [("download", "stabilityai/stable-diffusion-3.5-medium"),
+                     ("weights", str(model_path("tiny-sd3")), True)]
 
 
 def test_the_memory_estimate_counts_the_loaded_model_exactly():

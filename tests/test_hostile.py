@@ -375,8 +375,8 @@ def _hub_says(kind: str, spec: str) -> Exception:
 
 
 def _loader_raising(monkeypatch, cls_name: str, error: Exception) -> list:
-    """Replace diffusers' `cls_name`'s first hub contact (a pipeline's load_config: its model_index.json names the
-    family; a model's from_pretrained) with one that raises the hub's `error`; returns its calls."""
+    """Replace diffusers' `cls_name`'s first hub contact (a pipeline's download, which from_pretrained makes first;
+    a model's from_pretrained) with one that raises the hub's `error`; returns its calls."""
     import diffusers
 
     calls = []
@@ -385,7 +385,7 @@ def _loader_raising(monkeypatch, cls_name: str, error: Exception) -> list:
         calls.append(spec)
         raise error
 
-    method = "load_config" if cls_name == "DiffusionPipeline" else "from_pretrained"
+    method = "download" if cls_name == "DiffusionPipeline" else "from_pretrained"
     monkeypatch.setattr(getattr(diffusers, cls_name), method, load)
     return calls
 

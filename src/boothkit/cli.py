@@ -167,8 +167,9 @@ def _token_suggest(count: int, seed: int, model: str) -> None:
         click.echo(f"{word}\t(id {i})")
 
 
-def _quiet_libraries() -> None:
-    """boothkit shows its own progress; silence the libraries' loading bars and chatter (env only: no imports)."""
+def quiet_libraries() -> None:
+    """boothkit shows its own progress; silence the libraries' loading bars and chatter (env and logger levels only:
+    no imports). Called before anything loads (main; the test suite's conftest)."""
     import logging
     import os
     import warnings
@@ -194,11 +195,15 @@ def _quiet_libraries() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # torchao (--quantize-base) on a machine without its GPU kernels: diffusers says on first import that it cannot
+    # import torchao's tensor types, torchao that it cannot load its CUDA kernels; neither matters to boothkit
+    for name in ("diffusers.quantizers.torchao.torchao_quantizer", "torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
-    _quiet_libraries()
+    quiet_libraries()
     try:
         rv = cli.main(args=argv, prog_name="boothkit", standalone_mode=False)
     except click.exceptions.Exit as exc:

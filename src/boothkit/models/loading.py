@@ -61,9 +61,10 @@ def model_path(spec: str) -> str:
     return str(_BUILT[spec][0]()) if spec in _BUILT else spec
 
 
-def family_of_spec(spec: str, model_config: str | None = None):
-    """The family of --model without loading it, where that is cheap (a built-in, a diffusers folder, a single
-    file); None for a hub id (its family is known once its model_index.json is read)."""
+def family_of_spec(spec: str, model_config: str | None = None, revision: str | None = None):
+    """The family of --model without loading its weights or asking the hub: a built-in's or folder's
+    model_index.json, a single file's keys, a hub repository's cached model_index.json; None where only loading
+    can tell (an uncached hub id: its family is checked once it is downloaded, before its weights load)."""
     path = Path(spec)
     if spec in BUILT_IN or (path / "model_index.json").is_file():
         return family_of_folder(model_path(spec))
@@ -71,7 +72,15 @@ def family_of_spec(spec: str, model_config: str | None = None):
         return family_of_folder(model_config)
     if path.is_file() and path.suffix == ".safetensors":
         return family_of_single_file(path)
+    if not path.exists() and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:  # a hub id
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "model_index.json", revision=revision)
+        return family_of_index(json.loads(Path(cached).read_text()), spec) if isinstance(cached, str) else None
     return None
+
+
+
 
 
 def load_pipeline(spec: str, *, model_config: str | None = None, revision: str | None = None,
@@ -200,13 +209,15 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
     try:
         from diffusers import DiffusionPipeline
 
-        # the repo's model_index.json names the pipeline: a family boothkit does not train is refused before
-        # any weights download, and each family gets its own loading arguments (SD: no safety checker)
-        family = family_of_index(DiffusionPipeline.load_config(spec, revision=revision), spec)
+        # the download (what from_pretrained does first: it fails at once when the hub cannot be asked), then the
+        # folder's model_index.json names the family, which loads it with its own arguments (SD: no safety
+        # checker; --quantize-base) and refuses a pipeline boothkit does not train before its weights load
+        folder = DiffusionPipeline.download(spec, revision=revision, use_safetensors=_safetensors())
+        family = family_of_index(json.loads((Path(folder) / "model_index.json").read_text()), spec)
         more = {"quantization_config": pipeline_quantization(quantize, family)} if quantize else {}
         with quiet():
-            pipe = family.pipeline().from_pretrained(spec, revision=revision, dtype=dtype,
-                                                     use_safetensors=_safetensors(), **family.pipeline_kwargs, **more)
+            pipe = family.pipeline().from_pretrained(folder, dtype=dtype, use_safetensors=_safetensors(),
+                                                     **family.pipeline_kwargs, **more)
     except (ModelError, ConfigError):
         raise
     except Exception as exc:  # hub errors come in many types: a missing or removed repository is said as such

@@ -179,7 +179,7 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     if earlier and not (cfg.train.resume or cfg.train.overwrite):
         raise BoothkitError(f"--output-dir {out} holds an earlier run ({earlier[0].name}); pass --resume to "
                             f"continue it, --overwrite to replace it, or choose another folder")
-    family = family_of_spec(cfg.model.model, cfg.model.model_config)
+    family = family_of_spec(cfg.model.model, cfg.model.model_config, cfg.model.revision)
     if family is not None:  # a method or loss flag the family does not take fails before anything loads
         check_method(family, cfg.lora.method, cfg.lora.adapter)
         check_flags(family, cfg.train)
