@@ -4,7 +4,6 @@ refusals that name the fix."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
