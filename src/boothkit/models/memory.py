@@ -29,7 +29,7 @@ before training when cached), SD3's last block dropping its text stream (a sligh
 layers may keep extra state in backward. Measured on a small Flux on CPU: `benchmarks/memory_flow.py`.
 
 Quantized base (Linear weights only; biases, norms, embeddings and buffers stay in bf16):
-int8 (LLM.int8): 1 byte per weight + one fp32 scale per output row; nf4 (bitsandbytes 4-bit, no double
+int8 (torchao weight-only, `Int8WeightOnlyConfig`): 1 byte per weight + one fp32 scale per output row; nf4 (bitsandbytes 4-bit, no double
 quantization, its default): 0.5 byte per weight + one fp32 absmax per block of 64 = 0.5625 byte; fp8: 1 byte per
 weight + one fp32 scale per tensor. Optimizer: AdamW two fp32 states per LoRA parameter; 8-bit AdamW two 1-byte
 states + one fp32 absmax per block of 256 each.
@@ -68,14 +68,15 @@ def facts_of(transformer, lora_model, *, counts: dict[str, int], text_tokens: in
     """Facts of a transformer (meta or real), `lora_model` being it (or its twin) with the LoRA injected."""
     import torch
 
-    linears = [m for m in transformer.modules() if type(m) is torch.nn.Linear]
+    # the base model's Linears (a bitsandbytes Linear4bit is one too; a LoRA's own A/B layers are not counted)
+    linears = [m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
     modules = dict(lora_model.named_modules())
     lora_in_out = (sum(m.in_features for n, m in modules.items() if n.endswith("lora_A.default"))
                    + sum(m.out_features for n, m in modules.items() if n.endswith("lora_B.default")))
     cfg = transformer.config
     dual = len(getattr(cfg, "dual_attention_layers", ()) or ())
     single = getattr(cfg, "num_single_layers", 0)
-    return Facts(counts=dict(counts), linear_elements=sum(m.weight.numel() for m in linears),
+    return Facts(counts=dict(counts), linear_elements=sum(m.in_features * m.out_features for m in linears),
                  linear_rows=sum(m.out_features for m in linears), linear_tensors=len(linears),
                  lora_in_out=lora_in_out, width=cfg.num_attention_heads * cfg.attention_head_dim,
                  heads=cfg.num_attention_heads, blocks={"double": cfg.num_layers, "single": single, "dual": dual},
@@ -177,6 +178,17 @@ def estimate(model: str | Facts, *, resolution: int, batch_size: int = 1, rank: 
     return Estimate(rows=rows, train_step=train, encoding=encoding, title=title)
 
 
+def logical_count(model) -> int:
+    """Parameters of a model as its unquantized self holds them, its LoRA left out: a quantized Linear's packed
+    storage (bitsandbytes' 4-bit pairs) counts as in x out weights."""
+    import torch
+
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n}
+    inside = {id(m.weight) for m in linear.values()}
+    rest = sum(p.numel() for n, p in model.named_parameters() if id(p) not in inside and "lora_" not in n)
+    return sum(m.in_features * m.out_features for m in linear.values()) + rest
+
+
 def run_estimate(pipe, family, *, resolution: int, batch_size: int, rank: int, precision: str,
                  quantize: str | None, gradient_checkpointing: bool, prior: bool, cache: bool) -> Estimate | None:
     """The estimate for a loaded pipeline whose transformer already holds its LoRA (None for the UNet families,
@@ -185,10 +197,7 @@ def run_estimate(pipe, family, *, resolution: int, batch_size: int, rank: int, p
 
     if family.denoiser != "transformer":
         return None
-    counts = {name: sum(p.numel() for p in part.parameters())
-              for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
-    base = sum(p.numel() for n, p in pipe.transformer.named_parameters() if "lora_" not in n)
-    counts["transformer"] = base
+    counts = {name: logical_count(part) for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
     last = len(family.tokenizers) - 1
     tokens = family.token_length(getattr(pipe, family.tokenizers[last]), last)
     facts = facts_of(pipe.transformer, pipe.transformer, counts=counts, text_tokens=tokens,
