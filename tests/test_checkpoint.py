@@ -374,6 +374,19 @@ def test_checkpoint_checks_the_disk_and_a_failed_write_keeps_the_earlier_ones(mo
     assert ckpt.load_checkpoint(step_dir(tmp_path, 1))["step"] == 1
 
 
+def test_pruning_keeps_the_checkpoint_just_written_beside_a_later_damaged_one(tmp_path):
+    """keep 1, a damaged step 4 left by the run a resume went past, step 3 written: step 3 stays (issue 31)."""
+    weight = torch.nn.Parameter(torch.ones(10))
+    opt = torch.optim.AdamW([weight])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, step, {"w": weight}, opt, sched, keep=3)
+    (step_dir(tmp_path, 4) / "weights.safetensors").write_bytes(b"damaged")
+    written = ckpt.save_checkpoint(tmp_path, 3, {"w": weight}, opt, sched, keep=1)
+    assert written.is_dir() and ckpt.load_checkpoint(written)["step"] == 3
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]  # step 2 pruned; 4 replaced when reached
+
+
 @pytest.fixture(scope="module")
 def lora(trained):
     return trained[1] / LORA_FILE

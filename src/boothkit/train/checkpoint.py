@@ -70,7 +70,7 @@ def _nbytes(obj: Any) -> int:
 def save_checkpoint(output_dir: str | Path, step: int, weights: Mapping[str, torch.Tensor], optimizer,
                     lr_scheduler, keep: int, extra: Mapping[str, Any] | None = None,
                     states: Mapping[str, Any] | None = None) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`. `states`: more training state
+    """Write checkpoint `step` atomically and delete all but the newest `keep` up to it. `states`: more training state
     (e.g. the EMA's state dict) saved beside the optimizer's, as tensors and numbers only.
 
     state.json, written last, records the sha256 of every other file, so a checkpoint damaged later (a disk
@@ -90,7 +90,9 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: Mapping[str, tor
         why = getattr(exc, "strerror", None) or exc
         raise BoothkitError(f"checkpoint {final}: could not be written ({why}); the earlier checkpoints are kept") \
             from exc
-    for _, old in list_checkpoints(output_dir)[:-keep]:
+    # the newest `keep` up to this step: a later one is left by the run this one resumed past (it was damaged, or
+    # --resume chose an earlier one); it is replaced when the run reaches its step, and never counts as kept
+    for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
