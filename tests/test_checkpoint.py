@@ -477,3 +477,18 @@ def test_sigkill_during_export_then_rerun_completes(lora, tmp_path, fmt, name):
         assert load_file(out)
     else:
         assert (out / "model_index.json").is_file() and (out / "boothkit_export.toml").is_file()
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_old_run_only_once_the_new_one_has_a_checkpoint(trained, tmp_path):
+    """issue 31: --overwrite used to delete the earlier run's checkpoints before set-up, so a refusal destroyed them."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)
+    before = [s for s, _ in ckpt.list_checkpoints(run)]
+    assert before == [2, 4]
+    with pytest.raises(BoothkitError, match="--resolution 60: must be a multiple of 8"):  # refused in set-up
+        run_training(make_cfg(trained[0], run, overwrite=True, resolution=60), progress=False)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == before and (run / LORA_FILE).is_file()
+    run_training(make_cfg(trained[0], run, overwrite=True, max_steps=3, checkpoint_every=1, checkpoints_keep=1),
+                 progress=False)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]  # this run's, at keep 1: the old 2 and 4 are gone

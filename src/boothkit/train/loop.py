@@ -195,10 +195,12 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
                          vae=cfg.model.vae, dtype=load_dtypes(cfg), quantize=cfg.model.quantize_base)
     t = cfg.train
     accelerator = Accelerator(mixed_precision=t.mixed_precision)
-    if earlier and t.overwrite and not t.resume and accelerator.is_main_process:
-        shutil.rmtree(ckpt.checkpoint_dir(out), ignore_errors=True)  # an earlier run's checkpoints must not mix in
     main = accelerator.is_main_process
     tr, resolved = setup(cfg, accelerator, pipe, photos, progress and main, stop)
+    if earlier and t.overwrite and not t.resume and main:
+        # --overwrite: the earlier run's checkpoints go once this run has one of its own (or its weights), so a
+        # refusal or a crash before that point destroys nothing; they never mix into this run's pruning or resume
+        tr.replaced = [p for _, p in ckpt.list_checkpoints(out)]
     tr.run_record = fingerprint.of(tr)  # once: it hashes the photos, and each checkpoint records it
     if main:  # after set-up: a bad photo, model or class folder is reported alone, on one line
         log.info("training on %d process(es), device %s, mixed precision %s", accelerator.num_processes,
@@ -215,6 +217,7 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
         if tr.ema is not None:
             tr.ema.copy_to(tr.params)  # the average is what is saved; the last raw weights are not needed again
         _save_outputs(cfg, resolved, out, tr)
+        _drop_replaced(tr)
     accelerator.end_training()
     return out
 
@@ -369,9 +372,25 @@ def _after_step(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:
 
 
 def _save_checkpoint(tr: Trainer, out: Path, done: int) -> Path:
-    return ckpt.save_checkpoint(out, done, _weights(tr), tr.optimizer, tr.lr_scheduler, tr.cfg.train.checkpoints_keep,
-                                {"config": tr.run_record},
+    path = ckpt.save_checkpoint(out, done, _weights(tr), tr.optimizer, tr.lr_scheduler,
+                                tr.cfg.train.checkpoints_keep + len(tr.replaced), {"config": tr.run_record},
                                 states={"ema": tr.ema.state_dict()} if tr.ema is not None else None)
+    _drop_replaced(tr, keep=path)
+    return path
+
+
+def _drop_replaced(tr: Trainer, keep: Path | None = None) -> None:
+    """Remove the checkpoints of the run --overwrite replaces (all but `keep`, the one just written over one of
+    them), then prune this run's own to checkpoints_keep."""
+    if not tr.replaced:
+        return
+    for old in tr.replaced:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    tr.replaced = []
+    out = Path(tr.cfg.train.output_dir)
+    for _, old in ckpt.list_checkpoints(out)[:-tr.cfg.train.checkpoints_keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _stop_on_interrupt(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:

@@ -58,6 +58,7 @@ class Trainer:
     placeholder: Placeholder | None = None  # --method ti/pivotal: the identifier as new tokens
     placeholder_ids: dict | None = None  # text encoder component -> the new tokens' ids
     run_record: dict | None = None  # train.fingerprint.of(self): what each checkpoint records of the config
+    replaced: list = dataclasses.field(default_factory=list)  # --overwrite: the earlier run's checkpoint folders
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
