@@ -8,6 +8,9 @@ Stages, each resumable from its newest checkpoint and writing its log to WORK_DI
   dino  ViTModel trained by instance discrimination (two scenes of one emoji image are a positive pair),
         so same-name emoji of another style count as *different* subjects, as DINO's features do
   ship  fp16 safetensors of all of it: a diffusers folder and two evaluator folders
+mini-flow, mini's sibling in FLUX.1's architecture (boothkit.mini.flow_stages):
+  flow       FluxTransformer2DModel + a small T5 from scratch on mini's VAE latents and frozen CLIP, rectified flow
+  flow-ship  a FluxPipeline folder of it
 The stages and run_pretrain live in boothkit.mini.stages (torch and friends); this module is config only, so
 `--help` stays fast.
 """
@@ -17,16 +20,17 @@ from dataclasses import dataclass
 
 from ..core.config import opt
 
-STAGES = ("vae", "unet", "clip", "dino", "ship")
+STAGES = ("vae", "unet", "clip", "dino", "ship", "flow", "flow-ship")
 # Recipe defaults per stage: steps, batch, peak lr. Chosen from measured runs (docs/mini.md).
-RECIPE = {"vae": (1200, 32, 1e-3), "unet": (4000, 64, 6e-4), "clip": (2500, 64, 1e-3), "dino": (1200, 128, 1e-3)}
+RECIPE = {"vae": (1200, 32, 1e-3), "unet": (4000, 64, 6e-4), "clip": (2500, 64, 1e-3), "dino": (1200, 128, 1e-3),
+          "flow": (2400, 64, 5e-4)}
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     stage: str = opt("", "Which stage to run.", choices=STAGES, required=True)
     work_dir: str = opt("", "Folder for checkpoints, logs and sample grids of every stage.", required=True)
-    ship_dir: str = opt("", "ship: where the folders model, clip and dino go (default WORK_DIR/ship).")
+    ship_dir: str = opt("", "ship, flow-ship: where the shipped folders go (default WORK_DIR/<stage>).")
     seed: int = opt(0, "Seed of the scenes, the initial weights and the noise.")
     steps: int = opt(0, "Optimizer steps (0: the stage's recipe default).", min=0)
     batch_size: int = opt(0, "Scenes per step (0: the stage's recipe default).", min=0)
