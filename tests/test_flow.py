@@ -397,3 +397,30 @@ def test_embeddings_are_refused_for_a_family_without_textual_inversion(flux, tmp
     save_file({"clip_l": torch.zeros(1, 16)}, tmp_path / "e.safetensors")
     with pytest.raises(BoothkitError, match="learned embeddings are not supported for FLUX.1 models yet"):
         load_embeddings(flux, FLUX, tmp_path / "e.safetensors", "sks")
+
+
+def test_a_flux_model_without_a_guidance_embedding_draws_with_true_cfg(flux, tmp_path):
+    """FLUX.1-schnell's layout (and mini-flow's): guidance_scale would be ignored; above 1 boothkit asks FluxPipeline
+    for true classifier-free guidance, and a model's marker may name the guidance it draws with."""
+    import json
+    import shutil
+
+    from boothkit.generate.generation import generate_images
+
+    assert FLUX.guidance_kwargs(flux, 3.5, "blurry", 2) == {"guidance_scale": 3.5}  # dev: the embedding
+    assert FLUX.guidance_of(flux) == 3.5 and not FLUX.reads_negative_prompts(flux)
+    folder = tmp_path / "schnell-like"
+    shutil.copytree(model_path("tiny-flux"), folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "guidance_embeds": False}))
+    pipe = load_pipeline(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    assert FLUX.guidance_of(pipe) == 1.0 and FLUX.reads_negative_prompts(pipe)
+    assert FLUX.guidance_kwargs(pipe, 1.0, "", 2) == {}
+    assert FLUX.guidance_kwargs(pipe, 4.0, "", 2) == {"true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
+    kw = dict(num_images=1, seed=0, steps=2)
+    plain, cfg = (np.asarray(generate_images(pipe, "a dog", guidance=g, **kw)[0], np.int16) for g in (1.0, 4.0))
+    assert np.abs(plain - cfg).max() > 0
+    marker = json.loads((folder / "BOOTHKIT_TINY.json").read_text())
+    (folder / "BOOTHKIT_TINY.json").write_text(json.dumps({**marker, "guidance": 5}))
+    assert FLUX.guidance_of(load_pipeline(str(folder))) == 5.0

@@ -252,7 +252,7 @@ def class_image_rates(s: SpeedConfig) -> list[dict]:
                 (default, name, 20, s.class_images)]
     if gpu and s.class_images > 1:
         settings.append((default, name, 20, 1))
-    rows, guidance = [], family.default_guidance
+    rows, guidance = [], family.guidance_of(pipe)
     with torch.autocast(default_device(), dtype=torch.bfloat16, enabled=gpu):
         generate_images(pipe, "a photo of a girl", num_images=1, seed=0, steps=2, guidance=guidance,
                         width=s.resolution, height=s.resolution)  # warm-up: kernel selection

@@ -223,17 +223,17 @@ def iter_batches(pipe, prompt: str, seeds: Sequence[int], *, steps: int, guidanc
                  batch_size: int = 1) -> Iterator[list]:
     """Yield PIL images batch by batch; image k is drawn from torch.Generator('cpu').manual_seed(seeds[k])."""
     width, height = image_size(pipe, width, height)
-    more = family_of(pipe).sample_kwargs(pipe)
+    family = family_of(pipe)
+    more = family.sample_kwargs(pipe)
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start:start + batch_size])
         # One generator per image: the initial noise (and an ancestral sampler's noise) of image k then
         # depends only on its own seed, whatever the batch.
         generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
         with torch.inference_mode():
-            out = pipe(prompt=[prompt] * len(chunk),
-                       negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                       num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                       generator=generators, output_type="pil", **more)
+            out = pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, width=width, height=height,
+                       generator=generators, output_type="pil", **more,
+                       **family.guidance_kwargs(pipe, guidance, negative_prompt, len(chunk)))
         yield list(out.images)
 
 
@@ -350,10 +350,10 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
     warn_long_prompts(pipe, {"--prompt": g.prompt, "--negative-prompt": [g.negative_prompt]})
     width, height = image_size(pipe, g.width, g.height)
     family = family_of(pipe)
-    guidance = family.default_guidance if g.guidance is None else g.guidance
-    if g.negative_prompt and not family.negative_prompts:
-        log.warning("--negative-prompt: %s models ignore negative prompts (their guidance is distilled); it has no "
-                    "effect", family.label)
+    guidance = family.guidance_of(pipe) if g.guidance is None else g.guidance
+    if g.negative_prompt and not family.reads_negative_prompts(pipe):
+        log.warning("--negative-prompt: this %s model ignores negative prompts (its guidance is distilled); it has "
+                    "no effect", family.label)
     # Record the base model actually used, so the saved config repeats the run even if --model was implied.
     resolved = cfg.replace("generate", model=g.model or pipe.boothkit_model, vae=g.vae or pipe.boothkit_vae,
                            guidance=guidance)

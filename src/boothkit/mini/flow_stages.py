@@ -144,7 +144,9 @@ def stage_flow_ship(cfg: PretrainConfig, out: Path) -> None:
                          "latents": stats, "transformer": TRANSFORMER, "t5": T5, "t5_max_length": T5_MAX_LENGTH,
                          "sample_guidance": SAMPLE_GUIDANCE, "scheduler": MINI_FLOW_SCHEDULER}, indent=2).encode()
     atomic_write_bytes(out / "recipe.json", recipe)
+    # resolution and guidance: what boothkit draws it with by default (models.loading reads the marker)
     atomic_write_bytes(out / "model" / MARKER, json.dumps({"name": MINI_FLOW,
                                                            "version": hashlib.sha256(recipe).hexdigest()[:12],
-                                                           "steps": step}, indent=2).encode())
+                                                           "steps": step, "resolution": 64,
+                                                           "guidance": SAMPLE_GUIDANCE}, indent=2).encode())
     atomic_write_bytes(Path(cfg.work_dir) / "flow-curves.png", plot_curves(Path(cfg.work_dir), names=("flow",)))

@@ -138,12 +138,13 @@ def _check_pickles(folder: Path, spec: str, flag: str = "--model") -> None:
         raise ModelError(f"{flag} {spec} ({found[0].relative_to(folder)}): {REFUSAL}")
 
 
-def _recorded_resolution(folder: Path) -> int | None:
-    """The size a built-in model (BOOTHKIT_TINY.json) or a boothkit full fine-tune (boothkit.json) was made for:
-    a transformer's config does not say it, and FluxPipeline would otherwise draw at 1024 px."""
-    for name in ("BOOTHKIT_TINY.json", "boothkit.json"):
+def _recorded(folder: Path, key: str) -> float | None:
+    """What a built-in model's marker (BOOTHKIT_TINY.json, BOOTHKIT_MINI_FLOW.json) or a boothkit full fine-tune
+    (boothkit.json) records of itself: the size it is made for (a transformer's config does not say it, and
+    FluxPipeline would otherwise draw at 1024 px) and the guidance it draws with."""
+    for name in ("BOOTHKIT_TINY.json", "BOOTHKIT_MINI_FLOW.json", "boothkit.json"):
         try:
-            return int(json.loads((folder / name).read_text()).get("resolution") or 0) or None
+            return float(json.loads((folder / name).read_text()).get(key) or 0) or None
         except (OSError, ValueError, TypeError, AttributeError):
             continue
     return None
@@ -174,7 +175,9 @@ def _load_pipeline(spec: str, *, model_config: str | None, revision: str | None,
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             first = first_line(exc)
             raise ModelError(f"--model {spec}: cannot load the model folder ({first})") from None
-        pipe.boothkit_resolution = _recorded_resolution(folder)
+        resolution = _recorded(folder, "resolution")
+        pipe.boothkit_resolution = int(resolution) if resolution else None
+        pipe.boothkit_guidance = _recorded(folder, "guidance")
         return pipe
     if path.suffix == ".safetensors" or is_pickle(path):
         if not path.is_file():

@@ -453,7 +453,7 @@ def _validate(tr: Trainer, folder: Path) -> None:
     cfg, accelerator, val = tr.cfg, tr.accelerator, tr.pipe  # its unet and text encoders are the trained modules
     parts = (tr.family.denoiser,) + tr.family.text_encoders
     modes = [(m, m.training) for m in (getattr(val, n) for n in parts)]
-    guidance = tr.family.default_guidance
+    guidance = tr.family.guidance_of(tr.pipe)
     images = []
     try:
         for m, _ in modes:

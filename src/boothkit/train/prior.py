@@ -132,7 +132,7 @@ def ensure_class_images(pipe, class_dir, *, prompt: str, num_images: int, batch_
     class_dir = Path(class_dir)
     family = family_of(pipe)
     family.check_size("--resolution", resolution, pipe)
-    guidance = family.default_guidance if guidance is None else guidance
+    guidance = family.guidance_of(pipe) if guidance is None else guidance
     # runs sharing a class folder take turns: the second finds the first one's images made
     with folder_lock(class_dir, "--class-dir", "making class images", wait=True):
         return _fill_class_dir(pipe, class_dir, prompt=prompt, num_images=num_images, batch_size=batch_size,

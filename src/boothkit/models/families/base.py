@@ -58,7 +58,6 @@ class Family:
     samplers: Optional[tuple[str, ...]] = None  # the --scheduler names it samples with (None: every UNet sampler)
     default_sampler: Optional[str] = None  # "auto" class-image sampler (None: the model folder's own)
     size_step: int = 8              # image sides in multiples of this many pixels (Flux packs 2x2 latents: 16)
-    negative_prompts: bool = True  # classifier-free guidance reads a negative prompt (FLUX.1's distilled one not)
     quantizable: tuple[str, ...] = ()  # the frozen parts --quantize-base quantizes (the transformer and T5)
     methods: tuple[str, ...] = METHODS
     adapters: tuple[str, ...] = ADAPTERS
@@ -94,6 +93,19 @@ class Family:
     def sample_kwargs(self, pipe) -> dict[str, Any]:
         """Extra arguments of the pipeline's __call__ that make it encode prompts as training does."""
         return {}
+
+    def guidance_of(self, pipe) -> float:
+        """The guidance a model draws with by default: what its folder records (a built-in's marker), else the
+        family's."""
+        return getattr(pipe, "boothkit_guidance", None) or self.default_guidance
+
+    def reads_negative_prompts(self, pipe) -> bool:
+        return True
+
+    def guidance_kwargs(self, pipe, guidance: float, negative_prompt: str, n: int) -> dict[str, Any]:
+        """The pipeline __call__'s guidance arguments for `n` pictures: classifier-free guidance with a negative
+        prompt (the diffusers pipelines' own)."""
+        return {"guidance_scale": guidance, "negative_prompt": [negative_prompt] * n if negative_prompt else None}
 
     def encode(self, encoders: Sequence[torch.nn.Module], ids: Sequence[torch.Tensor]) -> Conditioning:
         raise NotImplementedError

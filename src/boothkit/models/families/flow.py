@@ -79,8 +79,28 @@ class SD3Family(FlowFamily):
 @dataclass(frozen=True)
 class FluxFamily(FlowFamily):
     size_step: int = 16  # 2x2 packing of 8x latents
-    negative_prompts: bool = False  # guidance is distilled into the model; FluxPipeline reads negatives only with
-    # true_cfg_scale > 1, which doubles the cost and is not what the model was made for
+
+    @staticmethod
+    def _embeds_guidance(pipe) -> bool:
+        return bool(pipe.transformer.config.guidance_embeds)
+
+    def guidance_of(self, pipe) -> float:
+        # dev embeds its distilled guidance (3.5); a model without the embedding (schnell) draws without guidance
+        # unless its folder asks for true classifier-free guidance (mini-flow records its own)
+        own = getattr(pipe, "boothkit_guidance", None)
+        return own or (self.default_guidance if self._embeds_guidance(pipe) else 1.0)
+
+    def reads_negative_prompts(self, pipe) -> bool:
+        return not self._embeds_guidance(pipe)
+
+    def guidance_kwargs(self, pipe, guidance: float, negative_prompt: str, n: int) -> dict:
+        """dev: the guidance embedding (negatives are not read: the guidance is distilled into the model). Without
+        it: FluxPipeline's true classifier-free guidance (`true_cfg_scale`, an empty negative by default) above 1."""
+        if self._embeds_guidance(pipe):
+            return {"guidance_scale": guidance}
+        if guidance <= 1.0:
+            return {}
+        return {"true_cfg_scale": guidance, "negative_prompt": [negative_prompt] * n}
 
     def encode(self, encoders: Sequence[torch.nn.Module], ids: Sequence[torch.Tensor]) -> Conditioning:
         """As FluxPipeline.encode_prompt: CLIP's pooled output and T5's sequence."""
