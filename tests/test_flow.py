@@ -424,3 +424,14 @@ def test_a_flux_model_without_a_guidance_embedding_draws_with_true_cfg(flux, tmp
     marker = json.loads((folder / "BOOTHKIT_TINY.json").read_text())
     (folder / "BOOTHKIT_TINY.json").write_text(json.dumps({**marker, "guidance": 5}))
     assert FLUX.guidance_of(load_pipeline(str(folder))) == 5.0
+
+
+def test_each_pass_of_a_bucketed_batch_gets_its_own_resolution_shift(flux):
+    """A bucketed subject half (here 8x16 latents) and the square class half (8x8) are shifted for their own token
+    counts, from one draw of u: as FluxPipeline would sample each size."""
+    objective = flow_objective(flux.scheduler, train_cfg())
+    parts = [(2, (8, 16)), (2, (8, 8))]
+    both = objective.timesteps(parts, torch.Generator().manual_seed(0))
+    each = [objective.timesteps([(4, grid)], torch.Generator().manual_seed(0)) for _, grid in parts]
+    torch.testing.assert_close(both, torch.cat([each[0][:2], each[1][2:]]))
+    assert not torch.allclose(each[0], each[1])  # 32 and 16 tokens: different shifts

@@ -104,7 +104,7 @@ def stage_flow(cfg: PretrainConfig, out: Path) -> None:
         captions = ["" if d else s.caption for s, d in zip(scenes, drop)]
         cond = FLUX.encode([clip, t5], [clip_ids(captions), t5_ids(captions, T5_MAX_LENGTH)])
         noise = torch.randn(z.shape, generator=g)
-        t = objective.timesteps(len(scenes), g, tuple(z.shape[-2:]))
+        t = objective.timesteps([(len(scenes), tuple(z.shape[-2:]))], g)
         pred = FLUX.denoise(transformer, objective.noisy(z, noise, t), t, cond)
         return F.mse_loss(pred.float(), objective.target(z, noise, t).float())
 

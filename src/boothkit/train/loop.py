@@ -70,7 +70,7 @@ def training_step(family: Family, model, encode: Callable, batch: Batch, objecti
     parts = batch.latents if isinstance(batch.latents, tuple) else (batch.latents,)
     device = parts[0].device
     noises = [torch.randn(x.shape, generator=g).to(device) for x in parts]
-    timesteps = objective.timesteps(sum(len(x) for x in parts), g, tuple(parts[0].shape[-2:])).to(device)
+    timesteps = objective.timesteps([(len(x), tuple(x.shape[-2:])) for x in parts], g).to(device)
     if noise_offset:  # drawn last: with 0 (no draw) the noise and timesteps are a plain run's, bit for bit
         noises = [e + noise_offset * torch.randn(e.shape[:2] + (1,) * (e.ndim - 2), generator=g).to(device)
                   for e in noises]

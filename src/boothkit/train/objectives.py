@@ -29,8 +29,9 @@ class DiffusionObjective:
     prediction_type: str
     snr_gamma: Optional[float] = None
 
-    def timesteps(self, n: int, g: torch.Generator, grid: tuple[int, int]) -> torch.Tensor:
-        return torch.randint(0, len(self.alphas_cumprod), (n,), generator=g)
+    def timesteps(self, parts: list[tuple[int, tuple[int, int]]], g: torch.Generator) -> torch.Tensor:
+        """One timestep per example of `parts` ((examples, latent grid) of each pass)."""
+        return torch.randint(0, len(self.alphas_cumprod), (sum(n for n, _ in parts),), generator=g)
 
     def noisy(self, x: torch.Tensor, e: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return add_noise(x, e, self.alphas_cumprod, t)
@@ -56,15 +57,18 @@ class FlowObjective:
     mode_scale: float = 1.29
     dynamic: Optional[dict] = None  # the scheduler's resolution-shift settings when it shifts by resolution
 
-    def timesteps(self, n: int, g: torch.Generator, grid: tuple[int, int]) -> torch.Tensor:
-        """σ·1000 of `n` examples on a latent grid of `grid` (h, w)."""
+    def timesteps(self, parts: list[tuple[int, tuple[int, int]]], g: torch.Generator) -> torch.Tensor:
+        """σ·1000 of every example of `parts` ((examples, latent grid (h, w)) of each pass): drawn at once, each
+        pass's examples shifted for its own grid (a bucketed subject half and the square class half differ)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
+        n = sum(k for k, _ in parts)
         u = compute_density_for_timestep_sampling(self.weighting, n, logit_mean=self.logit_mean,
                                                   logit_std=self.logit_std, mode_scale=self.mode_scale, generator=g)
         sigma = self.sigmas[(u * len(self.sigmas)).long()]
         if self.dynamic is not None:
-            sigma = resolution_shift(sigma, (grid[0] // 2) * (grid[1] // 2), self.dynamic)
+            sigma = torch.cat([resolution_shift(s, (h // 2) * (w // 2), self.dynamic)
+                               for s, (_, (h, w)) in zip(sigma.split([k for k, _ in parts]), parts)])
         return sigma * 1000.0
 
     @staticmethod
