@@ -2,35 +2,24 @@
 each failure one line naming the file."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 from ..core.errors import BoothkitError, first_line
+from ..core.quiet import quieted
 from ..models.families import FAMILIES, by_name, family_of
 from .inject import ADAPTER_PREFIX, LYCORIS, lora_config
 from .lora import lora_header, lycoris_config
 
 
-@contextlib.contextmanager
-def _quiet_lora_load() -> Iterator[None]:
+def _quiet_lora_load():
     # diffusers logs a failed load at ERROR level with the whole multi-line state-dict report before raising;
     # the raised error is reported on one line instead. transformers 5 logs a "MISSING ... newly initialized"
     # table whenever a LoRA goes into a text encoder: it lists the frozen base weights, which are untouched.
     # peft warns "multiple adapters" for every LoRA after the first: that is what --lora A --lora B asks for.
-    loggers = [logging.getLogger(n) for n in ("diffusers.loaders.peft", "transformers.utils.loading_report")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return quieted(("diffusers.loaders.peft", "transformers.utils.loading_report"), logging.CRITICAL,
+                   ("Already found a `peft_config` attribute",))
 
 
 def _misfit(exc: BaseException, model: str) -> str:

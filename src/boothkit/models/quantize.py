@@ -9,15 +9,13 @@ anything loads, and said in one line when the machine lacks it.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
-import warnings
-from typing import Iterator
 
 import torch
 
 from ..core.errors import ConfigError
+from ..core.quiet import quieted
 from .families import Family
 
 FLAG = "model.quantize_base (--quantize-base)"
@@ -38,23 +36,11 @@ def check_quantize(kind: str, family: Family) -> None:
                           f"or nf4")
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """torchao logs the GPU kernels it cannot load on a CPU machine, and peft warns that a LoRA on a quantized
-    layer cannot be merged into it (boothkit never merges into a quantized base): both are noise here."""
-    # torch's pytree logs that torchao registers enums it no longer needs to (a deprecation of torchao's, not ours)
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass")
-            warnings.filterwarnings("ignore", message="Unable to import `torchao` Tensor objects")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+def quiet():
+    """torchao logs the GPU kernels it cannot load on a CPU machine, torch's pytree that torchao registers enums it
+    no longer needs to, and peft warns that a LoRA on a quantized layer cannot be merged into it (boothkit never
+    merges into a quantized base): all noise here."""
+    return quieted(("torchao", "torch.utils._pytree"), logging.ERROR, (".*get_apply_tensor_subclass",))
 
 
 def pipeline_quantization(kind: str, family: Family):
