@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
+# make demo MODEL=mini-flow: the same job on mini's FLUX.1-family sibling
+MODEL ?= mini
 
 .PHONY: install demo test test-fast bench clean
 
@@ -24,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt tests/support/torchvision_shi
 	touch $@
 
 demo: install
-	$(VENV)/bin/boothkit demo --out demo-output
+	$(VENV)/bin/boothkit demo --model $(MODEL) --out demo-output
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,4 +1,4 @@
-"""Does the identifier bind on `mini`? Recipe variants on held-out subjects, judged by real LPIPS beside mini's towers.
+"""Does the identifier bind on `mini` (or `mini-flow`, --model)? Recipe variants on held-out subjects, judged by real LPIPS beside mini's towers.
 
 For each subject (held-out styles: Fluent UI, OpenMoji), seed and recipe variant: train, then draw the identifier
 prompt, the class prompt and the identifier in the seed experiment's three scenes (6 fixed seeds each), and
@@ -9,6 +9,7 @@ identifier's LPIPS to the subject falls by >= 0.08 while the class prompt's fall
 
     .venv/bin/python benchmarks/binding_mini.py --out out/binding --variants default,unet-only --seeds 0
     .venv/bin/python benchmarks/binding_mini.py --out out/binding --table   # the table of what is measured
+    .venv/bin/python benchmarks/binding_mini.py --model mini-flow --out out/binding-flow --variants default
 
 Every finished run and judgement is kept (run folder + judged.json), so a rerun continues where it stopped.
 """
@@ -36,11 +37,11 @@ FLUENT = ["dog", "cat", "teddy_bear", "backpack", "car", "cup", "baby", "man"]  
 # What every variant shares: mini's captions' words, class images made once per class noun and reused.
 COMMON = {"model": "mini", "instance_prompt": "an emoji of {token} {class_noun}",
           "class_prompt": "an emoji of a {class_noun}", "mixed_precision": "no", "token": "sks"}
-VARIANTS = {  # name -> config values over the model's preset (presets/mini.toml), as flags would give them
+VARIANTS = {  # name -> config values over the model's preset (presets/<model>.toml), as flags would give them
     "default": {},  # the preset: what `boothkit train --model mini` uses
     "noise-target": {"prior_target": "images"},  # the paper's prior target: the noise that made the class image
     "te-5e-5": {"text_encoder_lr": 5e-5},  # the SD default for the text encoder
-    "unet-only": {"train_text_encoder": False},
+    "unet-only": {"train_text_encoder": False},  # the denoiser alone (mini-flow: the transformer)
     "no-prior": {"prior": False},
     "rank-8-400": {"rank": 8, "alpha": 8.0, "max_steps": 400},
     "lambda-0.5": {"prior_weight": 0.5},
@@ -89,12 +90,12 @@ def measure(args, ev: Evaluators) -> None:
         photos = [img for _, img in load_folder(folder)]
         base_cache = {}
         for variant in args.variants.split(","):
-            values = {**COMMON, **VARIANTS[variant]}
+            values = {**COMMON, "model": args.model, **VARIANTS[variant]}
             token = values["token"]
             prompts = binding.binding_prompts(C.fill(values["instance_prompt"], token=token, class_noun=noun),
                                               C.fill(values["class_prompt"], class_noun=noun))
             if prompts.identifier not in base_cache:
-                base_pipe = load_generation_pipeline("mini", [])
+                base_pipe = load_generation_pipeline(args.model, [])
                 base_cache[prompts.identifier] = binding.draw(base_pipe, prompts, args.images)
             for seed in map(int, args.seeds.split(",")):
                 trained_in = out / label.replace(":", "-") / variant / f"seed{seed}"
@@ -259,6 +260,7 @@ def figure(out: Path, variants: list[str], labels: list[str], path: Path) -> Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="mini", choices=("mini", "mini-flow"), help="the emoji model to train on")
     ap.add_argument("--subjects", default="all", help="'all', or labels such as fluent:dog,openmoji:*")
     ap.add_argument("--variants", default="default", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", default="0")

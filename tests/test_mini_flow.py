@@ -66,8 +66,13 @@ def test_stage_runs_resumes_and_ships_a_plain_flux_pipeline(tmp_path, monkeypatc
     ship = tmp_path / "ship"
     assert run("--stage", "flow-ship", "--work-dir", str(work), "--ship-dir", str(ship)) == 0
     recipe = json.loads((ship / "recipe.json").read_text())
-    assert recipe["steps"] == 3 and json.loads((ship / "model" / "BOOTHKIT_MINI_FLOW.json").read_text())["version"]
-    pipe = FluxPipeline.from_pretrained(ship / "model", torch_dtype=torch.float32)  # no boothkit: a user's line
+    assert recipe["steps"] == 3 and recipe["guidance"] == flow_stages.SAMPLE_GUIDANCE
+    # only what mini-flow trained ships; the pipeline folder gets mini's frozen CLIP and VAE when it is built
+    assert sorted(p.name for p in (ship / "model").iterdir()) == ["text_encoder_2", "tokenizer_2", "transformer"]
+    built = tmp_path / "built"
+    mini_flow.assemble(ship, built)
+    assert json.loads((built / mini_flow.MARKER).read_text())["resolution"] == 64
+    pipe = FluxPipeline.from_pretrained(built, torch_dtype=torch.float32)  # no boothkit: a user's line
     assert pipe.vae.config.shift_factor == pytest.approx(recipe["latents"]["shift_factor"])
     assert pipe.vae_scale_factor == 4 and pipe.transformer.config.in_channels == 16
     image = pipe("an emoji of a dog", negative_prompt="", true_cfg_scale=3.0, num_inference_steps=2, height=64,

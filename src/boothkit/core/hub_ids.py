@@ -52,7 +52,7 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return found
 
 
-LOCAL_OR_BUILT_IN = "pass a local diffusers folder or .safetensors file, or a built-in model (--model mini, --model tiny)"
+LOCAL_OR_BUILT_IN = "pass a local diffusers folder or .safetensors file, or a built-in model (--model mini, mini-flow, tiny)"
 
 
 def hub_error(flag: str, spec: str, exc: BaseException, remedy: str = "pass a local folder") -> str | None:

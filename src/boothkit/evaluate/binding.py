@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..generate.generation import generate_images, make_grid
+from ..models.families import family_of
 from ..mini.subjects import SEED_SCENES
 from .metrics import Evaluators, lpips_pairs, mean_pairwise_cosine, mean_pairwise_lpips, rowwise_cosine
 
@@ -36,8 +37,11 @@ def binding_prompts(instance_prompt: str, class_prompt: str) -> BindingPrompts:
 
 
 def draw(pipe, prompts: BindingPrompts, num_images: int, seed: int = 0, steps: int = 25,
-         guidance: float = 7.5) -> dict[str, list]:
-    """prompt -> num_images PIL images (image i from seed + i)."""
+         guidance: float | None = None) -> dict[str, list]:
+    """prompt -> num_images PIL images (image i from seed + i), at `guidance` or the model's own (mini 7.5,
+    mini-flow 5)."""
+    if guidance is None:
+        guidance = family_of(pipe).guidance_of(pipe)
     return {p: generate_images(pipe, p, num_images=num_images, seed=seed, steps=steps, guidance=guidance)
             for p in prompts.all()}
 

@@ -19,6 +19,7 @@ from ..core.errors import ConfigError
 from ..core.hub_ids import SD15
 from ..core.report import Report, figure_png
 from ..mini.subjects import SEED_SCENES, openmoji_dataset_dir
+from ..models.mini_flow import EMOJI_MODELS
 from .experiment import measure_cells, plot_guidance, reading, summarise, write_rows
 from .metrics import MetricsConfig, import_lpips_weights, lpips_weights_path
 from .sweep import SWEEP_SECTIONS, Cell, image_paths, parse_values, run_sweep
@@ -45,10 +46,10 @@ class Profile:
 
 
 def profile(model: str) -> Profile:
-    """`mini` draws emoji: a held-out OpenMoji backpack (a style mini never drew) and the scenes in its captions'
-    words, trained with mini's own recipe (presets/mini.toml), measured by its evaluators over a guidance sweep.
-    Any other model: the DreamBooth dog and the seed's own words."""
-    if model == "mini":
+    """`mini` and `mini-flow` draw emoji: a held-out OpenMoji backpack (a style they never drew) and the scenes in
+    their captions' words, trained with the model's own recipe (presets/<model>.toml), measured by mini's
+    evaluators over a guidance sweep. Any other model: the DreamBooth dog and the seed's own words."""
+    if model in EMOJI_MODELS:
         return Profile(str(openmoji_dataset_dir() / "backpack"), "sks", "backpack", "an emoji of {token} {class_noun}",
                        "an emoji of a {class_noun}",
                        {scene: "an emoji of {token} {class_noun} next to a " + prop for scene, prop in SEED_SCENES.items()},
@@ -64,21 +65,21 @@ def profile(model: str) -> Profile:
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = opt("demo-output", "Output folder of the demo.")
-    model: str = opt("mini", "Base model: 'mini' (built-in, pretrained on emoji), 'tiny' (random weights), or "
-                             "any model `train --model` takes.")
+    model: str = opt("mini", "Base model: 'mini' or 'mini-flow' (built-in, pretrained on emoji; SD and FLUX.1 "
+                             "families), 'tiny' (random weights), or any model `train --model` takes.")
     instance_dir: str = opt("", "Subject photos (default: the demo subject of the model: an OpenMoji backpack "
-                                "emoji on mini, the DreamBooth dog otherwise).")
+                                "emoji on mini and mini-flow, the DreamBooth dog otherwise).")
     token: str = opt("", "Identifier of the subject (default: sks).")
-    class_noun: str = opt("", "Class noun of the subject (default: backpack on mini, dog otherwise).")
+    class_noun: str = opt("", "Class noun of the subject (default: backpack on the emoji models, dog otherwise).")
     max_steps: int = opt(0, "Training steps (0: the model's recipe).", min=0)
     num_class_images: int = opt(50, "Class images for prior preservation.", min=1)
-    guidance: str = opt("", "Guidance scales of the sweep, comma-separated (default: 1.5,3,5,7.5,10,15 on mini, "
+    guidance: str = opt("", "Guidance scales of the sweep, comma-separated (default: 1.5,3,5,7.5,10,15 on the emoji models, "
                             "7.5,15 otherwise); 7.5 and 15 must be among them.")
     num_images: int = opt(6, "Images per prompt, guidance and LoRA scales.", min=2)
     steps: int = opt(25, "Sampling steps.", min=1)
     seed: int = opt(0, "Seed of training and sampling.")
     measure: bool = opt(True, "Measure subject fidelity, prompt fidelity, diversity and prior preservation per cell "
-                              "(needs `boothkit lpips import` once; off for other models than mini).")
+                              "(needs `boothkit lpips import` once; off for other models than mini and mini-flow).")
 
 
     def validate(self) -> None:
@@ -136,7 +137,7 @@ def sweep_config(d: DemoConfig) -> C.RunConfig:
 
 
 def measurable(d: DemoConfig) -> bool:
-    return d.measure and d.model == "mini"
+    return d.measure and d.model in EMOJI_MODELS
 
 
 def run_demo(cfg: C.RunConfig) -> Path:

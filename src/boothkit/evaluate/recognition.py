@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from ..core.config import opt
 from ..core.files import atomic_write_bytes
@@ -31,11 +31,12 @@ PAIR_PROPS = ("soft ice cream", "full moon symbol", "classical building")
 @dataclass(frozen=True)
 class MiniBenchConfig:
     out: str = opt("mini-bench", "Output folder (report.html, results.json, grid.png).")
-    model: str = opt("mini", "Model to judge (a diffusers folder trained on the emoji world, or 'mini').")
+    model: str = opt("mini", "Model to judge: 'mini', 'mini-flow', or a diffusers folder trained on the emoji world.")
     nouns: int = opt(50, "How many of the most frequent nouns to sample.", min=1)
     seeds: int = opt(4, "Samples per caption (seeds 0..N-1).", min=1)
-    steps: int = opt(25, "DDIM sampling steps.", min=1)
-    guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
+    steps: int = opt(25, "Sampling steps (the model's own sampler: DDIM on mini, flow Euler on mini-flow).", min=1)
+    guidance: Optional[float] = opt(None, "Classifier-free guidance scale; default: the model's own (7.5 mini, "
+                                          "5 mini-flow, which draws with true CFG).", min=0.0)
     lpips_net: str = opt("alex", "LPIPS trunk of the independent judge.", choices=("alex", "vgg"))
 
 
@@ -174,6 +175,7 @@ def evaluator_checks(clip, dino) -> dict[str, float]:
 def run_mini_bench(cfg) -> Path:
     from PIL import Image
 
+    from ..models.families import family_of
     from ..models.loading import load_pipeline
 
     b: MiniBenchConfig = cfg.bench
@@ -184,13 +186,15 @@ def run_mini_bench(cfg) -> Path:
     ref_images = [Image.fromarray(a) for a in ref_arrays]
     pipe = load_pipeline(b.model)
     pipe.set_progress_bar_config(disable=True)
+    family = family_of(pipe)
+    guidance = family.guidance_of(pipe) if b.guidance is None else b.guidance
 
     prompts = [f"an emoji of {with_article(n)}" for n in names]
     pairs = [(s, p) for s in PAIR_SUBJECTS for p in PAIR_PROPS if s in ref_names and p in ref_names]
     pair_prompts = [f"an emoji of {with_article(s)} next to {with_article(p)}" for s, p in pairs]
-    with progress_bar("sampling mini", len(prompts) + len(pair_prompts)) as advance:
-        images = sample(pipe, prompts, b.seeds, b.steps, b.guidance, advance)
-        pair_images = sample(pipe, pair_prompts, b.seeds, b.steps, b.guidance, advance)
+    with progress_bar(f"sampling {b.model}", len(prompts) + len(pair_prompts)) as advance:
+        images = sample(pipe, prompts, b.seeds, b.steps, guidance, advance)
+        pair_images = sample(pipe, pair_prompts, b.seeds, b.steps, guidance, advance)
     want = [n for n in names for _ in range(b.seeds)]
     clip = ClipEvaluator("mini", pipe.device)
     lpips = load_lpips(b.lpips_net)
@@ -216,10 +220,10 @@ def run_mini_bench(cfg) -> Path:
     pair_grid = sample_grid(pair_images, [f"{s} + {p}" for s, p in pairs], b.seeds, [], [], [])
     pair_grid.save(out / "pairs.png")
     result = {"settings": {"model": b.model, "nouns": names, "seeds": b.seeds, "steps": b.steps,
-                           "guidance": b.guidance, "sampler": "ddim", "lpips": b.lpips_net},
+                           "guidance": guidance, "sampler": type(pipe.scheduler).__name__, "lpips": b.lpips_net},
               "single": single, "two_objects": two, "pairs": [list(p) for p in pairs], "evaluators": checks}
     atomic_write_bytes(out / "results.json", json.dumps(result, indent=2).encode())
-    rep = Report("mini: does it draw its world?")
+    rep = Report(f"{b.model}: does it draw its world?")
     rep.table([{"judge": k, "value": v} for k, v in single.items()], ["judge", "value"], "single-object captions")
     rep.table([{"judge": k, "value": v} for k, v in two.items()], ["judge", "value"], "two-object captions")
     rep.table([{"check": k, "value": v} for k, v in checks.items()], ["check", "value"],

@@ -5,14 +5,13 @@
              1/std), conditioned on mini's frozen CLIP text encoder's pooled output and T5's sequence: rectified
              flow (boothkit's FlowObjective, logit-normal σ) through the FLUX family's own encode and denoise
              (2x2 packing, position ids), 10% empty captions, EMA weights, sample grids at every checkpoint
-  flow-ship  a FluxPipeline folder (fp16 safetensors, both tokenizers) of the EMA weights, recipe.json and the
-             version marker: what `boothkit.models.mini_flow.mini_flow_dir()` holds once a run ships
+  flow-ship  what mini-flow trained (the EMA weights of the transformer and T5, fp16 safetensors, the T5
+             tokenizer) and recipe.json: what `boothkit.models.mini_flow.mini_flow_dir()` holds once a run ships
 
 Both reuse mini's loop (boothkit.mini.loop): the same scenes per step, checkpoints, resume and log.csv.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,6 @@ from ..generate.generation import make_grid
 from ..models.families import FLUX
 from ..models.mini import mini_dir
 from ..models.mini_flow import (
-    MARKER,
     MINI_FLOW,
     MINI_FLOW_SCHEDULER,
     T5,
@@ -130,23 +128,19 @@ def stage_flow(cfg: PretrainConfig, out: Path) -> None:
 
 
 def stage_flow_ship(cfg: PretrainConfig, out: Path) -> None:
-    """OUT/model: a FluxPipeline folder, fp16 (load it with torch_dtype=torch.float32 on a CPU); OUT/recipe.json;
-    the marker OUT/model/BOOTHKIT_MINI_FLOW.json names its version (the hash of recipe.json)."""
+    """OUT/model: what mini-flow trained (transformer, T5 and its tokenizer; fp16 safetensors of the EMA weights);
+    OUT/recipe.json. `boothkit.models.mini_flow.assemble` makes the FluxPipeline folder of them with mini's frozen
+    CLIP and VAE (which would otherwise ship twice); its version is the hash of recipe.json."""
     flow = Path(cfg.work_dir) / "flow"
     t5_tok = t5_tokenizer(flow / "tokenizer_2")
     transformer, t5 = make_transformer(), make_t5(len(t5_tok))
     step = load_stage(flow, {"transformer": transformer, "text_encoder_2": t5})
-    stats = json.loads((flow / "latents.json").read_text())
-    vae = mini_vae(**stats)
-    pipe = flux_pipeline(transformer, t5, t5_tok, vae)
-    pipe.to(torch.float16).save_pretrained(out / "model", safe_serialization=True)
-    recipe = json.dumps({"name": MINI_FLOW, "seed": cfg.seed, "steps": step, "recipe": RECIPE["flow"],
-                         "latents": stats, "transformer": TRANSFORMER, "t5": T5, "t5_max_length": T5_MAX_LENGTH,
-                         "sample_guidance": SAMPLE_GUIDANCE, "scheduler": MINI_FLOW_SCHEDULER}, indent=2).encode()
-    atomic_write_bytes(out / "recipe.json", recipe)
-    # resolution and guidance: what boothkit draws it with by default (models.loading reads the marker)
-    atomic_write_bytes(out / "model" / MARKER, json.dumps({"name": MINI_FLOW,
-                                                           "version": hashlib.sha256(recipe).hexdigest()[:12],
-                                                           "steps": step, "resolution": 64,
-                                                           "guidance": SAMPLE_GUIDANCE}, indent=2).encode())
+    transformer.to(torch.float16).save_pretrained(out / "model" / "transformer", safe_serialization=True)
+    t5.to(torch.float16).save_pretrained(out / "model" / "text_encoder_2", safe_serialization=True)
+    t5_tok.save_pretrained(out / "model" / "tokenizer_2")
+    recipe = {"name": MINI_FLOW, "seed": cfg.seed, "steps": step, "recipe": RECIPE["flow"],
+              "latents": json.loads((flow / "latents.json").read_text()), "transformer": TRANSFORMER, "t5": T5,
+              "t5_max_length": T5_MAX_LENGTH, "scheduler": MINI_FLOW_SCHEDULER, "resolution": 64,
+              "guidance": SAMPLE_GUIDANCE}
+    atomic_write_bytes(out / "recipe.json", json.dumps(recipe, indent=2).encode())
     atomic_write_bytes(Path(cfg.work_dir) / "flow-curves.png", plot_curves(Path(cfg.work_dir), names=("flow",)))

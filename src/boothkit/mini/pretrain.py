@@ -23,7 +23,7 @@ from ..core.config import opt
 STAGES = ("vae", "unet", "clip", "dino", "ship", "flow", "flow-ship")
 # Recipe defaults per stage: steps, batch, peak lr. Chosen from measured runs (docs/mini.md).
 RECIPE = {"vae": (1200, 32, 1e-3), "unet": (4000, 64, 6e-4), "clip": (2500, 64, 1e-3), "dino": (1200, 128, 1e-3),
-          "flow": (2400, 64, 5e-4)}
+          "flow": (1400, 64, 5e-4)}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from ..core.hub_ids import LOCAL_OR_BUILT_IN, hub_error
 from ..core.safety import REFUSAL, as_safetensors, is_pickle, pickle_allowed, pickled_only, refuse_pickle
 from .families import family_of, family_of_folder, family_of_index, family_of_single_file
 from .mini import MINI, mini_path
+from .mini_flow import MARKER as MINI_FLOW_MARKER
+from .mini_flow import MINI_FLOW, mini_flow_path
 from .quantize import pipeline_quantization, quiet
 from .shapes import SD15_SHAPE, sd15_shape_path
 from .tiny import TINY, TINY_VERSION, TINY_XL, TINY_XL_VERSION, tiny_model_path, tiny_xl_model_path
@@ -25,13 +27,15 @@ log = logging.getLogger("boothkit")
 # built-in name -> (the function that builds it on first use and returns its folder, its cache version or None)
 _BUILT = {TINY: (tiny_model_path, TINY_VERSION), TINY_XL: (tiny_xl_model_path, TINY_XL_VERSION),
           TINY_SD3: (tiny_sd3_model_path, TINY_SD3_VERSION), TINY_FLUX: (tiny_flux_model_path, TINY_FLUX_VERSION),
-          MINI: (lambda: mini_path("model"), None), SD15_SHAPE: (sd15_shape_path, None)}
+          MINI: (lambda: mini_path("model"), None), MINI_FLOW: (mini_flow_path, None),
+          SD15_SHAPE: (sd15_shape_path, None)}
 BUILT_IN = tuple(_BUILT)
 TINIES = (TINY, TINY_XL, TINY_SD3, TINY_FLUX)
+_PRETRAINED_MARKERS = {"BOOTHKIT_MINI.json": MINI, MINI_FLOW_MARKER: MINI_FLOW}  # their cached folders' markers
 
 
 def model_ref(spec: str) -> str:
-    """A stable name for a model, as metadata and manifests record it: 'tiny' or 'mini' for the built-in models
+    """A stable name for a model, as metadata and manifests record it: 'tiny', 'mini'... for the built-in models
     (however they were named), an absolute path for local files and folders, the hub id otherwise."""
     if spec in BUILT_IN:
         return spec
@@ -42,7 +46,11 @@ def model_ref(spec: str) -> str:
     for name, (_, version) in _BUILT.items():
         if version and p == (boothkit_home() / "models" / version).resolve():
             return name
-    return MINI if (p / "BOOTHKIT_MINI.json").is_file() and p.parent == (boothkit_home() / "models").resolve() else str(p)
+    if p.parent == (boothkit_home() / "models").resolve():
+        for marker, name in _PRETRAINED_MARKERS.items():
+            if (p / marker).is_file():
+                return name
+    return str(p)
 
 
 def model_name(model: str, vae: str | None = None) -> str:

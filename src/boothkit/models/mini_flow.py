@@ -16,17 +16,19 @@ A FluxPipeline at small size, all of its parts plain diffusers and transformers 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ModelError
 from ..core.files import boothkit_home, build_once
-from .mini import mini_dir, tokenizer
+from .mini import MINI, mini_dir, tokenizer
 from .t5_tokenizer import write_t5_tokenizer_files
 
 MINI_FLOW = "mini-flow"  # pretrained on the emoji world (boothkit.mini's flow stage)
 MARKER = "BOOTHKIT_MINI_FLOW.json"
+EMOJI_MODELS = (MINI, MINI_FLOW)  # pretrained on the emoji world: mini's evaluators judge them, its subjects fit
 T5_MAX_LENGTH = 40  # 99.9% of the scenes' captions fit (the median is 17 T5 tokens)
 # FLUX.1 [schnell]'s scheduler: a static shift; at 64 tokens Flux's resolution shift would be ~1.6, tuned for
 # 256-4096 tokens of 16-channel latents; 8x8 tokens of 4-channel latents are far fewer numbers to noise
@@ -111,8 +113,6 @@ def flux_pipeline(transformer, text_encoder_2, tokenizer_2, vae, text_encoder=No
 
 def shipped_version() -> str:
     """Short hash of the shipped recipe.json: the cache folder is rebuilt when new weights ship."""
-    import hashlib
-
     recipe = mini_flow_dir() / "recipe.json"
     if not recipe.is_file():
         raise ModelError(f"'{MINI_FLOW}' weights are not in this install ({mini_flow_dir()} has no recipe.json); "
@@ -120,18 +120,31 @@ def shipped_version() -> str:
     return hashlib.sha256(recipe.read_bytes()).hexdigest()[:12]
 
 
-def _build_model(folder: Path) -> None:
-    import torch
-    from diffusers import FluxPipeline
+SHIPPED_PARTS = ("transformer", "text_encoder_2", "tokenizer_2")  # the rest is mini's (CLIP, VAE) or config
 
-    FluxPipeline.from_pretrained(mini_flow_dir() / "model", torch_dtype=torch.float32).save_pretrained(
-        folder, safe_serialization=True)
-    recipe = json.loads((mini_flow_dir() / "recipe.json").read_text())
-    (folder / MARKER).write_text(json.dumps({"name": MINI_FLOW, "version": shipped_version(), "recipe": recipe},
+
+def assemble(shipped: Path, folder: Path) -> None:
+    """Write the float32 FluxPipeline folder of mini-flow into `folder` from a shipped one (`shipped`/model holds
+    only what mini-flow trained, fp16; `shipped`/recipe.json the latents' shift and scale, the guidance and the
+    size it draws with), with `mini`'s frozen CLIP text encoder and VAE, and the marker."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    recipe = json.loads((shipped / "recipe.json").read_text())
+    model, load = shipped / "model", dict(torch_dtype=torch.float32)
+    pipe = flux_pipeline(FluxTransformer2DModel.from_pretrained(model / "transformer", **load),
+                         T5EncoderModel.from_pretrained(model / "text_encoder_2", **load),
+                         T5TokenizerFast.from_pretrained(model / "tokenizer_2"), mini_vae(**recipe["latents"]))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    version = hashlib.sha256((shipped / "recipe.json").read_bytes()).hexdigest()[:12]
+    # resolution and guidance: what boothkit draws it with by default (models.loading reads the marker)
+    (folder / MARKER).write_text(json.dumps({"name": MINI_FLOW, "version": version, "steps": recipe["steps"],
+                                             "resolution": recipe["resolution"], "guidance": recipe["guidance"]},
                                             indent=2))
 
 
 def mini_flow_path() -> Path:
     """The usable float32 FluxPipeline folder of `mini-flow`, built from the shipped weights on first use."""
     folder = boothkit_home() / "models" / f"{MINI_FLOW}-model-{shipped_version()}"
-    return build_once(folder, _build_model, marker=MARKER)
+    return build_once(folder, lambda tmp: assemble(mini_flow_dir(), tmp), marker=MARKER)

@@ -15,6 +15,7 @@ from ..evaluate.metrics import DEFAULT_CLIP, DEFAULT_DINO, EVALUATE_SECTIONS, ru
 from ..evaluate.sweep import SWEEP_SECTIONS, cells_of, load_prompts, run_sweep
 from ..export.formats import EXPORT_SECTIONS
 from ..export.formats import export as run_export
+from ..models.mini_flow import EMOJI_MODELS
 from . import runs as R
 from .forms import resolve_form, user_errors
 
@@ -216,9 +217,9 @@ def run_defaults(queue: R.RunQueue, name: str | None) -> dict[str, Any]:
         cfg = R.run_config(queue.folder(name))
 
     model = cfg.model.model
-    builtin = model in ("tiny", "mini")  # the built-in models have their own offline evaluators
-    return {"prompt": cfg.data.prompt, "clip_model": model if builtin else DEFAULT_CLIP,
-            "dino_model": model if builtin else DEFAULT_DINO}
+    # the built-in models have their own offline evaluators (mini's judge mini-flow too: the same world)
+    own = "mini" if model in EMOJI_MODELS else "tiny" if model == "tiny" else None
+    return {"prompt": cfg.data.prompt, "clip_model": own or DEFAULT_CLIP, "dino_model": own or DEFAULT_DINO}
 
 
 def generate(queue: R.RunQueue, name: str | None, values: Mapping[str, Any], progress=None):
