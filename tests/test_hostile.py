@@ -412,7 +412,7 @@ def test_removed_hub_id_names_its_maintained_copy(kind, instance_dir, tmp_path, 
     ("not found, through diffusers", "no such repository on the hub"),
     ("not a valid model identifier", "no such repository on the hub"),
     ("offline, not cached", "not in the local hub cache, and the hub cannot be reached (offline); pass a local "
-                            "diffusers folder or .safetensors file, or a built-in model (--model mini, --model tiny)"),
+                            "diffusers folder or .safetensors file, or a built-in model (--model mini, mini-flow, tiny)"),
     ("gated", "a gated repository on the hub; accept its terms at https://huggingface.co/someone/no-such-model and "
               "log in (hf auth login)"),
 ])
