@@ -79,7 +79,7 @@ def test_hub_model_unreachable_is_one_line(instance_dir, tmp_path, capsys, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run(["train", "--instance-dir", instance_dir, "--class-noun", "dog", "--output-dir",
                         tmp_path / "o", "--no-prior", "--model", "someone/not-cached-model"], capsys)
-    assert_one_line_error(code, err, "someone/not-cached-model", "--model tiny")
+    assert_one_line_error(code, err, "someone/not-cached-model", "--model mini, mini-flow, tiny")
 
 
 @pytest.mark.slow

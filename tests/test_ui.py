@@ -28,6 +28,7 @@ from boothkit.train.data import load_image  # noqa: E402
 from boothkit.export.formats import EXPORT_SECTIONS  # noqa: E402
 from boothkit.evaluate.metrics import EVALUATE_SECTIONS  # noqa: E402
 from boothkit.evaluate.sweep import SWEEP_SECTIONS  # noqa: E402
+from boothkit.evaluate import demo as D  # noqa: E402
 from boothkit.ui import forms as F  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -126,12 +127,13 @@ def test_build_ui_has_a_field_for_every_option_at_its_default(tmp_path):
                 assert comp.label == f.name.replace("_", " ") and comp.info.startswith(f.metadata["help"])
                 assert comp.value == shown[f.name], (prefix, f.name)
     assert [v for _, v in comps["gen-scheduler"].choices] == ["", *C.SCHEDULERS]
-    # LoRA scales are sliders starting at 0.8; the dataclass (and CLI) default stays 1.0
+    # LoRA scales are sliders starting at the one default scale, the CLI's and the demo's too (issue 31)
     assert all(isinstance(comps[f"gen-{k}"], gr.Slider) for k in ("unet-scale", "text-encoder-scale"))
     # guidance left empty is the model family's own (7.5 SD, 3.5 FLUX.1's distilled guidance)
     assert isinstance(comps["gen-guidance"], gr.Number) and comps["gen-guidance"].value in (None, "")
-    assert comps["gen-unet-scale"].value == comps["gen-text-encoder-scale"].value == 0.8
-    assert C.GenerateConfig().unet_scale == 1.0
+    assert comps["gen-unet-scale"].value == comps["gen-text-encoder-scale"].value == C.LORA_SCALE == 0.8
+    assert C.GenerateConfig().unet_scale == C.GenerateConfig().text_encoder_scale == C.LORA_SCALE
+    assert SWEEP_SECTIONS["sweep"]().unet_scale == "0.8" and D.UNET_SCALE == D.TEXT_ENCODER_SCALE == C.LORA_SCALE
     # the page opens on the mini preset: a pretrained model that learns a subject on a CPU (tiny draws noise)
     assert ui.DEFAULT_PRESET == next(iter(ui.PRESETS)) and comps["train-model"].value == "mini"
     assert comps["train-max-steps"].value == C.model_preset("mini")["train"]["max_steps"]

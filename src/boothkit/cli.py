@@ -126,7 +126,7 @@ def models() -> None:
 @models.command("path")
 @click.argument("name")
 def models_path(name: str) -> None:
-    """Print the local folder of a model (the built-in 'mini', 'tiny', 'tiny-xl', 'tiny-sd3' and 'tiny-flux' are built on
+    """Print the local folder of a model (the built-in 'mini', 'mini-flow', 'tiny', 'tiny-xl', 'tiny-sd3' and 'tiny-flux' are built on
     first use)."""
     from .models.loading import model_path
 

@@ -225,7 +225,8 @@ class BenchConfig:
     images_per_prompt: int = opt(4, "Images per prompt (image i uses seed + i).", min=1)
     pres_images: int = opt(8, "Class-prompt images per subject for PRES.", min=1)
     sample_steps: int = opt(50, "Sampling steps.", min=1)
-    guidance: float = opt(7.5, "Classifier-free guidance scale.", min=0.0)
+    guidance: Optional[float] = opt(None, "Classifier-free guidance scale; default: the model's own (7.5 SD and "
+                                          "mini, 5 mini-flow, 3.5 FLUX.1's distilled guidance).", min=0.0)
     sample_seed: int = opt(0, "Seed of the first image of every prompt.")
     class_nouns: str = opt("correct", "Class-noun ablation (the paper's Table 4): train and prompt with the dataset's "
                                       "noun, no noun, or a wrong one from --wrong-nouns. PRES always uses the "
@@ -247,6 +248,7 @@ def run_subject(cfg: C.RunConfig, ds: Dataset, subject: str, train_values: Mappi
                 folder: Path, *, separate_process: bool, local_index: int) -> dict[str, Any]:
     """Train, sample and evaluate one subject; writes folder/results.json last."""
     from ..generate.generation import load_generation_pipeline
+    from ..models.families import family_of
     from ..train.data import load_folder
 
     b = cfg.bench
@@ -262,7 +264,8 @@ def run_subject(cfg: C.RunConfig, ds: Dataset, subject: str, train_values: Mappi
     tcfg = C.resolve(C.TRAIN_SECTIONS, train_values, overrides)
     prompts = subject_prompts(ds, subject, tcfg.data.token, b.live_classes, b.prompts_limit, noun=trained)
     pipe = load_generation_pipeline(None, [(str(run), 1.0)])
-    kw = dict(seed=b.sample_seed, steps=b.sample_steps, guidance=b.guidance)
+    kw = dict(seed=b.sample_seed, steps=b.sample_steps,
+              guidance=family_of(pipe).guidance_of(pipe) if b.guidance is None else b.guidance)
     samples = load_or_generate(pipe, prompts, folder / "samples", num_images=b.images_per_prompt, **kw)
     class_prompt = tcfg.prior.prompt_for(noun)  # PRES: the true class, whatever noun training used
     class_samples = load_or_generate(pipe, [class_prompt], folder / "class_samples", num_images=b.pres_images, **kw)

@@ -28,7 +28,7 @@ from .sweep import SWEEP_SECTIONS, Cell, image_paths, parse_values, run_sweep
 # the CLI imports this module for its flags, and `boothkit --help` must start without torch (tests/test_cli.py).
 
 GUIDANCES = (7.5, 15.0)
-UNET_SCALE = TEXT_ENCODER_SCALE = 0.8
+UNET_SCALE = TEXT_ENCODER_SCALE = C.LORA_SCALE
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def _before_after(rep, d: DemoConfig, sweep_dir: Path) -> None:
     rep.text("The identifier prompt should now draw the subject; the class prompt (last pair) should still draw the "
              "class as the base model did: that is what the prior-preservation loss is for.")
     for k, prompt in enumerate(prompts):
-        for label, scale in (("before (base model)", 0.0), ("after (LoRA 0.8 / 0.8)", UNET_SCALE)):
+        for label, scale in (("before (base model)", 0.0), (f"after (LoRA {UNET_SCALE:g} / {TEXT_ENCODER_SCALE:g})", UNET_SCALE)):
             cell = Cell(k, 7.5, scale, scale)
             paths = image_paths(sweep_dir, cell, prompt, d.num_images, d.seed)
             rep.images(f"{label}: {prompt}", [load_image(p) for p in paths if p.is_file()])

@@ -63,8 +63,8 @@ class SweepConfig:
     negative_prompt: str = opt("", "Negative prompt.")
     guidance: str = opt("", "Guidance scales to sweep, comma-separated (e.g. 5,7.5,15); default: the model family's "
                             "(7.5 SD/SDXL, 7 SD3, 3.5 FLUX.1), from the LoRA's metadata.")
-    unet_scale: str = opt("1", "UNet LoRA scales to sweep, comma-separated (e.g. 0.4,0.8,1).")
-    text_encoder_scale: str = opt("1", "Text-encoder LoRA scales to sweep, comma-separated (e.g. 0,0.8).")
+    unet_scale: str = opt(f"{C.LORA_SCALE:g}", "UNet LoRA scales to sweep, comma-separated (e.g. 0.4,0.8,1).")
+    text_encoder_scale: str = opt(f"{C.LORA_SCALE:g}", "Text-encoder LoRA scales to sweep, comma-separated (e.g. 0,0.8).")
     num_images: int = opt(4, "Images per cell (image i uses seed + i in every cell).", short="-n", min=1)
     steps: int = opt(30, "Sampling steps.", min=1)
     scheduler: Optional[str] = opt(None, "Sampler; default: the model folder's own scheduler.", choices=C.SCHEDULERS)

@@ -23,9 +23,8 @@ TRAIN_BY_RUN = ("output_dir", "log_every", "resume")
 GENERATE_BY_RUN = ("lora", "out")
 EVALUATE_BY_RUN = ("samples", "real_dir", "class_samples", "prompt", "out")
 
-# Form values that differ from the dataclass default: LoRAs are usually applied below full strength.
+# Form values that differ from the dataclass default: the sweep form offers scales around the default one.
 UI_DEFAULTS: dict[str, dict[str, Any]] = {
-    "GenerateConfig": {"unet_scale": 0.8, "text_encoder_scale": 0.8},
     "SweepConfig": {"unet_scale": "0.4,0.8,1", "text_encoder_scale": "0,0.8", "num_images": 2},
 }
 SLIDERS = {"unet_scale": (0.0, 1.5, 0.05), "text_encoder_scale": (0.0, 1.5, 0.05)}
@@ -35,6 +34,8 @@ SUBJECT = ("instance_dir", "token", "class_noun")  # a preset leaves these as ty
 PRESETS: dict[str, dict[str, Any]] = {
     "Built-in mini model, emoji subjects (CPU, minutes)": dict(  # mini's own recipe: presets/mini.toml
         model="mini", **C.model_preset_flags("mini"), validate_every=100, checkpoint_every=100),
+    "Built-in mini-flow model, FLUX.1's family, emoji subjects (CPU, minutes)": dict(  # presets/mini-flow.toml
+        model="mini-flow", **C.model_preset_flags("mini-flow"), validate_every=100, checkpoint_every=100),
     "Quick test: built-in tiny model (CPU, under a minute)": dict(
         model="tiny", max_steps=40, rank=4, alpha=4.0, num_class_images=8, class_steps=5, validate_every=10,
         validation_steps=5, checkpoint_every=10),
