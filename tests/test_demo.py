@@ -1,5 +1,8 @@
 """`boothkit demo` on mini, at test size: every stage runs, the sweep is measured, the summary shows it all."""
 import csv
+import html
+import re
+import shlex
 
 import pytest
 
@@ -63,3 +66,12 @@ def test_demo_on_tiny_uses_the_dog_and_says_the_weights_are_random(tmp_path, one
     page = (out / "index.html").read_text()
     assert "random weights" in page and "sks dog" in page and not (out / "measures.csv").exists()
     assert f"boothkit train --model {hub_ids.SD15} --instance-dir my_photos" in page  # "The same on a real model"
+    # "The same by hand": every line runs as pasted (issue 31)
+    block = re.search(r'<h2>The same by hand[^<]*</h2>\s*<pre class="code">(.*?)</pre>', page, re.S).group(1)
+    lines = html.unescape(block).splitlines()
+    assert [shlex.split(line)[:2] for line in lines] == [["boothkit", w] for w in ("train", "generate", "sweep")]
+    for line in lines:
+        with pytest.raises(SystemExit) as exc:
+            main(shlex.split(line)[1:])
+        assert exc.value.code == 0, line
+    assert list((out / "by-hand" / "images").glob("*.png")) and (out / "by-hand" / "sweep" / "sweep.csv").is_file()

@@ -25,7 +25,7 @@ th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
 .notice{background:#fff3cd;border:1px solid #e0c060;padding:.8em;margin:1em 0;font-weight:bold}
 .row{display:flex;flex-wrap:wrap;gap:4px;align-items:flex-start;margin:.3em 0 1em}
 .row img{width:128px;height:128px;object-fit:cover;border:1px solid #ddd}
-.real img{border:2px solid #2a7}.label{font-size:.9em;margin-top:.8em}pre{background:#f7f7f7;padding:1em;overflow:auto}
+.real img{border:2px solid #2a7}.label{font-size:.9em;margin-top:.8em}pre{background:#f7f7f7;padding:1em;overflow:auto}pre.code{white-space:pre-wrap}
 """
 
 
@@ -159,6 +159,12 @@ class Report:
     def settings(self, data: Mapping[str, Any], caption: str = "Models and settings") -> "Report":
         self.heading(caption)
         self.parts.append(f"<pre>{html.escape(json.dumps(data, indent=2, default=str))}</pre>")
+        return self
+
+    def code(self, lines: Sequence[str], caption: str) -> "Report":
+        """Shell lines under a heading, as a user pastes them."""
+        self.heading(caption)
+        self.parts.append(f"<pre class=\"code\">{html.escape(chr(10).join(lines))}</pre>")
         return self
 
     def html(self) -> str:

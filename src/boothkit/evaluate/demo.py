@@ -7,6 +7,7 @@ Every stage is the same function the CLI command of that stage calls.
 from __future__ import annotations
 
 import csv
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -241,21 +242,53 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
     plot = _loss_plot(out / "lora" / "train_log.csv")
     if plot:
         rep.figure(plot, "training loss (instance + λ·prior)")
-    rep.heading("The same on a real model")
-    rep.settings({
-        "train": f"boothkit train --model {SD15} --instance-dir my_photos --token sks "
-                 "--class-noun dog --train-text-encoder --output-dir my_lora --max-steps 800",
-        "generate": "boothkit generate --lora my_lora --prompt 'an image of sks dog on the moon' -n 4 "
-                    "--guidance 7.5 --unet-scale 0.8 --text-encoder-scale 0.8 --seed 0 --steps 30 --out images",
-        "sweep": "boothkit sweep --lora my_lora --prompt 'an image of sks dog on the moon' --guidance 5,7.5,15 "
-                 "--unet-scale 0.4,0.8,1 --text-encoder-scale 0,0.8 -n 4 --seed 0 --out sweep --metrics",
-        "demo": "boothkit demo --model <hub id or local path> --instance-dir my_photos --class-noun dog",
-    }, caption="Commands")
+    rep.code(commands(d, train_cfg), "The same by hand: each line runs as pasted")
+    rep.code(real_model_commands(), "The same on a real model (a GPU; your photos in my_photos/)")
     rep.settings({"outputs": {"lora": str(out / "lora"), "class images": train_cfg.prior.class_dir,
                               "sweep (cells, contact sheets, sweep.csv)": str(sweep_dir),
                               "measures per cell": str(out / "measures.csv") if rows else "not measured"}},
                  caption="Files")
     return rep.write(out / "index.html")
+
+
+def commands(d: DemoConfig, train_cfg: C.RunConfig) -> list[str]:
+    """The demo's own stages as `boothkit` lines on this model and subject (the recipe: the model's preset)."""
+    q = shlex.quote
+    t, out = train_cfg, Path(d.out) / "by-hand"
+    scene = prompts_of(d)[0][1]
+    return [
+        f"boothkit train --model {q(d.model)} --instance-dir {q(t.data.instance_dir)} --token {q(t.data.token)} "
+        f"--class-noun {q(t.data.class_noun)} --instance-prompt {q(profile(d.model).instance_prompt)} "
+        f"--class-prompt {q(profile(d.model).class_prompt)} --num-class-images {d.num_class_images} "
+        f"--max-steps {t.train.max_steps} --checkpoint-every {t.train.checkpoint_every} --seed {d.seed} "
+        + "".join(_flag(k, v) for k, v in profile(d.model).recipe.items() if k != "max_steps")
+        + f"--output-dir {q(str(out / 'lora'))}",
+        f"boothkit generate --lora {q(str(out / 'lora'))} --prompt {q(scene)} -n 4 --seed {d.seed} "
+        f"--steps {d.steps} --out {q(str(out / 'images'))}",
+        f"boothkit sweep --lora {q(str(out / 'lora'))} --prompt {q(scene)} --guidance 5,7.5,15 "
+        f"--unet-scale 0,{UNET_SCALE:g} --text-encoder-scale 0,{TEXT_ENCODER_SCALE:g} -n 4 --seed {d.seed} "
+        f"--steps {d.steps} --out {q(str(out / 'sweep'))}",
+    ]
+
+
+def _flag(key: str, value) -> str:
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"{flag} " if value else f"--no-{key.replace('_', '-')} "
+    return f"{flag} {shlex.quote(str(value))} "
+
+
+def real_model_commands() -> list[str]:
+    """The same job on Stable Diffusion 1.5: the paper's prompts, checkpoints for a run of hours (rerun: resumes)."""
+    prompt = "a photo of sks dog on the moon"
+    return [
+        f"boothkit train --model {SD15} --instance-dir my_photos --token sks --class-noun dog "
+        "--instance-prompt 'a photo of {token} {class_noun}' --class-prompt 'a photo of {class_noun}' "
+        "--train-text-encoder --max-steps 800 --checkpoint-every 200 --output-dir my_lora",
+        f"boothkit generate --lora my_lora --prompt '{prompt}' -n 4 --guidance 7.5 --seed 0 --steps 30 --out images",
+        f"boothkit sweep --lora my_lora --prompt '{prompt}' --guidance 5,7.5,15 --unet-scale 0.4,0.8,1 "
+        "--text-encoder-scale 0,0.8 -n 4 --seed 0 --out sweep --metrics",
+    ]
 
 
 def _before_after(rep, d: DemoConfig, sweep_dir: Path) -> None:
