@@ -2,12 +2,12 @@
 same weight updates boothkit trained, and change a transformer's output exactly as the original LoRA does."""
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from flux_kohya import flux_converter
 from safetensors import safe_open
 
 from boothkit.adapters.lora import adapter_metadata, save_lora_file
@@ -63,18 +63,6 @@ def assert_same_deltas(mine, theirs, names):
     assert set(names) <= set(theirs), sorted(set(names) - set(theirs))
     for m in names:
         torch.testing.assert_close(theirs[m], mine[m], rtol=1e-5, atol=1e-6, msg=m)
-
-
-def flux_converter(dims):
-    """diffusers' `_convert_kohya_flux_lora_to_diffusers`, unchanged but for the single blocks' linear1 widths,
-    which it hard-codes as Flux.1-dev's [3072]*3 + [12288]: the small test model is 32 wide."""
-    from diffusers.loaders import lora_conversion_utils as L
-
-    src = inspect.getsource(L._convert_kohya_flux_lora_to_diffusers)
-    assert src.count("dims=[3072, 3072, 3072, 12288]") == 1  # fails loudly if diffusers changes the function
-    namespace = dict(vars(L))
-    exec(src.replace("dims=[3072, 3072, 3072, 12288]", f"dims={dims}"), namespace)
-    return namespace["_convert_kohya_flux_lora_to_diffusers"]
 
 
 def read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
