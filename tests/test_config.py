@@ -115,8 +115,8 @@ def test_example_configs_are_valid(name):
     if name.startswith("mini"):
         token = C.load_toml(path)["data"]["token"]
         assert cfg.data.prompt == f"an emoji of {token} dog" and cfg.prior.prompt_for("dog") == "an emoji of a dog"
-    if name.startswith("mini-default"):  # mini's own recipe: the preset's values, nothing else
-        preset = C.model_preset("mini")
+    if name.startswith(("mini-default", "mini-flow-default")):  # the model's own recipe: its preset, nothing else
+        preset = C.model_preset(cfg.model.model)
         assert (cfg.lora.rank, cfg.train.text_encoder_lr, cfg.prior.prior_target) == \
                (preset["lora"]["rank"], preset["train"]["text_encoder_lr"], preset["prior"]["prior_target"])
     elif not name.startswith("mini"):
