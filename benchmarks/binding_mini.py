@@ -43,6 +43,7 @@ VARIANTS = {  # name -> config values over the model's preset (presets/<model>.t
     "te-5e-5": {"text_encoder_lr": 5e-5},  # the SD default for the text encoder
     "unet-only": {"train_text_encoder": False},  # the denoiser alone (mini-flow: the transformer)
     "no-prior": {"prior": False},
+    "lr-3e-4": {"learning_rate": 3e-4, "text_encoder_lr": 3e-4},  # a transformer's LoRA at a third of mini's rate
     "rank-8-400": {"rank": 8, "alpha": 8.0, "max_steps": 400},
     "lambda-0.5": {"prior_weight": 0.5},
     "20-class": {"num_class_images": 20},

@@ -1,4 +1,4 @@
-"""`boothkit demo` on mini, at test size: every stage runs, the sweep is measured, the summary shows it all."""
+"""`boothkit demo` on mini and mini-flow, at test size: every stage runs, the sweep is measured, the summary shows it all."""
 import csv
 import html
 import re
@@ -11,10 +11,11 @@ from boothkit.cli import main
 
 
 @pytest.mark.slow
-def test_demo_on_mini_end_to_end(tmp_path, lpips_weights, one_thread):
+@pytest.mark.parametrize("model", ["mini", "mini-flow"])  # SD's family and FLUX.1's: the same job, one command
+def test_demo_on_the_emoji_models_end_to_end(model, tmp_path, lpips_weights, one_thread):
     out = tmp_path / "demo"
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--out", str(out), "--max-steps", "10", "--num-class-images", "2", "--num-images", "2",
+        main(["demo", "--model", model, "--out", str(out), "--max-steps", "10", "--num-class-images", "2", "--num-images", "2",
               "--steps", "3", "--guidance", "7.5,15"])
     assert exc.value.code == 0
     rows = list(csv.DictReader(open(out / "measures.csv")))

@@ -221,7 +221,7 @@ def write_summary(d: DemoConfig, train_cfg: C.RunConfig, sweep_dir: Path, timing
         [{"stage": "total", "seconds": f"{sum(s for _, s in timings):.1f}"}], ["stage", "seconds"])
     rep.text(f"Model {d.model}. Subject: {train_cfg.data.instance_dir}; instance prompt '{train_cfg.data.prompt}', "
              f"class prompt '{train_cfg.prior.prompt_for(train_cfg.data.class_noun)}' ({d.num_class_images} class "
-             f"images, λ = {train_cfg.prior.prior_weight}); LoRA rank {train_cfg.lora.rank} on UNet and text encoder, "
+             f"images, λ = {train_cfg.prior.prior_weight}); LoRA rank {train_cfg.lora.rank} on the denoiser (UNet or transformer) and text encoder, "
              f"{train_cfg.train.max_steps} steps; generation with LoRA scales {UNET_SCALE} (UNet) / "
              f"{TEXT_ENCODER_SCALE} (text encoder), {d.steps} sampling steps, seeds {d.seed}..{d.seed + d.num_images - 1}.")
     scenes = profile(d.model).scenes
