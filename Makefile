@@ -31,7 +31,7 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports  # the wings import downward only, no cycles (pyproject [tool.importlinter])
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # the edit-run loop: everything but the tests marked slow (they train or run a model), under 2 minutes on 2 cores
 test-fast: install
