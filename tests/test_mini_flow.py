@@ -4,6 +4,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,75 @@ def test_stage_runs_resumes_and_ships_a_plain_flux_pipeline(tmp_path, monkeypatc
                  width=64, max_sequence_length=mini_flow.T5_MAX_LENGTH, generator=torch.Generator().manual_seed(0)
                  ).images[0]
     assert image.size == (64, 64)
+
+
+# ------------------------------------------------------------------------------- DreamBooth on mini-flow
+
+LEARN_STEPS, LEARN_CLASS_IMAGES = 300, 20
+LEARN_GAIN, DINO_GAIN = 0.06, 0.05  # below the measured gains (docstring), as mini's test holds issue 30's bar
+
+
+@pytest.mark.slow
+def test_a_lora_on_mini_flow_learns_a_held_out_subject_and_plain_diffusers_draws_it(tmp_path, one_thread,
+                                                                                     lpips_weights):
+    """Issue 25: `boothkit train --model mini-flow` with nothing but the subject (its preset), shortened, on a held-out
+    OpenMoji backpack (a style mini-flow never drew): judged by real LPIPS, the identifier prompt's pictures move
+    towards the subject's photos, and mini's DINO tower agrees. The LoRA then draws the same pictures in plain
+    FluxPipeline, from boothkit's file and from its kohya export read by diffusers' converter. Measured (AMD EPYC with
+    AVX-512 BF16, fp32, seed 0): identifier 0.568 -> 0.467 (gain 0.102), class prompt gain 0.012, DINO 0.712 -> 0.846;
+    2 min 33 s on 2 free cores."""
+    from diffusers import FluxPipeline
+    from flux_kohya import flux_converter
+
+    from boothkit.evaluate import binding
+    from boothkit.evaluate.metrics import Evaluators, MetricsConfig, mean_pairwise_cosine
+    from boothkit.export import formats as E
+    from boothkit.generate.generation import generate_images, load_generation_pipeline, set_lora_scales
+    from boothkit.mini.subjects import openmoji_dataset_dir
+    from boothkit.models import mini_flow
+    from boothkit.models.families import family_of
+    from boothkit.models.loading import model_path
+    from boothkit.train.data import load_folder
+
+    folder, run = openmoji_dataset_dir() / "backpack", tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--model", "mini-flow", "--instance-dir", str(folder), "--class-noun", "backpack",
+              "--output-dir", str(run), "--max-steps", str(LEARN_STEPS), "--num-class-images",
+              str(LEARN_CLASS_IMAGES)])
+    assert done.value.code in (0, None)
+    prompts = binding.BindingPrompts("an emoji of sks backpack", "an emoji of a backpack")  # the preset's prompts
+    trained = load_generation_pipeline(None, [(str(run), 1.0)])
+    set_lora_scales(trained, 1.0, 1.0)
+    drawn = binding.draw(trained, prompts, 6, steps=20)
+    base = binding.draw(load_generation_pipeline("mini-flow", []), prompts, 6, steps=20)
+    ev = Evaluators(MetricsConfig(clip_model="mini", dino_model="mini", lpips_size=64))
+    m = binding.judge(ev, drawn, base, [img for _, img in load_folder(folder)], prompts)
+    photos = ev.dino.image_embeds([img for _, img in load_folder(folder)])
+    dino_base = mean_pairwise_cosine(ev.dino.image_embeds(base[prompts.identifier]), photos)
+    s = binding.summary(m)
+    assert binding.binds(m, min_gain=LEARN_GAIN) and m["DINO"] > dino_base + DINO_GAIN, (s, m, dino_base)
+
+    # plain diffusers: boothkit's LoRA file, then its kohya export through diffusers' converter
+    guidance = family_of(trained).guidance_of(trained)  # mini-flow's own, from its marker: true CFG
+    kw = dict(negative_prompt="", true_cfg_scale=guidance, height=64, width=64, num_inference_steps=20,
+              max_sequence_length=mini_flow.T5_MAX_LENGTH)
+    ours = np.stack([np.asarray(im, np.float32) for im in
+                     generate_images(trained, prompts.identifier, num_images=2, seed=0, steps=20, guidance=guidance)])
+
+    def plain(load):
+        pipe = FluxPipeline.from_pretrained(model_path("mini-flow"), torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        load(pipe)
+        return np.stack([np.asarray(pipe(prompts.identifier, generator=torch.Generator().manual_seed(i), **kw)
+                                    .images[0], np.float32) for i in range(2)])
+
+    assert np.abs(plain(lambda p: p.load_lora_weights(str(run))) - ours).max() <= 2
+    kohya = E.export(E.export_config(lora=str(run), format="kohya", out=str(tmp_path / "kohya.safetensors")))
+    width = mini_flow.TRANSFORMER["attention_head_dim"] * mini_flow.TRANSFORMER["num_attention_heads"]
+    convert = flux_converter([width] * 3 + [4 * width])
+
+    def load_kohya(pipe):
+        from safetensors.torch import load_file
+
+        pipe.load_lora_weights(convert(load_file(str(kohya))))
+    assert np.abs(plain(load_kohya) - ours).max() <= 2
