@@ -10,8 +10,10 @@ from boothkit.core import hub_ids
 from boothkit.cli import main
 
 
+# mini only: on mini-flow the same test passes (4 min 19 s beside two other jobs, 2026-12-07) but the suite's time
+# budget holds only one; mini-flow's training and drawing are held by tests/test_mini_flow.py
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["mini", "mini-flow"])  # SD's family and FLUX.1's: the same job, one command
+@pytest.mark.parametrize("model", ["mini"])
 def test_demo_on_the_emoji_models_end_to_end(model, tmp_path, lpips_weights, one_thread):
     out = tmp_path / "demo"
     with pytest.raises(SystemExit) as exc:
