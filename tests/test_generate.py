@@ -299,7 +299,8 @@ def test_cli_generate_writes_reproducible_pngs_grid_and_config(tiny_path, lora_a
     names = sorted(p.name for p in out.iterdir())
     assert names == ["000-a-photo-of-sks-dog-s5.png", "001-a-photo-of-sks-dog-s6.png",
                      "002-a-photo-of-sks-dog-s7.png", "generate_config.toml", "grid-00-a-photo-of-sks-dog.png"]
-    plain_a.set_adapters(["plain0"], adapter_weights=[{"unet": 1.0, "text_encoder": 1.0}])
+    # the CLI's default LoRA scales (config.LORA_SCALE) are what plain diffusers gets with the same weights
+    plain_a.set_adapters(["plain0"], adapter_weights=[{"unet": C.LORA_SCALE, "text_encoder": C.LORA_SCALE}])
     mine = [np.asarray(Image.open(out / n).convert("RGB"), dtype=np.int16) for n in names[:3]]
     assert max_diff(mine, plain_images(plain_a, [5, 6, 7])) <= 1
     with Image.open(out / names[1]) as im:

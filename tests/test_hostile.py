@@ -214,8 +214,8 @@ def _sweep_cell_is_bomb(ctx):
     cell = ctx["tmp"] / "s" / "cells" / "p00-x" / "g7.5_u1_t1"
     cell.mkdir(parents=True)
     (cell / "00-s0.png").write_bytes(BOMB)
-    return ["sweep", "--lora", ctx["loras"]["good"], "--model", "tiny", "--prompt", "x", "-n", 1,
-            "--out", ctx["tmp"] / "s"], ["00-s0.png", "too large"]
+    return ["sweep", "--lora", ctx["loras"]["good"], "--model", "tiny", "--prompt", "x", "-n", 1, "--unet-scale", 1,
+            "--text-encoder-scale", 1, "--out", ctx["tmp"] / "s"], ["00-s0.png", "too large"]
 
 
 CATALOGUE = [

@@ -86,8 +86,8 @@ QUANTIZE = ("int8", "nf4", "fp8")
 LORA_SCALE = 0.8
 # What --model takes, said when it is missing: there is no default, so a run never trains a toy model unasked.
 MODEL_CHOICES = (f"a hub id ({SD15}), a local diffusers folder or .safetensors file, or a built-in: "
-                 "mini, mini-flow (pretrained on emoji, SD's and FLUX.1's families, to try boothkit), tiny "
-                 "(random weights, for plumbing tests), "
+                 "mini (pretrained on emoji, to try boothkit), mini-flow (the same in FLUX.1's family), "
+                 "tiny (random weights, for plumbing tests), "
                  "tiny-xl, tiny-sd3, tiny-flux (random weights in SDXL's, SD3's and FLUX.1's layouts)")
 # A --model for train and class-images configs that name none (test suites and scripts set it on purpose).
 DEFAULT_MODEL_ENV = "BOOTHKIT_DEFAULT_MODEL"
