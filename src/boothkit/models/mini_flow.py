@@ -113,14 +113,14 @@ def flux_pipeline(transformer, text_encoder_2, tokenizer_2, vae, text_encoder=No
 
 def shipped_version() -> str:
     """Short hash of the shipped recipe.json: the cache folder is rebuilt when new weights ship."""
-    recipe = mini_flow_dir() / "recipe.json"
-    if not recipe.is_file():
+    if not (mini_flow_dir() / "recipe.json").is_file():
         raise ModelError(f"'{MINI_FLOW}' weights are not in this install ({mini_flow_dir()} has no recipe.json); "
                          "run the recipe in docs/mini.md (stages flow, flow-ship), or use --model tiny-flux")
-    return hashlib.sha256(recipe.read_bytes()).hexdigest()[:12]
+    return recipe_version(mini_flow_dir())
 
 
-SHIPPED_PARTS = ("transformer", "text_encoder_2", "tokenizer_2")  # the rest is mini's (CLIP, VAE) or config
+def recipe_version(shipped: Path) -> str:
+    return hashlib.sha256((shipped / "recipe.json").read_bytes()).hexdigest()[:12]
 
 
 def assemble(shipped: Path, folder: Path) -> None:
@@ -137,7 +137,7 @@ def assemble(shipped: Path, folder: Path) -> None:
                          T5EncoderModel.from_pretrained(model / "text_encoder_2", **load),
                          T5TokenizerFast.from_pretrained(model / "tokenizer_2"), mini_vae(**recipe["latents"]))
     pipe.save_pretrained(folder, safe_serialization=True)
-    version = hashlib.sha256((shipped / "recipe.json").read_bytes()).hexdigest()[:12]
+    version = recipe_version(shipped)
     # resolution and guidance: what boothkit draws it with by default (models.loading reads the marker)
     (folder / MARKER).write_text(json.dumps({"name": MINI_FLOW, "version": version, "steps": recipe["steps"],
                                              "resolution": recipe["resolution"], "guidance": recipe["guidance"]},
