@@ -113,7 +113,9 @@ def _train_tab(gr, queue: R.RunQueue) -> dict[str, Any]:
 
     photos.change(H.inspect_photos, photos, [thumbs, notes], show_progress="hidden")
     form = list(comps.values())
-    preset.input(lambda p, *vals: list(preset_values(p, dict(zip(comps, vals))).get(n, v)
+    # on select (an option chosen), not input: the dropdown also sends input when it loses focus, and that second
+    # fill, answered after a person (or the browser test) has started typing in the next field, overwrote the typing
+    preset.select(lambda p, *vals: list(preset_values(p, dict(zip(comps, vals))).get(n, v)
                                        for n, v in zip(comps, vals)), [preset, *form], form)
 
     def train(data):
