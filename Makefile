@@ -5,6 +5,9 @@ PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 # make demo MODEL=mini-flow: the same job on mini's FLUX.1-family sibling
 MODEL ?= mini
+# test worker processes (pytest-xdist), one torch thread each (tests/conftest.py); whole files per worker, so a
+# module's shared training runs once. WORKERS=0: one process, as pytest runs alone.
+WORKERS ?= 2
 
 .PHONY: install demo test test-fast bench clean
 
@@ -31,13 +34,13 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports  # the wings import downward only, no cycles (pyproject [tool.importlinter])
-	$(VENV)/bin/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # the edit-run loop: everything but the tests marked slow (they train or run a model), under 2 minutes on 2 cores
 test-fast: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/train_step.py
