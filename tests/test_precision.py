@@ -47,7 +47,7 @@ def test_training_asks_the_model_not_the_matmul(machine, tiny_path):
     calls = []
 
     def probe(value):
-        return lambda: calls.append(value) or value
+        return lambda: calls.append(value) or P.Timings(1.0, 1.0 / value)
 
     assert P.resolve("auto", "cpu", probe=probe(0.4), model="small") == "no"
     assert P.resolve("auto", "cpu", probe=probe(1.7), model="big") == "bf16"
@@ -56,7 +56,8 @@ def test_training_asks_the_model_not_the_matmul(machine, tiny_path):
     assert P.resolve("auto", "cpu", probe=probe(9.0), model="other") == "no" and 9.0 not in calls
     unet = load_pipeline("tiny").unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    assert P.step_speedup(unet, SD.probe_forward(unet, 64)) > 0
+    timings = P.step_timings(unet, SD.probe_forward(unet, 64))
+    assert timings.fp32_s > 0 and timings.bf16_s > 0
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # a probe changes nothing
 
 
@@ -86,13 +87,48 @@ def test_explicit_choices_pass_through_and_emulated_bf16_warns_once(machine, cap
 def test_explicit_fp32_warns_where_this_models_probe_found_bf16_twice_as_fast(machine, caplog):
     machine.flags = frozenset({"avx512_bf16"})
     with caplog.at_level(logging.WARNING, logger="boothkit"):
-        assert P.resolve("no", "cpu", probe=lambda: 2.3, model="big") == "no"
+        assert P.resolve("no", "cpu", probe=lambda: P.Timings(2.3, 1.0), model="big") == "no"
         assert not caplog.records  # an explicit choice never waits for a probe: nothing known yet
-        assert P.resolve("auto", "cpu", probe=lambda: 2.3, model="big") == "bf16"
-        assert P.resolve("auto", "cpu", probe=lambda: 1.5, model="mid") == "bf16"
-        assert P.resolve("no", "cpu", probe=lambda: 0.0, model="mid") == "no" and not caplog.records  # < 2x
-        assert P.resolve("no", "cpu", probe=lambda: 0.0, model="big") == "no"
+        assert P.resolve("auto", "cpu", probe=lambda: P.Timings(2.3, 1.0), model="big") == "bf16"
+        assert P.resolve("auto", "cpu", probe=lambda: P.Timings(1.5, 1.0), model="mid") == "bf16"
+        assert P.resolve("no", "cpu", probe=lambda: P.Timings(1.0, 1.0), model="mid") == "no" and not caplog.records  # < 2x
+        assert P.resolve("no", "cpu", probe=lambda: P.Timings(1.0, 1.0), model="big") == "no"
     assert len(caplog.records) == 1 and "big trains 2.3x faster in bf16" in caplog.text
+
+
+def test_auto_logs_both_timings_and_probes_again_for_a_new_torch_a_changed_model_or_an_old_entry(
+        machine, monkeypatch, caplog):
+    machine.flags = frozenset({"avx512_bf16"})
+    probes = []
+
+    def probe(fp32_s, bf16_s):
+        return lambda: probes.append((fp32_s, bf16_s)) or P.Timings(fp32_s, bf16_s)
+
+    with caplog.at_level(logging.INFO, logger="boothkit"):
+        assert P.resolve("auto", "cpu", probe=probe(0.32, 0.20), model="m abc") == "bf16"
+    assert "fp32 320.0 ms, bf16 200.0 ms: 1.60x" in caplog.text and "bf16 needs 1.5x" in caplog.text
+    assert P.resolve("auto", "cpu", probe=probe(9, 1), model="m abc") == "bf16" and len(probes) == 1  # cached
+    # within the margin: a gain a busy machine's noise could give keeps fp32
+    assert P.resolve("auto", "cpu", probe=probe(0.22, 0.20), model="m other-architecture") == "no"
+    monkeypatch.setattr(P.torch, "__version__", "9.9.9")
+    assert P.resolve("auto", "cpu", probe=probe(0.10, 0.20), model="m abc") == "no" and len(probes) == 3
+    path = P.Path(P.os.environ["BOOTHKIT_HOME"]) / "precision.json"
+    cache = P.json.loads(path.read_text())
+    cache[P._key("train old")] = 2.5  # a speedup alone, as boothkit cached it before it kept timings
+    path.write_text(P.json.dumps(cache))
+    assert P.resolve("auto", "cpu", probe=probe(0.10, 0.20), model="old") == "no" and len(probes) == 4
+
+
+def test_the_architecture_digest_follows_the_config(tmp_path):
+    from boothkit.models.loading import architecture_digest
+
+    (tmp_path / "unet").mkdir()
+    assert architecture_digest(str(tmp_path), "unet") == ""  # nothing on disk to hash
+    (tmp_path / "unet" / "config.json").write_text('{"layers": 2}')
+    two = architecture_digest(str(tmp_path), "unet")
+    (tmp_path / "unet" / "config.json").write_text('{"layers": 3}')
+    assert two and architecture_digest(str(tmp_path), "unet") not in ("", two)
+    assert architecture_digest("tiny", "unet") == architecture_digest("tiny", "unet") != ""
 
 
 def test_this_machine_is_described():

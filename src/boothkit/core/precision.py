@@ -6,7 +6,8 @@ bf16 instructions (AVX-512 BF16 or AMX) *and* a measured probe finds bf16 faster
 forward and backward of its UNet, fp32 against bf16 autocast): on an AVX-512 BF16 EPYC a 512x512 matmul runs 2x
 faster in bf16, yet mini's 6.7 M-parameter UNet trains 2.6x slower under autocast (the casts cost more than the
 small layers gain), so a matmul alone cannot decide. Generation (weights in bf16, no casts) uses the matmul
-probe. Results are cached per machine (and model) in BOOTHKIT_HOME/precision.json.
+probe. Both probes take medians of several runs; the timings are cached per machine, torch version and model
+(its architecture's digest) in BOOTHKIT_HOME/precision.json.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,7 +33,11 @@ AUTO = "auto"
 # What auto resolves to, whatever the hardware (the test suite pins it, so numbers do not depend on the CPU).
 ENV_OVERRIDE = "BOOTHKIT_AUTO_PRECISION"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-FASTER = 1.2  # bf16 must beat fp32 by this factor in the probe to be chosen
+# bf16 must be this many times as fast in the probe to be chosen. Three probes of mini-flow's step on one machine
+# gave 1.18x, 1.30x and 1.31x (BENCHMARKS.md): at a margin inside that spread, chance would fix the precision (and
+# so the pictures) for good; fp32 is the exact choice when the gain is small.
+FASTER = 1.5
+STEP_REPEATS = 3  # a training-step probe's timings are medians of this many steps per precision
 _warned: set[str] = set()
 # The one map from precision names to torch dtypes: "no" is the --mixed-precision value for full precision
 # (accelerate's name), "fp32" the same as export's --save-precision and the speed tables write it.
@@ -84,7 +91,21 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
         start = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - start)
-    return sorted(times)[reps // 2]
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """What a probe measured: the median seconds of the same work in fp32 and in bf16."""
+    fp32_s: float
+    bf16_s: float
+
+    @property
+    def speedup(self) -> float:  # > 1: bf16 is faster
+        return self.fp32_s / self.bf16_s
+
+    def __str__(self) -> str:
+        return f"fp32 {self.fp32_s * 1e3:.1f} ms, bf16 {self.bf16_s * 1e3:.1f} ms: {self.speedup:.2f}x"
 
 
 def _cache() -> tuple[Path, dict]:
@@ -100,28 +121,40 @@ def _key(what: str) -> str:
            f"torch {torch.__version__}|threads {torch.get_num_threads()}"
 
 
-def _cached(what: str, measure: Callable[[], float]) -> float:
-    """A speedup measured once per (CPU, what, torch, threads) and kept in BOOTHKIT_HOME/precision.json."""
+def _entry(cache: dict, key: str) -> Optional[Timings]:
+    """The cached timings under `key`; None for none (or an entry of an older format: it is probed again)."""
+    found = cache.get(key)
+    if isinstance(found, dict) and {"fp32_s", "bf16_s"} <= found.keys():
+        return Timings(float(found["fp32_s"]), float(found["bf16_s"]))
+    return None
+
+
+def _cached(what: str, measure: Callable[[], Timings]) -> Timings:
+    """Timings measured once per (CPU, what, torch, threads) and kept in BOOTHKIT_HOME/precision.json; `what`
+    names the model and its architecture's digest, so a new torch or a changed model is probed again."""
     path, cache = _cache()
     key = _key(what)
-    if key not in cache:
-        cache[key] = float(measure())
+    found = _entry(cache, key)
+    if found is None:
+        found = measure()
+        cache[key] = {"fp32_s": found.fp32_s, "bf16_s": found.bf16_s, "speedup": round(found.speedup, 4)}
         try:
             atomic_write_bytes(path, json.dumps(cache, indent=2).encode())
         except OSError:  # a read-only home only costs the probe again next time
             pass
-    return float(cache[key])
+    return found
 
 
-def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of a 512x512 matmul on this CPU (> 1: bf16 is faster)."""
+def cpu_bf16_timings() -> Timings:
+    """A 512x512 matmul in fp32 and in bf16 on this CPU (medians of 5)."""
     with torch.no_grad():
-        return _cached("matmul 512", lambda: _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16))
+        return _cached("matmul 512", lambda: Timings(_matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)))
 
 
-def step_speedup(model, forward) -> float:
-    """fp32 time / bf16-autocast time of one forward and backward of `model` as `forward(module)` runs it (on
-    random inputs that need gradients, as LoRA layers' inputs do); the weights stay as they are."""
+def step_timings(model, forward, repeats: int = STEP_REPEATS) -> Timings:
+    """One forward and backward of `model` as `forward(module)` runs it (on random inputs that need gradients, as
+    LoRA layers' inputs do), in fp32 and under bf16 autocast: medians of `repeats`, the two kinds taken in turn so
+    that a busy moment of the machine falls on both. The weights stay as they are."""
     device = next(model.parameters()).device
     # as training holds it: frozen weights in bf16 under autocast (with fp32 weights, autocast would re-cast every
     # weight at every op, and the probe would measure that instead); a copy, so `model` keeps its own precision
@@ -136,14 +169,16 @@ def step_speedup(model, forward) -> float:
 
     with torch.random.fork_rng():
         step(False), step(True)  # warm-up: kernel selection, caches
-        return min(step(False) for _ in range(2)) / min(step(True) for _ in range(2))
+        times = [(step(False), step(True)) for _ in range(repeats)]
+    return Timings(statistics.median(t for t, _ in times), statistics.median(t for _, t in times))
 
 
-def resolve(choice: str, device: str, probe: Optional[Callable[[], float]] = None, model: str = "") -> str:
+def resolve(choice: str, device: str, probe: Optional[Callable[[], Timings]] = None, model: str = "") -> str:
     """The precision a run uses: `choice` itself unless it is 'auto', then what this hardware does best.
 
-    probe: on a CPU with bf16 instructions, measures the bf16 speedup of this model's training step
-    (cached under `model`); without one, the matmul probe decides (generation)."""
+    probe: on a CPU with bf16 instructions, times this model's training step in both precisions (cached under
+    `model`, which should name the model and its architecture); without one, the matmul probe decides (generation).
+    bf16 is chosen only when it is at least FASTER times as fast; the decision is logged with both timings."""
     if choice != AUTO:
         warn_if_emulated(choice, device)
         if probe is not None:
@@ -157,10 +192,10 @@ def resolve(choice: str, device: str, probe: Optional[Callable[[], float]] = Non
     if not native_cpu_bf16():
         return "no"
     what = f"{model}'s training step" if probe is not None else "a 512x512 matmul"
-    speedup = _cached(f"train {model}", probe) if probe is not None else cpu_bf16_speedup()
-    chosen = "bf16" if speedup >= FASTER else "no"
-    log.info("--mixed-precision auto: %s (%s ran %.2fx as fast in bf16 as in fp32 on %s; bf16 needs %.1fx)",
-             "bf16" if chosen == "bf16" else "fp32", what, speedup, cpu_description()[0], FASTER)
+    timings = _cached(f"train {model}", probe) if probe is not None else cpu_bf16_timings()
+    chosen = "bf16" if timings.speedup >= FASTER else "no"
+    log.info("--mixed-precision auto: %s (%s on %s, medians: %s; bf16 needs %.1fx)",
+             "bf16" if chosen == "bf16" else "fp32", what, cpu_description()[0], timings, FASTER)
     return chosen
 
 
@@ -169,7 +204,7 @@ def warn_if_emulated(choice: str, device: str) -> None:
     if choice != "bf16" or device != "cpu" or native_cpu_bf16() or choice in _warned:
         return
     _warned.add(choice)
-    slower = 1.0 / cpu_bf16_speedup()
+    slower = 1.0 / cpu_bf16_timings().speedup
     log.warning("--mixed-precision bf16: this CPU (%s) has no bf16 instructions; a matmul probe ran %.0fx slower "
                 "in bf16 than in fp32. --mixed-precision auto (or no) uses fp32 here.", cpu_description()[0], slower)
 
@@ -179,7 +214,7 @@ def warn_if_slow(choice: str, device: str, model: str) -> None:
     where that probe already ran: an explicit choice never waits for one)."""
     if choice != "no" or device != "cpu" or not native_cpu_bf16():
         return
-    speedup = _cache()[1].get(_key(f"train {model}"))
-    if speedup is not None and speedup >= 2.0:
+    found = _entry(_cache()[1], _key(f"train {model}"))
+    if found is not None and found.speedup >= 2.0:
         log.warning("--mixed-precision no: on this CPU (%s) %s trains %.1fx faster in bf16 (measured); "
-                    "--mixed-precision auto uses it", cpu_description()[0], model, speedup)
+                    "--mixed-precision auto uses it", cpu_description()[0], model, found.speedup)

@@ -2,6 +2,7 @@
 single-file checkpoints and hub ids, each as its family's pipeline (boothkit.models.families)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +52,22 @@ def model_ref(spec: str) -> str:
             if (p / marker).is_file():
                 return name
     return str(p)
+
+
+def architecture_digest(spec: str, part: str, revision: str | None = None) -> str:
+    """A short hash of `part`'s config.json where it is on disk without downloading (a built-in, a local folder, a
+    hub repository's cache); '' where it is not (a single file, an uncached hub id). What timings are cached under:
+    the same name with another architecture is another model."""
+    path = Path(model_path(spec), part, "config.json")
+    if not path.is_file() and not Path(spec).exists() and spec.count("/") == 1:  # a hub id: its cached copy
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, f"{part}/config.json", revision=revision)
+        path = Path(cached) if isinstance(cached, str) else path
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    except OSError:
+        return ""
 
 
 def model_name(model: str, vae: str | None = None) -> str:

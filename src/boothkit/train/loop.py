@@ -28,11 +28,11 @@ from ..core.errors import BoothkitError, ConfigError, Interrupted
 from ..core.files import atomic_folder, atomic_write_bytes, check_free_space
 from ..core.interrupts import deferred_stop
 from ..core.locks import folder_lock
-from ..core.precision import resolve, step_speedup
+from ..core.precision import Timings, default_device, resolve, step_timings
 from ..core.progress import progress_bar
 from ..generate.generation import generate_images, make_grid, save_png
 from ..models.families import Family, check_method, family_of
-from ..models.loading import family_of_spec, load_pipeline, model_ref, native_resolution
+from ..models.loading import architecture_digest, family_of_spec, load_pipeline, model_ref, native_resolution
 from ..models.quantize import check_quantize
 from . import checkpoint as ckpt
 from . import ema, fingerprint
@@ -188,8 +188,9 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     photos = read_photos(cfg)  # photos, captions and masks: a bad one is reported before the model loads
     # auto on a CPU: what this model's own forward/backward runs fastest in (probed once, cached). The saved
     # config names the precision actually used, so a rerun elsewhere repeats it.
-    precision = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu",
-                        probe=lambda: _probe_speedup(cfg), model=model_ref(cfg.model.model))
+    digest = architecture_digest(cfg.model.model, family.denoiser, cfg.model.revision) if family else ""
+    precision = resolve(cfg.train.mixed_precision, default_device(), probe=lambda: _probe_timings(cfg),
+                        model=f"{model_ref(cfg.model.model)} {digest}".strip())
     cfg = cfg.replace("train", mixed_precision=precision)
     pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision,
                          vae=cfg.model.vae, dtype=load_dtypes(cfg), quantize=cfg.model.quantize_base)
@@ -241,12 +242,12 @@ def _check_room(tr: Trainer, out: Path) -> None:
     check_free_space(out, need, f"--output-dir: {what}")
 
 
-def _probe_speedup(cfg: RunConfig) -> float:
-    """bf16 speedup of this model's training step on this CPU (a one-off load: the result is cached)."""
+def _probe_timings(cfg: RunConfig) -> Timings:
+    """This model's training step in fp32 and in bf16 on this CPU (a one-off load: the result is cached)."""
     pipe = load_pipeline(cfg.model.model, model_config=cfg.model.model_config, revision=cfg.model.revision)
     family = family_of(pipe)
     model = getattr(pipe, family.denoiser)
-    return step_speedup(model, family.probe_forward(model, cfg.data.resolution or native_resolution(pipe)))
+    return step_timings(model, family.probe_forward(model, cfg.data.resolution or native_resolution(pipe)))
 
 
 def _maybe_resume(tr: Trainer, out: Path) -> tuple[int, list[dict]]:
