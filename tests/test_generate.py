@@ -312,6 +312,9 @@ def test_cli_generate_writes_reproducible_pngs_grid_and_config(tiny_path, lora_a
     assert saved["lora"] == [str(lora_a.parent)] and saved["num_images"] == 3
     with Image.open(out / names[4]) as grid:
         assert grid.size == (128, 128)  # 3 images, 2 columns
+        gp = G.parse_parameters(grid.text["parameters"])
+    assert gp["Seeds"] == "5-7" and "Seed" not in gp  # a grid names all its seeds, not one image's
+    assert G.seed_list([3]) == "3" and G.seed_list([0, 2, 5]) == "0 2 5"
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from boothkit.cli import main
+from boothkit.generate.generation import parse_parameters
 from boothkit.models.mini import mini_dir
 
 
@@ -57,7 +59,9 @@ def test_stage_runs_resumes_and_ships_a_plain_flux_pipeline(tmp_path, monkeypatc
     assert run("--stage", "flow", "--steps", "2", *common) == 0
     log = rows(work / "flow" / "log.csv")
     assert [r["step"] for r in log] == ["1", "2"] and all(math.isfinite(float(r["loss"])) for r in log)
-    assert (work / "flow" / "samples" / "step-00002.png").is_file()
+    with Image.open(work / "flow" / "samples" / "step-00002.png") as im:  # a sample grid says how it was drawn
+        params = parse_parameters(im.text["parameters"])
+    assert (params["Steps"], params["CFG scale"]) == ("2", f"{flow_stages.SAMPLE_GUIDANCE:g}") and params["Seeds"]
     # a longer run of the same stage resumes from step 2's checkpoint: its rows are kept, one more is added
     assert run("--stage", "flow", "--steps", "3", *common) == 0
     resumed = rows(work / "flow" / "log.csv")

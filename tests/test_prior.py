@@ -14,6 +14,7 @@ from PIL import Image
 from boothkit import cli
 from boothkit.core import config as C
 from boothkit.models import loading as models
+from boothkit.generate.generation import parse_parameters
 from boothkit.train import prior
 from boothkit.core.errors import BoothkitError, ConfigError
 
@@ -90,6 +91,10 @@ def test_manifest_records_the_settings(made, base):
     assert sorted(manifest["images"]) == [f"class-{i:05d}.png" for i in range(6)]
     assert manifest["images"]["class-00004.png"] == {"seed": 14, "steps": 2, "guidance": 7.5, "scheduler": "DDIM"}
     assert not list(folder.glob(".*"))  # no temp files left
+    with Image.open(folder / "class-00004.png") as im:  # each picture says how it was made, as generate's do
+        p = parse_parameters(im.text["parameters"])
+    assert (p["prompt"], p["Seed"], p["Steps"], p["CFG scale"], p["Sampler"], p["Model"], p["Size"]) == \
+        ("a photo of dog", "14", "2", "7.5", "DDIM", "tiny", "64x64")
 
 
 def test_class_images_with_another_sampler(base, tmp_path):

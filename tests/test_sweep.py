@@ -108,6 +108,13 @@ def test_contact_sheet_layout(swept):
         for c, g in enumerate((2, 6)):
             cell = np.asarray(S.cell_image([Image.open(p) for p in cell_files(out, g, u, t)]), dtype=np.int16)
             assert np.array_equal(sheet[top + r * ch:top + (r + 1) * ch, left + c * cw:left + (c + 1) * cw], cell)
+    with Image.open(sheets[0]) as im:  # the sheet's parameters: its cells' settings, the axes, every seed
+        p = G.parse_parameters(im.text["parameters"])
+    with Image.open(cell_files(out, 2, 0, 0)[0]) as im:
+        cell_params = G.parse_parameters(im.text["parameters"])
+    same = ("prompt", "Steps", "Sampler", "Size", "Model", "Precision", "Device", "Lora")
+    assert all(p[k] == cell_params[k] for k in same) and "Seed" not in p
+    assert (p["CFG scale"], p["UNet scale"], p["Seeds"]) == ("columns 2 6", "rows 0 1", "0-1 in every cell")
 
 
 @pytest.mark.slow

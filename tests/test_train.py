@@ -20,6 +20,7 @@ from boothkit.train.objectives import DiffusionObjective
 from boothkit.adapters.lora import LORA_FILE
 from boothkit.models.loading import load_pipeline
 from boothkit.train.batches import Batch
+from boothkit.generate.generation import parse_parameters
 from boothkit.train.loop import run_training, training_step
 from processes import kill_at, paused
 
@@ -296,6 +297,14 @@ def test_validation_samples(instance_dir, tmp_path):
                        progress=False)
     folder = out / "validation" / "step-0000002"
     assert (folder / "grid.png").is_file() and len(list(folder.glob("0*.png"))) == 6
+    # every picture carries the full parameters (issue 31): what drew it, with which weights, seed and size
+    with Image.open(folder / "01-1.png") as im:
+        p = parse_parameters(im.text["parameters"])
+    assert (p["Seed"], p["Steps"], p["Size"], p["Model"], p["Device"]) == ("1", "2", "64x64", "tiny", "cpu")
+    assert p["Sampler"] and p["Precision"] == "float32" and p["Weights"] == f"{out} at step 2 (validation)"
+    with Image.open(folder / "grid.png") as im:
+        grid = parse_parameters(im.text["parameters"])
+    assert grid["Seeds"] == "0-1" and "Seed" not in grid and len(grid["prompt"].split("\n")) == 3
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ on the picture's halves. Chance is 1 / number of reference names.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..core.config import opt
 from ..core.files import atomic_write_bytes
 from ..core.progress import progress_bar
 from ..core.report import Report
+from ..generate.generation import generate_images, parameters_text, pipeline_fields, sampler_label, save_png
 from ..mini.scenes import with_article
 from ..mini.subjects import SUBJECTS, dataset_dir
 from ..models.mini import mini_dir
@@ -69,8 +71,6 @@ def frequent_names() -> list[str]:
 
 def sample(pipe, prompts: Sequence[str], seeds: int, steps: int, guidance: float, progress=None) -> list:
     """`seeds` PIL samples per prompt, seed s for the s-th (boothkit.generate.generation's seeding: the same on every run)."""
-    from ..generate.generation import generate_images
-
     out = []
     for prompt in prompts:
         out += generate_images(pipe, prompt, num_images=seeds, seed=0, steps=steps, guidance=guidance,
@@ -216,9 +216,13 @@ def run_mini_bench(cfg) -> Path:
 
     checks = evaluator_checks(clip, DinoEvaluator("mini", pipe.device))
     grid = sample_grid(images[: 12 * b.seeds], names[:12], b.seeds, ref_names, ref_styles, ref_images)
-    grid.save(out / "grid.png")
+    sheet = functools.partial(parameters_text, negative_prompt="", steps=b.steps, guidance=guidance,
+                              sampler=sampler_label(pipe.scheduler), seed=list(range(b.seeds)),
+                              width=images[0].width, height=images[0].height, loras=[],
+                              **{**pipeline_fields(pipe), "model": b.model})
+    save_png(grid, out / "grid.png", sheet("\n".join(prompts[:12])))  # one row per prompt
     pair_grid = sample_grid(pair_images, [f"{s} + {p}" for s, p in pairs], b.seeds, [], [], [])
-    pair_grid.save(out / "pairs.png")
+    save_png(pair_grid, out / "pairs.png", sheet("\n".join(pair_prompts)))
     result = {"settings": {"model": b.model, "nouns": names, "seeds": b.seeds, "steps": b.steps,
                            "guidance": guidance, "sampler": type(pipe.scheduler).__name__, "lpips": b.lpips_net},
               "single": single, "two_objects": two, "pairs": [list(p) for p in pairs], "evaluators": checks}

@@ -217,9 +217,27 @@ def write_sheet(out: Path, s: SweepConfig, p: int, prompt: str, axes: dict[str, 
     sheet = contact_sheet(grid, [f"CFG {g:g}" for g in axes["guidance"]],
                           [f"UNet {u:g}\nTE {t:g}" for u, t in rows],
                           f"{prompt}  (seeds {s.seed}..{s.seed + s.num_images - 1})")
-    return save_png(sheet, out / f"sheet-p{p:02d}-{slug(prompt)}.png",
-                    f"{prompt}\nboothkit sweep: columns guidance {s.guidance}; rows unet scale {s.unet_scale} x "
-                    f"text-encoder scale {s.text_encoder_scale}")
+    return save_png(sheet, out / f"sheet-p{p:02d}-{slug(prompt)}.png", sheet_parameters(out, s, p, prompt, axes))
+
+
+def sheet_parameters(out: Path, s: SweepConfig, p: int, prompt: str, axes: dict[str, tuple[float, ...]]) -> str:
+    """A contact sheet's parameters: its first cell's (model, sampler, steps, size, precision...), with the axes in
+    place of the one guidance and scale and every cell's seeds."""
+    from PIL import Image
+
+    from ..generate.generation import parse_parameters, render_parameters
+
+    first = image_paths(out, Cell(p, axes["guidance"][0], axes["unet_scale"][0], axes["text_encoder_scale"][0]),
+                        prompt, s.num_images, s.seed)[0]
+    with Image.open(first) as im:
+        params = parse_parameters(im.text.get("parameters", f"{prompt}\n"))
+    params.pop("Seed", None)
+    params.update({"CFG scale": "columns " + " ".join(f"{g:g}" for g in axes["guidance"]),
+                   "UNet scale": "rows " + " ".join(f"{u:g}" for u in axes["unet_scale"]),
+                   "TE scale": "each UNet scale with " + " ".join(f"{t:g}" for t in axes["text_encoder_scale"]),
+                   "Seeds": f"{s.seed}-{s.seed + s.num_images - 1} in every cell"})
+    version = params.pop("Version", "")
+    return render_parameters({**params, "Version": version})
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:

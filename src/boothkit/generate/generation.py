@@ -16,7 +16,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -253,24 +253,44 @@ def _quote(value: str) -> str:
     return json.dumps(value) if any(c in value for c in ',:"\n') else value
 
 
-def parameters_text(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance: float, seed: int,
-                    width: int, height: int, model: str, loras: Sequence[tuple[str, float]],
-                    unet_scale: float, text_encoder_scale: float, text_encoder_2_scale: float | None = None,
-                    precision: str = "", vae: str = "", device: str = "") -> str:
+def seed_list(seeds: Sequence[int]) -> str:
+    """'4' for one seed, '0-3' for a run of them, '0 2 5' otherwise."""
+    seeds = list(seeds)
+    if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return " ".join(str(s) for s in seeds)
+
+
+def parameters_text(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance: float,
+                    seed: int | Sequence[int], width: int, height: int, model: str, loras: Sequence[tuple[str, float]],
+                    unet_scale: float = 1.0, text_encoder_scale: float = 1.0,
+                    text_encoder_2_scale: float | None = None, precision: str = "", vae: str = "", device: str = "",
+                    extra: Mapping[str, str] | None = None) -> str:
     """AUTOMATIC1111-style generation parameters: prompt, negative prompt, then one 'Key: value' line.
 
     precision, vae, device (pipeline_fields gives them with the model): what else the pixels depend on; the
-    precision is the torch dtype's name, as plain diffusers takes it (torch_dtype=torch.bfloat16)."""
+    precision is the torch dtype's name, as plain diffusers takes it (torch_dtype=torch.bfloat16). `seed`: one
+    image's, or a grid's seeds in order ('Seeds'). The LoRA scales are written only where there are LoRAs."""
+    one = isinstance(seed, int)
     fields = {
-        "Steps": str(steps), "Sampler": sampler, "CFG scale": f"{guidance:g}", "Seed": str(seed),
+        "Steps": str(steps), "Sampler": sampler, "CFG scale": f"{guidance:g}",
+        "Seed": str(seed) if one else "", "Seeds": "" if one else seed_list(seed),
         "Size": f"{width}x{height}", "Model": model, "VAE": vae, "Precision": precision, "Device": device,
         "Lora": ", ".join(f"{path}:{weight:g}" for path, weight in loras),
-        "UNet scale": f"{unet_scale:g}", "TE scale": f"{text_encoder_scale:g}",
-        "TE2 scale": "" if text_encoder_2_scale is None else f"{text_encoder_2_scale:g}",
-        "Version": f"boothkit {__version__}",
     }
-    line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v != "")
-    return f"{prompt}\nNegative prompt: {negative_prompt}\n{line}"
+    if loras:
+        fields.update({"UNet scale": f"{unet_scale:g}", "TE scale": f"{text_encoder_scale:g}",
+                       "TE2 scale": "" if text_encoder_2_scale is None else f"{text_encoder_2_scale:g}"})
+    fields.update(extra or {})
+    fields["Version"] = f"boothkit {__version__}"
+    return render_parameters({"prompt": prompt, "negative_prompt": negative_prompt, **fields})
+
+
+def render_parameters(params: Mapping[str, str]) -> str:
+    """parse_parameters' dict back to text: the prompt, the negative prompt, then the non-empty fields in order."""
+    fields = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt") and v != ""}
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
+    return f"{params['prompt']}\nNegative prompt: {params['negative_prompt']}\n{line}"
 
 
 def pipeline_fields(pipe) -> dict[str, str]:
@@ -379,5 +399,5 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
                     images.append(img)
                 advance(len(batch))
             grid = make_grid(images, math.ceil(math.sqrt(len(images))))
-            save_png(grid, out / f"grid-{p:02d}-{slug(prompt)}.png", params(prompt, seed=g.seed))
+            save_png(grid, out / f"grid-{p:02d}-{slug(prompt)}.png", params(prompt, seed=seeds))
     return written

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.files import atomic_write_bytes
-from ..generate.generation import make_grid
+from ..generate.generation import make_grid, parameters_text, pipeline_fields, sampler_label, save_png
 from ..models.families import FLUX
 from ..models.mini import mini_dir
 from ..models.mini_flow import (
@@ -64,19 +64,19 @@ def sample_prompts() -> list[str]:
     return [f"an emoji of {with_article(n)}" for n in names]
 
 
-def sample_grid(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> bytes:
-    """PNG: one row per seed (SAMPLE_SEEDS unless given), one column per prompt, with true CFG against the empty
-    caption (as trained)."""
-    import io
-
+def write_sample_grid(pipe, prompts: Sequence[str], path: Path, seeds: Sequence[int] | None = None) -> Path:
+    """A PNG with its parameters: one row per seed (SAMPLE_SEEDS unless given), one column per prompt, with true
+    CFG against the empty caption (as trained)."""
+    seeds = list(SAMPLE_SEEDS if seeds is None else seeds)
     images = []
-    for seed in SAMPLE_SEEDS if seeds is None else seeds:
+    for seed in seeds:
         images += pipe(prompt=list(prompts), negative_prompt=[""] * len(prompts), true_cfg_scale=SAMPLE_GUIDANCE,
                        num_inference_steps=SAMPLE_STEPS, height=64, width=64, max_sequence_length=T5_MAX_LENGTH,
                        generator=torch.Generator().manual_seed(seed)).images
-    buf = io.BytesIO()
-    make_grid(images, cols=len(prompts)).save(buf, format="PNG")
-    return buf.getvalue()
+    text = parameters_text("\n".join(prompts), "", steps=SAMPLE_STEPS, sampler=sampler_label(pipe.scheduler),
+                           guidance=SAMPLE_GUIDANCE, seed=seeds, width=64, height=64, loras=[],
+                           **{**pipeline_fields(pipe), "model": f"mini-flow pretraining at {path.stem}"})
+    return save_png(make_grid(images, cols=len(prompts)), path, text)
 
 
 def stage_flow(cfg: PretrainConfig, out: Path) -> None:
@@ -117,7 +117,7 @@ def stage_flow(cfg: PretrainConfig, out: Path) -> None:
             pipe = flux_pipeline(transformer, t5, t5_tok, vae, text_encoder=clip)
             pipe.set_progress_bar_config(disable=True)
             with torch.no_grad():
-                atomic_write_bytes(out / "samples" / f"step-{step:05d}.png", sample_grid(pipe, sample_prompts()))
+                write_sample_grid(pipe, sample_prompts(), out / "samples" / f"step-{step:05d}.png")
         finally:
             for name, e in emas.items():
                 e.restore(parts[name].parameters())

@@ -30,9 +30,10 @@ from ..core.interrupts import deferred_stop
 from ..core.locks import folder_lock
 from ..core.precision import Timings, default_device, resolve, step_timings
 from ..core.progress import progress_bar
-from ..generate.generation import generate_images, make_grid, save_png
+from ..generate.generation import generate_images, make_grid, parameters_text, pipeline_fields, sampler_label, save_png
 from ..models.families import Family, check_method, family_of
-from ..models.loading import architecture_digest, family_of_spec, load_pipeline, model_ref, native_resolution
+from ..models.loading import (architecture_digest, family_of_spec, load_pipeline, model_name, model_ref,
+                              native_resolution)
 from ..models.quantize import check_quantize
 from . import checkpoint as ckpt
 from . import ema, fingerprint
@@ -369,7 +370,7 @@ def _after_step(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:
         _save_checkpoint(tr, out, done)
     if t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
         with ema.swapped_in(tr.ema, tr.params):  # samples of what would be saved now
-            _validate(tr, out / "validation" / f"step-{done:07d}")
+            _validate(tr, out / "validation" / f"step-{done:07d}", done)
 
 
 def _save_checkpoint(tr: Trainer, out: Path, done: int) -> Path:
@@ -449,28 +450,42 @@ def _restore(tr: Trainer, path: Path, weights: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def _validate(tr: Trainer, folder: Path) -> None:
-    """Fixed-seed samples of the validation prompts with the current weights."""
+def _validate(tr: Trainer, folder: Path, step: int) -> None:
+    """Fixed-seed samples of the validation prompts with the current weights, each PNG with its full parameters."""
     cfg, accelerator, val = tr.cfg, tr.accelerator, tr.pipe  # its unet and text encoders are the trained modules
     parts = (tr.family.denoiser,) + tr.family.text_encoders
     modes = [(m, m.training) for m in (getattr(val, n) for n in parts)]
-    guidance = tr.family.guidance_of(tr.pipe)
+    guidance, prompts, seeds = tr.family.guidance_of(tr.pipe), validation_prompts(cfg), (0, 1)
     images = []
     try:
         for m, _ in modes:
             m.eval()
         with torch.random.fork_rng(), accelerator.autocast():
-            for i, prompt in enumerate(validation_prompts(cfg)):
-                imgs = generate_images(val, prompt, num_images=2, seed=0, steps=cfg.train.validation_steps,
-                                       guidance=guidance)
+            for i, prompt in enumerate(prompts):
+                imgs = generate_images(val, prompt, num_images=len(seeds), seed=seeds[0],
+                                       steps=cfg.train.validation_steps, guidance=guidance)
                 for j, img in enumerate(imgs):
-                    save_png(img, folder / f"{i:02d}-{j}.png", f"{prompt}\nSteps: {cfg.train.validation_steps}, "
-                                                                 f"CFG scale: {guidance:g}, Seed: {j}")
+                    save_png(img, folder / f"{i:02d}-{j}.png", _validation_parameters(tr, prompt, seeds[j], img, step))
                 images += imgs
     finally:
         for m, was_training in modes:
             m.train(was_training)
-    save_png(make_grid(images, cols=2), folder / "grid.png", "validation grid")
+    # one row per prompt, one column per seed
+    save_png(make_grid(images, cols=len(seeds)), folder / "grid.png",
+             _validation_parameters(tr, "\n".join(prompts), seeds, images[0], step))
+
+
+def _validation_parameters(tr: Trainer, prompt: str, seed, image, step: int) -> str:
+    """A validation picture's parameters: the base model, and the run's weights at `step` in place of a LoRA file
+    (the text encoders' and denoiser's own precision, under training's autocast where it is on)."""
+    fields = pipeline_fields(tr.pipe)
+    if tr.cfg.train.mixed_precision != "no":
+        fields["precision"] += f" (autocast {tr.cfg.train.mixed_precision})"
+    fields["model"] = model_name(tr.cfg.model.model, tr.cfg.model.vae)
+    return parameters_text(prompt, "", steps=tr.cfg.train.validation_steps, sampler=sampler_label(tr.pipe.scheduler),
+                           guidance=tr.family.guidance_of(tr.pipe), seed=seed, width=image.width,
+                           height=image.height, loras=[], **fields,
+                           extra={"Weights": f"{tr.cfg.train.output_dir} at step {step} (validation)"})
 
 
 def _save_outputs(cfg: RunConfig, resolved: RunConfig, out: Path, tr: Trainer) -> None:

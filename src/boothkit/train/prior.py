@@ -9,7 +9,6 @@ images of a different model, prompt or resolution to a folder, since that would 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import re
@@ -23,7 +22,7 @@ from ..core.files import atomic_write_bytes, check_free_space, png_upper_bound, 
 from ..core.locks import folder_lock
 from ..core.precision import default_device
 from ..core.progress import progress_bar
-from ..generate.generation import iter_batches, make_scheduler, sampler_label
+from ..generate.generation import iter_batches, make_scheduler, parameters_text, pipeline_fields, sampler_label, save_png
 from ..models import loading as models
 from ..models.families import family_of
 from . import data
@@ -170,7 +169,9 @@ def _fill_class_dir(pipe, class_dir: Path, *, prompt: str, num_images: int, batc
                 manifest["images"] = dict(sorted(records.items()))
                 write_manifest(class_dir, manifest)
                 for k, img in zip(ks, batch):
-                    _save_png(img, class_dir / class_image_name(k))
+                    save_png(img, class_dir / class_image_name(k), parameters_text(
+                        prompt, "", steps=steps, sampler=sampler, guidance=guidance, seed=seed + k,
+                        width=img.width, height=img.height, loras=[], **{**pipeline_fields(pipe), "model": model_name}))
                 done += len(batch)
                 advance(len(batch))
                 if stop is not None and stop.is_set() and done < len(todo):  # the UI's Cancel
@@ -195,12 +196,6 @@ def _sampler(pipe, name: str) -> Iterator[str]:
         yield sampler_label(pipe.scheduler)
     finally:
         pipe.scheduler = own
-
-
-def _save_png(img, path: Path) -> None:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 @contextlib.contextmanager
