@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from boothkit.core import hub_ids
 from boothkit import adapters as L
@@ -96,6 +97,15 @@ def loras(tmp_path_factory, tiny_path) -> dict[str, Path]:
                                    {"base_model": "tiny", "family": "sdxl"}),
         "nameless": L.save_lora_file(folder / "nameless.safetensors", {"unet": layers}, meta, {}),  # no base model
     }
+    elsewhere = {k.replace("down_blocks", "far_blocks").replace("up_blocks", "far_blocks").replace("mid_block", "far_block"): v
+                 for k, v in layers.items()}  # LoRA weights for layers the model does not have
+    files["no layer"] = L.save_lora_file(folder / "elsewhere.safetensors", {"unet": elsewhere}, meta,
+                                         {"base_model": "tiny"})
+    with safe_open(str(good), "pt") as f:  # the good file with its lora_adapter_metadata cut short
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    header["lora_adapter_metadata"] = header["lora_adapter_metadata"][:20]
+    save_file(tensors, folder / "metadata.safetensors", metadata=header)
+    files["metadata"] = folder / "metadata.safetensors"
     save_file({"model.weight": torch.zeros(2, 2)}, folder / "unknown.safetensors")
     files["unknown"] = folder / "unknown.safetensors"
     for name, data in (("truncated", good.read_bytes()[:len(good.read_bytes()) // 2]), ("empty", b""),
@@ -230,6 +240,9 @@ CATALOGUE = [
     ("evaluate: bomb in --samples", _evaluate(samples="huge.png")),
     ("evaluate: free-text --device", lambda ctx: (_evaluate()(ctx)[0] + ["--device", "gpu0"], ["metrics.device",
                                                                                                   "gpu0"])),
+    ("evaluate: a CUDA device this machine lacks", lambda ctx: (_evaluate()(ctx)[0] + ["--device", "cuda:99"],
+                                                                ["--device cuda:99: this machine has",
+                                                                 "CUDA device(s)"])),
     ("sweep: bomb among finished cells", _sweep_cell_is_bomb),
     # LoRA files
     ("lora: text file", _generate_lora("text", "not a LoRA safetensors file")),
@@ -240,6 +253,12 @@ CATALOGUE = [
     ("lora: unknown keys", _generate_lora("unknown", "model.weight")),
     ("lora: another size", _generate_lora("size", "another model family or size")),
     ("lora: another family", _generate_lora("family", "SDXL")),
+    ("lora: no layer matches", _generate_lora("no layer", "none of its layers matches")),
+    ("lora: damaged lora_adapter_metadata, export", _generate_lora("metadata", "lora_adapter_metadata",
+                                                                   command="export")),
+    ("lora: an SD LoRA on a FLUX.1 model", lambda ctx: (["generate", "--lora", ctx["loras"]["good"], "--model",
+                                                        "tiny-flux", "--prompt", "x", "--out", ctx["tmp"] / "g"],
+                                                       ["none of its layers matches tiny-flux"])),
     ("lora: truncated, sweep", _generate_lora("truncated", "not a LoRA", command="sweep")),
     ("lora: truncated, export", _generate_lora("truncated", "not a LoRA", command="export")),
     ("lora: unknown keys, export", _generate_lora("unknown", "not a LoRA", command="export")),
@@ -284,6 +303,9 @@ CATALOGUE = [
     ("model: folder without unet/", _model("unet", None, "unet/")),
     ("model: folder without tokenizer/", _model("tokenizer", None, "tokenizer/")),
     ("model: truncated weights", _model("unet", truncate_weights, "cannot load")),
+    ("vae: not an AutoencoderKL", lambda ctx: (["generate", "--model", "tiny", "--vae", ctx["tiny"] / "unet",
+                                                "--prompt", "x", "--out", ctx["tmp"] / "g"],
+                                               ["--vae", "not a loadable AutoencoderKL"])),
     ("model: a photo as --model", lambda ctx: (["generate", "--model", ctx["instance"] / "00.jpg", "--prompt", "x",
                                          "--out", ctx["tmp"] / "g"], ["--model", "00.jpg"])),
     # output paths
@@ -304,6 +326,25 @@ def test_refused_on_one_line(build, instance_dir, tmp_path, tiny_path, loras, ca
     assert_refused(code, err, *needles)
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before, "a refusal changed a file already there"
+
+
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_a_folder_without_write_permission_is_refused_before_any_work(command, instance_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    """docs/errors.md's row: checked with the permission bits' own test (os.access), which this suite patches to
+    deny the folder, since root (as CI runs) may write anywhere and chmod alone would not refuse."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    allowed = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and allowed(p, mode, **kw))
+    ctx = {"instance": instance_dir, "tmp": tmp_path}
+    args, flag = {"train": (_train(ctx, out=locked / "run"), "--output-dir"),
+                  "generate": (["generate", "--model", "tiny", "--prompt", "x", "--out", locked / "g"], "--out")}[command]
+    code, _, err = run(args, capsys)
+    assert_refused(code, err, f"{flag} {locked}", f"no permission to write in {locked}")
+    assert list(locked.iterdir()) == []
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -39,6 +39,7 @@ from ..core.errors import ConfigError, DataError, ModelError, first_line
 from ..core.files import atomic_write_bytes, boothkit_home, build_once, file_sha256
 from ..core.hub_ids import CLIP as DEFAULT_CLIP
 from ..core.hub_ids import DINO as DEFAULT_DINO
+from ..core.precision import pick_device
 from ..core.report import METRIC_COLUMNS, Report, fmt, plot_metric_distributions, table_csv
 from ..models.clip_tokenizer import write_clip_tokenizer_files
 from ..models.mini import mini_path
@@ -394,8 +395,6 @@ class Evaluators:
     """The three evaluator models of one evaluation, and what the report must say about them."""
 
     def __init__(self, cfg: MetricsConfig):
-        from ..core.precision import pick_device
-
         device = pick_device(cfg.device)
         self.cfg = cfg
         self.lpips = load_lpips(cfg.lpips_net, device)  # first: its error is the cheapest to hit
@@ -551,6 +550,7 @@ def run_evaluate(cfg) -> Path:
 
     e = cfg.evaluate
     out = check_output(e.out, "--out")
+    pick_device(cfg.metrics.device)  # a device this machine lacks is refused before any folder is read
     samples = load_samples(e.samples, e.prompt)
     real = [img for _, img in load_folder(e.real_dir, what="--real-dir")]
     class_samples = [img for _, img in load_folder(e.class_samples, what="--class-samples")] if e.class_samples else None
