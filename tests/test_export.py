@@ -19,7 +19,15 @@ TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 RANK, ALPHA = 4, 8.0  # alpha != rank: a lost or misread alpha changes every image
 U, T = 0.8, 0.6  # distinct, non-unit scales: swapped or ignored scales show up
 PROMPT = "a photo of sks dog"
-TOL = 1e-3  # images are floats in [0, 1]; 1e-3 is a quarter of one 8-bit level
+# merged weights differ from LoRA-at-runtime only by float summation order: docs/export.md measured at most 5.3e-4
+# of one 8-bit level (0-255 units) and identical 8-bit pictures; the tests hold that, with room for another CPU's
+# summation order below a tenth of a level
+TOL = 0.1 / 255
+
+
+def same_8bit(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal as the PNGs a user sees (diffusers' own rounding of 0-1 floats to 0-255)."""
+    return np.array_equal((a * 255).round().astype(np.uint8), (b * 255).round().astype(np.uint8))
 
 
 def plain_pipe(path):
@@ -168,7 +176,8 @@ def test_merged_folder_loads_in_diffusers_and_reproduces_lora(loras, native, tin
     assert not list(out.rglob("*.bin")) and not list(tmp_path.glob(".merged*"))  # no pickles, no temp left
     pipe = plain_pipe(out)
     assert not any("lora" in n for n, _ in pipe.unet.named_modules())
-    assert max_diff(sample(pipe), native["both"]) < TOL
+    image = sample(pipe)
+    assert max_diff(image, native["both"]) < TOL and same_8bit(image, native["both"]), max_diff(image, native["both"]) * 255
 
 
 @pytest.mark.slow
@@ -186,8 +195,9 @@ def test_merged_single_file_loads_in_diffusers_and_boothkit(loras, native, tiny_
     assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
     pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_path), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
-    assert max_diff(sample(pipe), native["both"]) < TOL
-    assert max_diff(sample(load_pipeline(str(out), model_config=str(tiny_path))), native["both"]) < TOL
+    for image in (sample(pipe), sample(load_pipeline(str(out), model_config=str(tiny_path)))):
+        assert max_diff(image, native["both"]) < TOL and same_8bit(image, native["both"]), \
+            max_diff(image, native["both"]) * 255
 
 
 def test_export_never_overwrites_or_leaves_partial_output(loras, tmp_path):
