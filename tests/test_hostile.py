@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -333,8 +334,6 @@ def test_a_folder_without_write_permission_is_refused_before_any_work(command, i
                                                                       capsys):
     """docs/errors.md's row: checked with the permission bits' own test (os.access), which this suite patches to
     deny the folder, since root (as CI runs) may write anywhere and chmod alone would not refuse."""
-    import os
-
     locked = tmp_path / "locked"
     locked.mkdir()
     allowed = os.access
@@ -534,3 +533,33 @@ def test_bomb_in_class_folder_is_ignored_by_name(tmp_path, caplog):
     (tmp_path / "class-00001.png").write_bytes(BOMB)
     assert [p.name for p in valid_images(tmp_path)] == ["class-00000.png"]
     assert any("class-00001.png" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def hub_env():
+    """The offline variables as the test sets them, restored (with huggingface_hub's flag) afterwards."""
+    saved = {k: os.environ.get(k) for k in hub_ids.OFFLINE_ENV}
+    for k in hub_ids.OFFLINE_ENV:
+        os.environ.pop(k, None)
+    yield os.environ
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    hub_ids.apply_offline()
+
+
+@pytest.mark.parametrize("how", ["--offline", "HF_HUB_OFFLINE set after import", "TRANSFORMERS_OFFLINE"])
+def test_offline_a_hub_id_not_cached_fails_at_once_without_the_network(how, hub_env, tmp_path, monkeypatch, capsys):
+    """Issue 28: offline mode honoured wherever it is set (huggingface_hub reads its variable only at import), and
+    a model that is not cached fails with the one line that names it; no connection is even tried."""
+    import socket
+
+    tried = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: tried.append(a) or (_ for _ in ()).throw(
+        OSError("the network was asked")))
+    flags = ["--offline"] if how == "--offline" else []
+    if how != "--offline":
+        hub_env["HF_HUB_OFFLINE" if how.startswith("HF_") else "TRANSFORMERS_OFFLINE"] = "1"
+    spec = "someone/a-model-nobody-cached"
+    code, _, err = run([*flags, "generate", "--model", spec, "--prompt", "x", "--out", tmp_path / "g"], capsys)
+    assert_refused(code, err, f"--model {spec}: not in the local hub cache, and the hub cannot be reached (offline)")
+    assert tried == [] and not (tmp_path / "g").exists()

@@ -15,6 +15,7 @@ from click.core import ParameterSource
 
 from .core import config as C
 from .core.errors import BoothkitError
+from .core.hub_ids import apply_offline
 
 # Each command imports its module inside its callback: only the light config modules load with `boothkit --help`,
 # which must start without torch (tests/test_cli.py).
@@ -114,8 +115,12 @@ def _quiet_loading_bars() -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="boothkit")
-def cli() -> None:
+@click.option("--offline", is_flag=True, default=False,
+              help="Never ask the model hub: hub ids load from the local cache or fail at once, naming the id "
+                   "(as HF_HUB_OFFLINE=1, which is honoured too).")
+def cli(offline: bool) -> None:
     """boothkit: DreamBooth for Stable Diffusion (LoRA or full fine-tune, prior preservation, generation)."""
+    apply_offline(offline)
 
 
 @cli.group()

@@ -8,6 +8,9 @@ Add an id to REMOVED only once the hub answers "Repository Not Found" for it.
 """
 from __future__ import annotations
 
+import os
+
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Stable Diffusion 1.5, as runwayml published it
@@ -30,6 +33,22 @@ KNOWN: dict[str, str] = {"sd15": SD15, "sdxl": SDXL, "sdxl-vae-fp16": SDXL_VAE_F
 REMOVED: dict[str, str] = {
     "runwayml/stable-diffusion-v1-5": SD15,
 }
+
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # huggingface_hub's and transformers' names for it
+
+
+def apply_offline(flag: bool = False) -> bool:
+    """Offline mode (`--offline`, or HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as the environment says *now*) for every
+    hub call of this process. huggingface_hub reads the variable once, when it is imported, and diffusers and
+    transformers ask it at each call; setting its flag here honours a variable set after import (a notebook, a test,
+    the UI's process) and makes a model that is not cached fail at once, naming it, instead of waiting on the
+    network. Returns whether the process is offline."""
+    on = flag or any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE") for name in OFFLINE_ENV)
+    if on:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes this one starts (torchrun, accelerate)
+    hub_constants.HF_HUB_OFFLINE = on
+    return on
 
 
 def maintained_copy(model_id: str) -> str | None:
