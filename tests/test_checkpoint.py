@@ -314,6 +314,48 @@ def test_ctrl_c_checkpoints_the_current_step_and_resume_is_bit_identical(instanc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage, at", [
+    ("latent caching", "boothkit.train.trainer:LatentBank:1"),  # the photos' latents made, the class ones not yet
+    ("class images", "boothkit.train.prior:save_png:2"),  # two of four class images written
+])
+def test_ctrl_c_before_the_first_step_exits_130_and_the_rerun_completes(instance_dir, tmp_path, stage, at):
+    """Issue 28: Ctrl-C in a stage before training (held there until the signal lands): one line, exit 130, no
+    weights written, class images already made kept; the same command with --resume then trains to the end."""
+    out, log, marker = tmp_path / "run", tmp_path / "run.log", tmp_path / "held"
+    train = ["train", "--instance-dir", instance_dir, "--class-noun", "dog", "--max-steps", 2, "--num-class-images", 4,
+             "--class-dir", tmp_path / "class", "--class-steps", 2, "--class-batch-size", 1, "--output-dir", out]
+    cmd, extra = paused(train, at, marker)
+    rc = signal_at(cmd, marker, {**ENV, **extra}, signal.SIGINT, log=log)
+    err = log.read_text()
+    assert rc == 130 and [line for line in err.splitlines() if line.startswith("error:")] == ["error: interrupted"], err
+    assert "Traceback" not in err and not (out / LORA_FILE).exists()
+    made = sorted(p.name for p in (tmp_path / "class").glob("class-*.png"))
+    assert made == ([f"class-{i:05d}.png" for i in range(4)] if stage == "latent caching" else
+                    ["class-00000.png", "class-00001.png"])
+    resumed = subprocess.run([sys.executable, "-m", "boothkit", *map(str, train), "--resume"], env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / LORA_FILE).is_file() and len(list((tmp_path / "class").glob("class-*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_evaluation_exits_130_and_writes_no_report(tmp_path):
+    """Issue 28: `boothkit evaluate` interrupted once its evaluators are loaded: one line, exit 130, no report."""
+    for kind in ("samples", "real"):
+        (tmp_path / kind).mkdir()
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / kind / f"{i}.png")
+    log, marker, out = tmp_path / "eval.log", tmp_path / "held", tmp_path / "e"
+    cmd, extra = paused(["evaluate", "--samples", tmp_path / "samples", "--real-dir", tmp_path / "real", "--prompt",
+                         "x", "--out", out, "--clip-model", "tiny", "--dino-model", "tiny"],
+                        "boothkit.evaluate.metrics:Evaluators:1", marker)
+    rc = signal_at(cmd, marker, {**ENV, **extra}, signal.SIGINT, log=log)
+    err = log.read_text()
+    assert rc == 130 and err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_a_stop_event_ends_the_run_like_ctrl_c(instance_dir, tmp_path):
     """The UI's Cancel: an event set from another thread stops the run after the current step, checkpointed."""
     import threading

@@ -291,7 +291,7 @@ def test_compiled_unet_trains_the_same_weights(instance_dir, tmp_path, monkeypat
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     print(f"--compile ({backend}): largest LoRA weight difference {worst:.2e}")
     # lora_B moves by ~1e-3 in these steps, so a lost op shows. Inductor fuses and reorders float sums: measured
-    # 4.1e-6 (AMD EPYC, 2026-12-07), where aot_eager keeps eager's order (under 1e-6)
+    # 4.1e-6 (AMD EPYC, 2026-12-07), where aot_eager keeps eager's order (measured 0.0)
     atol = 1e-5 if backend == "inductor" else 1e-6
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol)

@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except click.exceptions.Abort:  # click's form of a KeyboardInterrupt outside a training step (no prompts here)
+        click.echo("error: interrupted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
