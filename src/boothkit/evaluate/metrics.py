@@ -39,7 +39,6 @@ from ..core.errors import ConfigError, DataError, ModelError, first_line
 from ..core.files import atomic_write_bytes, boothkit_home, build_once, file_sha256
 from ..core.hub_ids import CLIP as DEFAULT_CLIP
 from ..core.hub_ids import DINO as DEFAULT_DINO
-from ..core.precision import pick_device
 from ..core.report import METRIC_COLUMNS, Report, fmt, plot_metric_distributions, table_csv
 from ..models.clip_tokenizer import write_clip_tokenizer_files
 from ..models.mini import mini_path
@@ -395,6 +394,8 @@ class Evaluators:
     """The three evaluator models of one evaluation, and what the report must say about them."""
 
     def __init__(self, cfg: MetricsConfig):
+        from ..core.precision import pick_device  # imports torch: not at module level (`boothkit --help` stays fast)
+
         device = pick_device(cfg.device)
         self.cfg = cfg
         self.lpips = load_lpips(cfg.lpips_net, device)  # first: its error is the cheapest to hit
@@ -545,8 +546,8 @@ def write_evaluation(out: Path, result: Mapping[str, Any], groups: Mapping[str, 
 
 def run_evaluate(cfg) -> Path:
     """`boothkit evaluate`: the five metrics of a samples folder against real photos; returns report.html."""
+    from ..core.precision import pick_device  # imports torch (see Evaluators)
     from ..train.data import load_folder
-
 
     e = cfg.evaluate
     out = check_output(e.out, "--out")

@@ -17,7 +17,6 @@ from ..core.config import opt
 from ..core.files import atomic_write_bytes
 from ..core.progress import progress_bar
 from ..core.report import Report
-from ..generate.generation import generate_images, parameters_text, pipeline_fields, sampler_label, save_png
 from ..mini.scenes import with_article
 from ..mini.subjects import SUBJECTS, dataset_dir
 from ..models.mini import mini_dir
@@ -71,6 +70,8 @@ def frequent_names() -> list[str]:
 
 def sample(pipe, prompts: Sequence[str], seeds: int, steps: int, guidance: float, progress=None) -> list:
     """`seeds` PIL samples per prompt, seed s for the s-th (boothkit.generate.generation's seeding: the same on every run)."""
+    from ..generate.generation import generate_images  # imports torch: the CLI's --help imports this module
+
     out = []
     for prompt in prompts:
         out += generate_images(pipe, prompt, num_images=seeds, seed=0, steps=steps, guidance=guidance,
@@ -175,6 +176,7 @@ def evaluator_checks(clip, dino) -> dict[str, float]:
 def run_mini_bench(cfg) -> Path:
     from PIL import Image
 
+    from ..generate.generation import parameters_text, pipeline_fields, sampler_label, save_png
     from ..models.families import family_of
     from ..models.loading import load_pipeline
 
