@@ -339,7 +339,7 @@ def test_ctrl_c_before_the_first_step_exits_130_and_the_rerun_completes(instance
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_evaluation_exits_130_and_writes_no_report(tmp_path):
+def test_ctrl_c_during_evaluation_exits_130_and_writes_no_report(tmp_path, lpips_weights):
     """Issue 28: `boothkit evaluate` interrupted once its evaluators are loaded: one line, exit 130, no report."""
     for kind in ("samples", "real"):
         (tmp_path / kind).mkdir()
@@ -467,7 +467,7 @@ def test_sigkill_during_class_images_then_rerun_completes(tmp_path):
     args = ["class-images", "--class-dir", str(folder), "--class-noun", "dog", "--num-class-images", "6",
             "--class-batch-size", "1", "--class-steps", "2", "--resolution", "64"]
     marker = tmp_path / "held"
-    cmd, extra = paused(args, "boothkit.train.prior:_save_png:2", marker)  # killed once the second picture is saved
+    cmd, extra = paused(args, "boothkit.train.prior:save_png:2", marker)  # killed once the second picture is saved
     kill_at(cmd, marker, {**ENV, **extra})
     made = sorted(folder.glob("class-*.png"))
     assert len(made) == 2 and all(_complete_png(p) for p in made)  # whole images or none

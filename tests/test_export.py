@@ -19,10 +19,10 @@ TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 RANK, ALPHA = 4, 8.0  # alpha != rank: a lost or misread alpha changes every image
 U, T = 0.8, 0.6  # distinct, non-unit scales: swapped or ignored scales show up
 PROMPT = "a photo of sks dog"
-# merged weights differ from LoRA-at-runtime only by float summation order: docs/export.md measured at most 5.3e-4
-# of one 8-bit level (0-255 units) and identical 8-bit pictures; the tests hold that, with room for another CPU's
-# summation order below a tenth of a level
-TOL = 0.1 / 255
+# merged weights differ from LoRA-at-runtime only by float summation order: measured 4.9e-4 of full scale at one
+# thread, 5.3e-4 at two (an eighth of an 8-bit level), and identical 8-bit pictures (docs/export.md); held at a
+# quarter of a level, and to the pictures a user sees
+TOL = 1e-3
 
 
 def same_8bit(a: np.ndarray, b: np.ndarray) -> bool:

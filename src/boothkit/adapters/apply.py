@@ -26,6 +26,8 @@ def _misfit(exc: BaseException, model: str) -> str:
     text = str(exc)
     if "size mismatch" in text:
         return f"its layer shapes do not fit {model} (a LoRA for another model family or size?)"
+    if "not found in the base model" in text:  # peft's words when no target module exists (diffusers raises them)
+        return f"none of its layers matches {model} (LoRA for another model?)"
     return f"cannot be applied to {model} ({first_line(exc)})"
 
 
