@@ -20,14 +20,16 @@ RANK, ALPHA = 4, 8.0  # alpha != rank: a lost or misread alpha changes every ima
 U, T = 0.8, 0.6  # distinct, non-unit scales: swapped or ignored scales show up
 PROMPT = "a photo of sks dog"
 # merged weights differ from LoRA-at-runtime only by float summation order: measured 4.9e-4 of full scale at one
-# thread, 5.3e-4 at two (an eighth of an 8-bit level), and identical 8-bit pictures (docs/export.md); held at a
-# quarter of a level, and to the pictures a user sees
+# thread, 5.3e-4 at two (an eighth of an 8-bit level); 8-bit pictures identical at two threads, at most one level
+# apart at one (docs/export.md); held at a quarter of a level and one level of the pictures a user sees
 TOL = 1e-3
 
 
 def same_8bit(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal as the PNGs a user sees (diffusers' own rounding of 0-1 floats to 0-255)."""
-    return np.array_equal((a * 255).round().astype(np.uint8), (b * 255).round().astype(np.uint8))
+    """The PNGs a user sees (diffusers' rounding of 0-1 floats to 0-255) differ by at most one level: a value that
+    sits on a rounding boundary may round either way with another summation order (seen: one thread vs two)."""
+    to8 = lambda x: (x * 255).round().astype(np.int16)  # noqa: E731
+    return int(np.abs(to8(a) - to8(b)).max()) <= 1
 
 
 def plain_pipe(path):
