@@ -225,7 +225,7 @@ def sheet_parameters(out: Path, s: SweepConfig, p: int, prompt: str, axes: dict[
     place of the one guidance and scale and every cell's seeds."""
     from PIL import Image
 
-    from ..generate.generation import parse_parameters, render_parameters
+    from ..generate.generation import parse_parameters, render_parameters, seed_list
 
     first = image_paths(out, Cell(p, axes["guidance"][0], axes["unet_scale"][0], axes["text_encoder_scale"][0]),
                         prompt, s.num_images, s.seed)[0]
@@ -235,9 +235,8 @@ def sheet_parameters(out: Path, s: SweepConfig, p: int, prompt: str, axes: dict[
     params.update({"CFG scale": "columns " + " ".join(f"{g:g}" for g in axes["guidance"]),
                    "UNet scale": "rows " + " ".join(f"{u:g}" for u in axes["unet_scale"]),
                    "TE scale": "each UNet scale with " + " ".join(f"{t:g}" for t in axes["text_encoder_scale"]),
-                   "Seeds": f"{s.seed}-{s.seed + s.num_images - 1} in every cell"})
-    version = params.pop("Version", "")
-    return render_parameters({**params, "Version": version})
+                   "Seeds": f"{seed_list(range(s.seed, s.seed + s.num_images))} in every cell"})
+    return render_parameters(params)
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:

@@ -287,8 +287,11 @@ def parameters_text(prompt: str, negative_prompt: str, *, steps: int, sampler: s
 
 
 def render_parameters(params: Mapping[str, str]) -> str:
-    """parse_parameters' dict back to text: the prompt, the negative prompt, then the non-empty fields in order."""
-    fields = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt") and v != ""}
+    """parse_parameters' dict back to text: the prompt, the negative prompt, then the non-empty fields in order,
+    "Version" last (where AUTOMATIC1111 puts it, whatever order the dict was built in)."""
+    fields = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "Version") and v != ""}
+    if params.get("Version"):
+        fields["Version"] = params["Version"]
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
     return f"{params['prompt']}\nNegative prompt: {params['negative_prompt']}\n{line}"
 

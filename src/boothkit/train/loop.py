@@ -465,17 +465,17 @@ def _validate(tr: Trainer, folder: Path, step: int) -> None:
                 imgs = generate_images(val, prompt, num_images=len(seeds), seed=seeds[0],
                                        steps=cfg.train.validation_steps, guidance=guidance)
                 for j, img in enumerate(imgs):
-                    save_png(img, folder / f"{i:02d}-{j}.png", _validation_parameters(tr, prompt, seeds[j], img, step))
+                    save_png(img, folder / f"{i:02d}-{j}.png", _validation_parameters(tr, prompt, seeds[j], img, step, guidance))
                 images += imgs
     finally:
         for m, was_training in modes:
             m.train(was_training)
     # one row per prompt, one column per seed
     save_png(make_grid(images, cols=len(seeds)), folder / "grid.png",
-             _validation_parameters(tr, "\n".join(prompts), seeds, images[0], step))
+             _validation_parameters(tr, "\n".join(prompts), seeds, images[0], step, guidance))
 
 
-def _validation_parameters(tr: Trainer, prompt: str, seed, image, step: int) -> str:
+def _validation_parameters(tr: Trainer, prompt: str, seed, image, step: int, guidance: float) -> str:
     """A validation picture's parameters: the base model, and the run's weights at `step` in place of a LoRA file
     (the text encoders' and denoiser's own precision, under training's autocast where it is on)."""
     fields = pipeline_fields(tr.pipe)
@@ -483,7 +483,7 @@ def _validation_parameters(tr: Trainer, prompt: str, seed, image, step: int) -> 
         fields["precision"] += f" (autocast {tr.cfg.train.mixed_precision})"
     fields["model"] = model_name(tr.cfg.model.model, tr.cfg.model.vae)
     return parameters_text(prompt, "", steps=tr.cfg.train.validation_steps, sampler=sampler_label(tr.pipe.scheduler),
-                           guidance=tr.family.guidance_of(tr.pipe), seed=seed, width=image.width,
+                           guidance=guidance, seed=seed, width=image.width,
                            height=image.height, loras=[], **fields,
                            extra={"Weights": f"{tr.cfg.train.output_dir} at step {step} (validation)"})
 
