@@ -1,13 +1,16 @@
 """`boothkit demo` on mini and mini-flow, at test size: every stage runs, the sweep is measured, the summary shows it all."""
 import csv
 import html
+import os
 import re
 import shlex
 
 import pytest
 
-from boothkit.core import hub_ids
+from boothkit.core import config as C
+from boothkit.core import files, hub_ids
 from boothkit.cli import main
+from processes import kill_at, paused
 
 
 # mini only: on mini-flow the same test passes (4 min 19 s beside two other jobs, 2026-12-07) but the suite's time
@@ -62,9 +65,10 @@ def test_reading_follows_the_numbers():
 @pytest.mark.slow
 def test_demo_on_tiny_uses_the_dog_and_says_the_weights_are_random(tmp_path, one_thread):
     out = tmp_path / "demo"
+    args = ["demo", "--model", "tiny", "--out", str(out), "--max-steps", "3", "--num-class-images", "2",
+            "--num-images", "2", "--steps", "2"]
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--model", "tiny", "--out", str(out), "--max-steps", "3", "--num-class-images", "2",
-              "--num-images", "2", "--steps", "2"])
+        main(args)
     assert exc.value.code == 0
     page = (out / "index.html").read_text()
     assert "random weights" in page and "sks dog" in page and not (out / "measures.csv").exists()
@@ -78,3 +82,19 @@ def test_demo_on_tiny_uses_the_dog_and_says_the_weights_are_random(tmp_path, one
             main(shlex.split(line)[1:])
         assert exc.value.code == 0, line
     assert list((out / "by-hand" / "images").glob("*.png")) and (out / "by-hand" / "sweep" / "sweep.csv").is_file()
+
+    # Run again and stopped during its sweep: the demo replaces its sweep (the cells of the LoRA it just retrained)
+    # only once the new one is complete, so the earlier sweep stays whole.
+    def sweep_files():
+        return {str(p.relative_to(out / "sweep")): p.read_bytes() for p in (out / "sweep").rglob("*") if p.is_file()}
+
+    before = sweep_files()
+    assert "sweep.csv" in before and any(k.endswith(".png") for k in before)
+    assert C.load_toml(out / "sweep" / "sweep_config.toml")["sweep"]["out"] == str(out / "sweep")  # not its temp
+    marker = tmp_path / "held"
+    cmd, extra = paused(args, "boothkit.evaluate.sweep:generate_cells:1", marker)  # new cells made, not swapped in
+    kill_at(cmd, marker, {**os.environ, **extra})
+    assert sweep_files() == before
+    assert [p.name for p in files.remove_stale_temps(out)] != []  # the unfinished one is a stale temp, cleared
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +31,7 @@ from boothkit.evaluate.metrics import EVALUATE_SECTIONS  # noqa: E402
 from boothkit.evaluate.sweep import SWEEP_SECTIONS  # noqa: E402
 from boothkit.evaluate import demo as D  # noqa: E402
 from boothkit.ui import forms as F  # noqa: E402
+from processes import kill_at, paused_python  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 QUICK = next(name for name, preset in ui.PRESETS.items() if preset["model"] == "tiny")  # the quick-test preset
@@ -454,3 +456,89 @@ def test_app_serves_its_page_and_files_from_the_root_only(tmp_path):
         assert refused.value.code == 413
     finally:
         app.close()
+
+
+# --------------------------------------------------------------------- what a new run replaces, and when
+
+def _earlier_attempt(queue, name: str, photos: list[Path]) -> dict[str, bytes]:
+    """A failed earlier run `name`: its uploaded photos, training log, UI log and validation picture."""
+    folder = queue.folder(name)
+    (folder / ui.UPLOAD_DIR).mkdir(parents=True)
+    for i, p in enumerate(photos):
+        load_image(p).save(folder / ui.UPLOAD_DIR / f"{i:03d}-{p.stem}.png")
+    (folder / "train_log.csv").write_text("step,loss\n1,0.5\n2,0.4\n")
+    (folder / R.LOG).write_text("the earlier attempt's log\n")
+    (folder / "validation" / "step-0000002").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "validation" / "step-0000002" / "grid.png")
+    (folder / R.STATUS).write_text(json.dumps({"state": "failed", "message": "earlier", "created": 1.0}))
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_upload_keeps_the_earlier_photos_and_names_the_file(queue, tmp_path, demo_subject):
+    jpgs = sorted(demo_subject.glob("*.jpg"))
+    before = _earlier_attempt(queue, "again", jpgs[:3])
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    photos = [str(p) for p in jpgs[3:5]] + [str(tmp_path / "broken.jpg")]
+    with pytest.raises(gr.Error) as exc:
+        ui.start_training(queue, train_form(photos=photos, class_noun="dog", run_name="again", overwrite=True))
+    # named where the photo would have been stored, not in the temp folder it was checked in
+    assert f"{queue.folder('again') / ui.UPLOAD_DIR}/002-broken.jpg: not a readable image" in str(exc.value)
+    assert _files(queue.folder("again")) == before  # photos, logs and pictures as they were; no temp folder
+
+
+def test_a_queued_fresh_run_replaces_the_earlier_attempt_only_when_it_starts(queue, instance_dir, demo_subject,
+                                                                           monkeypatch):
+    gate, started = threading.Event(), []
+
+    def held_training(cfg, progress, stop):  # stands in for training: the queue's order is what is tested
+        started.append(Path(cfg.train.output_dir).name)
+        assert gate.wait(60)
+
+    monkeypatch.setattr("boothkit.train.loop.run_training", held_training)
+    base = dict(instance_dir=str(instance_dir), class_noun="dog", prior=False)
+    ui.start_training(queue, train_form(**base, run_name="busy"))
+    wait_for(lambda: started == ["busy"], what="the first run to start")
+    before = _earlier_attempt(queue, "again", sorted(demo_subject.glob("*.jpg"))[:3])
+    _, said = ui.start_training(queue, train_form(**base, run_name="again", overwrite=True))
+    assert said == "queued: 1 run ahead"
+    kept = {k: v for k, v in _files(queue.folder("again")).items() if k not in (R.STATUS, R.REQUEST)}
+    assert kept == {k: v for k, v in before.items() if k != R.STATUS}  # nothing deleted while it waits...
+    view = ui.run_view(queue, "again")  # ...and nothing of the earlier attempt shown as this run's
+    assert view["loss"].dropna().empty and view["validation"] == [] and view["log"] == ""
+    assert 'data-step="0"' in view["status"]
+    assert queue.cancel("again") == "cancelled before it started"
+    assert (queue.folder("again") / "train_log.csv").is_file() and (queue.folder("again") / R.LOG).is_file()
+    assert ui.run_view(queue, "again")["validation"] != []  # cancelled: the earlier attempt's pictures show again
+    ui.start_training(queue, train_form(**base, run_name="again", overwrite=True))
+    gate.set()
+    assert queue.wait("again")["state"] == "done" and started == ["busy", "again"]
+    folder = queue.folder("again")
+    assert not (folder / "train_log.csv").exists() and not (folder / "validation").exists()
+    assert not (folder / R.LOG).exists()  # the stand-in logs nothing: the earlier attempt's log went at its start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at, replaced", [("boothkit.ui.handlers:_store_photos:1", False),
+                                          ("boothkit.core.files:fsync_tree:1", False),
+                                          ("boothkit.core.files:_exchange:1", True)])
+def test_an_upload_killed_midway_leaves_the_earlier_photos_or_the_new_ones_whole(tmp_path, demo_subject, at,
+                                                                                 replaced):
+    jpgs = sorted(demo_subject.glob("*.jpg"))
+    folder = tmp_path / ui.UPLOAD_DIR
+    old = {p.name: p.read_bytes() for p in ui.copy_photos([str(p) for p in jpgs[:3]], folder).iterdir()}
+    marker = tmp_path / "held"
+    code = "from boothkit.ui import copy_photos\ncopy_photos(sys.argv[2:], Path(sys.argv[1]))\n"
+    cmd, extra = paused_python("from pathlib import Path\n" + code, [folder, *jpgs[3:5]], at, marker)
+    kill_at(cmd, marker, {**os.environ, **extra})
+    now = {p.name: p.read_bytes() for p in folder.iterdir()}
+    if replaced:
+        assert sorted(now) == ["000-" + jpgs[3].stem + ".png", "001-" + jpgs[4].stem + ".png"]
+        assert all(load_image(folder / n) for n in now)
+    else:
+        assert now == old
+    assert ui.copy_photos([str(jpgs[0])], folder) == folder and len(list(folder.iterdir())) == 1  # the next upload
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left behind

@@ -50,6 +50,8 @@ def held(*args, **kwargs):
     return result
 
 setattr(module, name, held)
+"""
+CLI = """
 from boothkit.cli import main
 main(sys.argv[1:])
 """
@@ -57,13 +59,19 @@ main(sys.argv[1:])
 
 def paused(argv: list, at: str, marker: Path) -> tuple[list, dict]:
     """The command and environment additions that run `boothkit <argv>` held after `at` ("module:function:N")."""
-    return [sys.executable, "-c", RUNNER, *map(str, argv)], {"BOOTHKIT_TEST_PAUSE": at,
-                                                             "BOOTHKIT_TEST_MARKER": str(marker)}
+    return paused_python(CLI, argv, at, marker)
+
+
+def paused_python(code: str, argv: list, at: str, marker: Path) -> tuple[list, dict]:
+    """`paused` for Python `code` (sys.argv[1:] = `argv`) in place of the CLI: a call site outside the CLI."""
+    return [sys.executable, "-c", RUNNER + code, *map(str, argv)], {"BOOTHKIT_TEST_PAUSE": at,
+                                                                    "BOOTHKIT_TEST_MARKER": str(marker)}
 
 
 def kill_at(cmd: list, marker: Path, env: dict, timeout: float = 300) -> None:
-    """Start `cmd`, SIGKILL it once `marker` exists, and wait for it to die (`cmd` holds there: see `paused`)."""
-    rc = signal_at(cmd, marker, env, signal.SIGKILL, timeout=timeout)
+    """Start `cmd`, SIGKILL it once `marker` exists, and wait for it to die (`cmd` holds there: see `paused`).
+    Its output goes to a file beside the marker, quoted where the run ends on its own."""
+    rc = signal_at(cmd, marker, env, signal.SIGKILL, log=marker.with_name(marker.name + ".log"), timeout=timeout)
     assert rc == -signal.SIGKILL, rc
 
 
@@ -78,7 +86,12 @@ def signal_at(cmd: list, marker: Path | Callable[[], bool], env: dict, sig: int,
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=sink)
         deadline = time.monotonic() + timeout
         while not ready():
-            assert proc.poll() is None and time.monotonic() < deadline, f"run ended before {marker} was seen"
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                said = log.read_text(errors="replace")[-2000:] if log else ""
+                raise AssertionError(f"run ended (exit {proc.poll()}) before {marker} was seen:\n{said}")
             time.sleep(0.01)
         proc.send_signal(sig)
         return proc.wait(timeout=timeout)

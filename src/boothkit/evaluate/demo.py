@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import shlex
-import shutil
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -17,6 +16,7 @@ from pathlib import Path
 from ..core import config as C
 from ..core.config import opt
 from ..core.errors import ConfigError
+from ..core.files import atomic_folder
 from ..core.hub_ids import SD15
 from ..core.report import Report, figure_png
 from ..mini.subjects import SEED_SCENES, openmoji_dataset_dir
@@ -163,8 +163,7 @@ def run_demo(cfg: C.RunConfig) -> Path:
     timings.append((f"training ({train_cfg.train.max_steps} steps)", time.perf_counter() - t0))
     t0 = time.perf_counter()
     sweep = sweep_config(d)
-    shutil.rmtree(sweep.sweep.out, ignore_errors=True)  # its cells came from the LoRA this run just replaced
-    sweep_dir = run_sweep(sweep)
+    sweep_dir = fresh_sweep(sweep)
     timings.append(("generation (sweep)", time.perf_counter() - t0))
     rows = None
     if measurable(d):
@@ -172,6 +171,18 @@ def run_demo(cfg: C.RunConfig) -> Path:
         rows = measure(d, train_cfg, sweep)
         timings.append(("measures", time.perf_counter() - t0))
     return write_summary(d, train_cfg, sweep_dir, timings, rows)
+
+
+def fresh_sweep(sweep: C.RunConfig) -> Path:
+    """The sweep made anew (an earlier demo's cells came from the LoRA this run replaced), in a folder that
+    replaces the earlier sweep only once it is complete: a demo stopped midway leaves the earlier one whole."""
+    out = Path(sweep.sweep.out)
+    with atomic_folder(out) as tmp:
+        run_sweep(sweep.replace("sweep", out=str(tmp)))
+        saved = C.load_toml(tmp / "sweep_config.toml")  # as run_sweep resolved it, naming where it will live
+        saved["sweep"]["out"] = str(out)
+        C.save_toml(tmp / "sweep_config.toml", saved)
+    return out
 
 
 def measure(d: DemoConfig, train_cfg: C.RunConfig, sweep: C.RunConfig) -> list[dict]:

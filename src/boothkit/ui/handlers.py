@@ -1,6 +1,7 @@
 """What the UI's buttons and timers do: each checks its form through the CLI's config and calls the CLI's function."""
 from __future__ import annotations
 
+import functools
 import html
 import io
 import shutil
@@ -10,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 from ..core import config as C
 from ..core.errors import BoothkitError, ConfigError
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_folder, atomic_write_bytes
 from ..evaluate.metrics import DEFAULT_CLIP, DEFAULT_DINO, EVALUATE_SECTIONS, run_evaluate
 from ..evaluate.sweep import SWEEP_SECTIONS, cells_of, load_prompts, run_sweep
 from ..export.formats import EXPORT_SECTIONS
@@ -27,15 +28,26 @@ UPLOAD_DIR = "instance_photos"  # uploaded photos are copied here, under the run
 
 # ------------------------------------------------------------------------------------------- photos
 
-def copy_photos(photos: list[str], folder: Path) -> Path:
-    """Uploaded files -> a fresh folder (the training reads a folder); replaces an earlier upload.
+def copy_photos(photos: list[str], folder: Path, check: Callable[[Path], Any] | None = None) -> Path:
+    """Uploaded files -> `folder` (the training reads a folder), replacing an earlier upload only once the new one
+    is complete and `check(folder)` (given the new photos' folder) has passed: a refused or interrupted upload
+    leaves the earlier photos as they were (core.files.atomic_folder).
 
     Each readable photo is stored as the upright RGB PNG training sees, without its EXIF (phone photos carry GPS
     positions, and a run folder gets shared); an unreadable one is copied as it is, so that training names it."""
+    with atomic_folder(folder) as new:
+        _store_photos(photos, new)
+        if check is not None:
+            try:
+                check(new)
+            except BoothkitError as exc:  # named as the folder they are about to be, not the temp one
+                raise type(exc)(str(exc).replace(str(new), str(folder))) from None
+    return folder
+
+
+def _store_photos(photos: list[str], folder: Path) -> None:
     from ..train.data import load_image
 
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     for i, p in enumerate(photos):
         try:
             img = load_image(p)
@@ -45,7 +57,6 @@ def copy_photos(photos: list[str], folder: Path) -> Path:
         buf = io.BytesIO()
         img.save(buf, format="PNG")  # lossless: the pixels training reads are the decoded upload's
         atomic_write_bytes(folder / f"{i:03d}-{Path(p).stem}.png", buf.getvalue())
-    return folder
 
 
 def inspect_photos(photos: list[str] | None) -> tuple[list[tuple[Any, str]], str]:
@@ -94,12 +105,12 @@ def start_training(queue: R.RunQueue, values: Mapping[str, Any]) -> tuple[str, s
             raise ConfigError(f"run name {name}: a run of that name exists; choose another name or tick overwrite")
         created = not folder.exists()
         try:
+            check = functools.partial(load_folder, skip_bad=cfg.data.skip_bad_images)  # a bad photo is named now
             if values.get("photos"):
-                copy_photos(values["photos"], Path(cfg.data.instance_dir))
-            load_folder(cfg.data.instance_dir, skip_bad=cfg.data.skip_bad_images)  # a bad photo is named now
-            if cfg.train.overwrite:
-                R.remove_outputs(folder)
-            return name, queue.submit(cfg, name)
+                copy_photos(values["photos"], Path(cfg.data.instance_dir), check)
+            else:
+                check(cfg.data.instance_dir)
+            return name, queue.submit(cfg, name)  # an earlier run's log and pictures go when this one starts
         except BoothkitError:
             if created:  # a refused run leaves no folder behind
                 shutil.rmtree(folder, ignore_errors=True)
@@ -155,9 +166,11 @@ def run_view(queue: R.RunQueue, name: str | None) -> dict[str, Any]:
     prior = R.run_settings(folder).get("prior", {}).get("prior", C.PriorConfig.prior)
     config = next((f for f in (folder / "config.toml", folder / R.REQUEST) if f.is_file()), None)
     weights = R.weights(folder)
-    return {"status": progress_html(p), "loss": loss_frame(R.read_log(folder), prior),
-            "validation": [(str(g), f"step {s}") for g, s in R.validation_grids(folder)],
-            "log": (folder / R.LOG).read_text(errors="replace") if (folder / R.LOG).is_file() else "",
+    earlier = queue.hides_earlier(name)  # a fresh run still queued: what the folder shows is an earlier attempt's
+    log_file = folder / R.LOG
+    return {"status": progress_html(p), "loss": loss_frame([] if earlier else R.read_log(folder), prior),
+            "validation": [] if earlier else [(str(g), f"step {s}") for g, s in R.validation_grids(folder)],
+            "log": log_file.read_text(errors="replace") if log_file.is_file() and not earlier else "",
             "config": config.read_text() if config else "",
             "weights": str(weights) if weights is not None and weights.is_file() else None,
             "cancel": p.state in R.ACTIVE,

@@ -169,6 +169,12 @@ class RunQueue:
             return {"state": "done" if done else "unfinished", "message": "" if done else "no weights yet",
                     "created": folder.stat().st_mtime if folder.exists() else 0.0}
 
+    def hides_earlier(self, name: str) -> bool:
+        """A fresh run still queued: the log and pictures in its folder are an earlier attempt's, kept until it
+        starts (a cancel leaves them), and not shown as its own."""
+        status = self.status(name)
+        return status.get("state") == "queued" and bool(status.get("fresh"))
+
     def _write_status(self, name: str, **changes: Any) -> dict[str, Any]:
         with self._lock:
             path = self.folder(name) / STATUS
@@ -209,12 +215,12 @@ class RunQueue:
             self.check_idle(name)
             folder.mkdir(parents=True, exist_ok=True)
             C.save_toml(folder / REQUEST, cfg.to_dict())
-            if not cfg.train.resume:  # a resumed run's log goes on
-                (folder / LOG).unlink(missing_ok=True)
             self._pace.pop(name, None)
             created = self.status(name).get("created") if cfg.train.resume else None  # a resumed run keeps its place
+            # a fresh run replaces an earlier attempt's log and pictures when it starts, not now: until then a
+            # cancel or a refusal leaves them as they were (the run panel hides them meanwhile: `hides_earlier`)
             self._write_status(name, state="queued", message="", created=created or time.time(), started=None,
-                               finished=None, max_steps=cfg.train.max_steps)
+                               finished=None, max_steps=cfg.train.max_steps, fresh=not cfg.train.resume)
             self._waiting.append(_Job(name, cfg, threading.Event()))
             ahead = len(self._waiting) - 1 + (self._current is not None)
             if self._worker is None:
@@ -236,8 +242,7 @@ class RunQueue:
         if weights(folder) is not None:
             raise ConfigError(f"run {name} is finished; start a new run to train more")
         cfg, resume = run_config(folder), self._checkpointed(name)
-        if not resume:  # trained again from step 0: the earlier attempt's log and pictures are not this run's
-            remove_outputs(folder)
+        # trained again from step 0 (no checkpoint): the earlier attempt's log and pictures go when it starts
         return self.submit(cfg.replace("train", resume=resume, overwrite=False), name)
 
     def cancel(self, name: str) -> str:
@@ -285,6 +290,8 @@ class RunQueue:
         from ..train.loop import run_training
 
         folder, start = self.folder(job.name), time.time()
+        if not job.cfg.train.resume:  # from step 0: an earlier attempt's log and pictures are not this run's
+            remove_outputs(folder)
         self._write_status(job.name, state="running", started=start, message="")
         handler = _RunLog(folder / LOG)
         log.addHandler(handler)
@@ -309,7 +316,7 @@ class RunQueue:
         """State, step and ETA of a run; the ETA comes from the pace of steps seen since this server first looked."""
         folder, status = self.folder(name), self.status(name)
         state, message = status.get("state", "unfinished"), status.get("message", "")
-        rows = read_log(folder)
+        rows = [] if self.hides_earlier(name) else read_log(folder)
         step = int(rows[-1]["step"]) if rows else 0
         total = int(status.get("max_steps") or 0) or self._max_steps(folder)
         if state == "queued":
@@ -358,6 +365,7 @@ class RunQueue:
 
 
 def remove_outputs(folder: Path) -> None:
-    """What a run replaced with --overwrite must not show as the new run's: its log and validation pictures."""
+    """What a run trained again from step 0 must not show as its own: the earlier log, UI log and pictures."""
     (folder / "train_log.csv").unlink(missing_ok=True)
+    (folder / LOG).unlink(missing_ok=True)
     shutil.rmtree(folder / "validation", ignore_errors=True)
