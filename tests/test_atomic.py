@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from boothkit.cli import main
 from boothkit.core import files
-from processes import kill_at, paused
+from processes import kill_at, paused, paused_python
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 OLD = {"a.txt": "old", "b.txt": "old"}
@@ -88,6 +88,22 @@ def test_a_failed_swap_keeps_the_old_version(tmp_path):
         (tmp / "a.txt").write_text("half")
         raise RuntimeError("disk full")
     assert version(path) == {"a.txt": "old"} and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("at, expect", [("os:fsync:1", "old"), ("os:replace:1", "new")])
+def test_a_file_write_killed_at_any_moment_leaves_the_old_or_the_new_file(tmp_path, at, expect):
+    """atomic_write_bytes, the one writer of every single result file (recognition's results.json, the benches'
+    tables, the pretraining stages' recipe.json, configs, run.json): killed with the new bytes flushed but not yet
+    renamed, the old file; killed just after the rename, the new one; never a mix, never an empty file."""
+    path, marker = tmp_path / "results.json", tmp_path / "held"
+    path.write_text("old")
+    code = "from boothkit.core.files import atomic_write_bytes\natomic_write_bytes(sys.argv[1], b'new')\n"
+    cmd, extra = paused_python(code, [path], at, marker)
+    kill_at(cmd, marker, {**ENV, **extra})
+    assert path.read_text() == expect
+    temps = sorted(tmp_path.glob(".results.json.*.tmp"))  # the unrenamed new bytes: a stale temp
+    assert len(temps) == (expect == "old") and sorted(files.remove_stale_temps(tmp_path)) == temps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held", "held.log", "results.json"]
 
 
 def _unet_digest(model: Path) -> str:

@@ -1,12 +1,14 @@
 """The pretraining recipe runs end to end on a tiny slice (so it cannot rot), and its pieces do what they say."""
 import csv
 import json
+import os
 
 import pytest
 import torch
 
 from boothkit.cli import main
 from boothkit.models.mini import mini_dir
+from processes import kill_at, paused
 
 
 def run(*args):
@@ -44,6 +46,25 @@ def test_every_stage_runs_and_ships_a_loadable_model(tmp_path, one_thread):
     CLIPModel.from_pretrained(ship / "clip")
     ViTModel.from_pretrained(ship / "dino", add_pooling_layer=False)
     assert json.loads((ship / "reference.json").read_text())["frequent"]
+    # Shipping again replaces the shipped folder whole, once complete: killed before its swap, the earlier
+    # weights stay; the hand-written files beside them (ATTRIBUTION.md) carry over.
+    (ship / "ATTRIBUTION.md").write_text("by hand\n")
+    assert run("--stage", "vae", *common[:-4], "--steps", "3", "--batch-size", "4", "--checkpoint-every", "1") == 0
+
+    def shipped():
+        return {str(p.relative_to(ship)): p.read_bytes() for p in sorted(ship.rglob("*")) if p.is_file()}
+
+    before, marker = shipped(), tmp_path / "held"
+    ship_args = ["pretrain", "--stage", "ship", "--work-dir", tmp_path / "work", "--ship-dir", ship,
+                 "--emoji-file", mini_dir() / "reference.npz"]
+    cmd, extra = paused(ship_args, "boothkit.core.files:fsync_tree:1", marker)
+    kill_at(cmd, marker, {**os.environ, **extra})
+    assert shipped() == before
+    assert run(*map(str, ship_args[1:])) == 0
+    after = shipped()
+    assert after["ATTRIBUTION.md"] == b"by hand\n" and after.keys() == before.keys()
+    assert json.loads(after["recipe.json"])["steps"]["vae"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the killed ship's temp cleared
 
 
 def test_nt_xent_matches_a_hand_computation():

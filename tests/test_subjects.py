@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from boothkit.core import config as C
+from boothkit.mini.subjects import PHOTOS, SUBJECTS
 from boothkit.train import prior
 from boothkit.train.batches import LatentBank, draw_batch
 from boothkit.cli import main
@@ -235,3 +236,44 @@ def test_openmoji_names_are_its_unicode_emoji(tmp_path):
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     assert {k: e["hexcode"] for k, e in openmoji_entries(["cat", "dog"], tgz).items()} == {"dog": "1F415"}
+
+
+# build_dataset with the reference emoji that ship with mini standing in for the npm pack (no npm in the suite)
+STAND_IN = """
+import dataclasses
+from pathlib import Path
+from boothkit.mini import subjects as S
+from boothkit.mini.emoji import load_emoji
+from boothkit.models.mini import mini_dir
+
+refs = load_emoji(mini_dir() / "reference.npz")
+S.load_fluent = lambda names: [dataclasses.replace(refs[i], name=n, style="fluent") for i, n in enumerate(names)]
+S.build_dataset(Path(sys.argv[1]), seed=int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("at, replaced", [("boothkit.core.files:fsync_tree:1", False),
+                                          ("boothkit.core.files:_exchange:1", True)])
+def test_a_dataset_rebuild_killed_midway_leaves_the_earlier_one_whole(tmp_path, at, replaced):
+    """build_dataset writes the whole subject set beside the old one and swaps it in (core.files.atomic_folder)."""
+    import os
+    import subprocess
+    import sys
+
+    from boothkit.evaluate.bench import parse_dataset
+    from processes import kill_at, paused_python
+
+    out = tmp_path / "subjects"
+
+    def digest():
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    subprocess.run([sys.executable, "-c", "import sys\n" + STAND_IN, str(out), "1"], check=True)
+    ds = parse_dataset(out)
+    assert sorted(ds.classes) == sorted(SUBJECTS) and len(list((out / "dog").iterdir())) == PHOTOS
+    old, marker = digest(), tmp_path / "held"
+    cmd, extra = paused_python(STAND_IN, [out, 2], at, marker)  # another seed: other pictures
+    kill_at(cmd, marker, {**os.environ, **extra})
+    now = digest()
+    assert now.keys() == old.keys() and (now != old) == replaced  # the earlier set or the new one, each whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] != []  # its temp: a stale one to clear

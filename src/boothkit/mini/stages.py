@@ -3,6 +3,7 @@ dispatch of every stage, mini-flow's (boothkit.mini.flow_stages) included; the s
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.files import atomic_write_bytes
+from ..core.files import atomic_folder, atomic_write_bytes
 from ..models.mini import (
     CLIP_MEAN,
     CLIP_STD,
@@ -185,8 +186,18 @@ def run_pretrain(cfg) -> Path:
     if p.threads:
         torch.set_num_threads(p.threads)
     work = Path(p.work_dir)
-    out = Path(p.ship_dir) if p.ship_dir and p.stage in ("ship", "flow-ship") else work / p.stage
-    out.mkdir(parents=True, exist_ok=True)
-    {"vae": stage_vae, "unet": stage_unet, "clip": stage_clip, "dino": stage_dino, "ship": stage_ship,
-     "flow": stage_flow, "flow-ship": stage_flow_ship}[p.stage](p, out)
+    ships = p.stage in ("ship", "flow-ship")
+    out = Path(p.ship_dir) if p.ship_dir and ships else work / p.stage
+    stage = {"vae": stage_vae, "unet": stage_unet, "clip": stage_clip, "dino": stage_dino, "ship": stage_ship,
+             "flow": stage_flow, "flow-ship": stage_flow_ship}[p.stage]
+    if not ships:  # a training stage: its checkpoints are its own atomic saves, resumed from
+        out.mkdir(parents=True, exist_ok=True)
+        stage(p, out)
+        return out
+    # a ship replaces the shipped folder (often the package's own assets) whole, once complete: a ship killed
+    # midway leaves the earlier weights loadable. Hand-written files beside them (ATTRIBUTION.md) carry over.
+    with atomic_folder(out) as tmp:
+        for kept in (f for f in (out.iterdir() if out.is_dir() else ()) if f.is_file()):
+            shutil.copy2(kept, tmp / kept.name)
+        stage(p, tmp)
     return out

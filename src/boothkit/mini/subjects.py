@@ -14,6 +14,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ..core.files import atomic_folder
 from .emoji import LICENCES, OPENMOJI_ATTRIBUTION, PACKS, load_fluent, load_openmoji, openmoji_entries
 from .scenes import SceneGenerator
 
@@ -79,22 +80,24 @@ def build_dataset(out: Path, seed: int = 0, style: str = "fluent") -> Path:
     subjects = SUBJECTS if style == "fluent" else OPENMOJI_SUBJECTS
     load = load_fluent if style == "fluent" else load_openmoji
     emoji = {e.name: e for e in load([name for name, _ in subjects.values()])}
-    out.mkdir(parents=True, exist_ok=True)
-    for folder, (name, _) in subjects.items():
-        gen = SceneGenerator([emoji[name]], seed=f"{seed}-{folder}")
-        (out / folder).mkdir(exist_ok=True)
-        for i in range(PHOTOS):
-            Image.fromarray(gen.scene(i, p_second=0.0).image).save(out / folder / f"{i:02d}.png", optimize=True)
-    (out / "prompts_and_classes.txt").write_text(prompts_file(subjects))
-    if style == "openmoji":
-        (out / "SOURCE.md").write_text(_openmoji_source(seed), encoding="utf-8")
-        return out
-    (out / "SOURCE.md").write_text(
+    with atomic_folder(out) as tmp:  # a rebuild killed midway leaves the earlier dataset whole
+        for folder, (name, _) in subjects.items():
+            gen = SceneGenerator([emoji[name]], seed=f"{seed}-{folder}")
+            (tmp / folder).mkdir()
+            for i in range(PHOTOS):
+                Image.fromarray(gen.scene(i, p_second=0.0).image).save(tmp / folder / f"{i:02d}.png", optimize=True)
+        (tmp / "prompts_and_classes.txt").write_text(prompts_file(subjects))
+        (tmp / "SOURCE.md").write_text(_openmoji_source(seed) if style == "openmoji" else _fluent_source(seed),
+                                       encoding="utf-8")
+    return out
+
+
+def _fluent_source(seed: int) -> str:
+    return (
         "# Emoji subjects for `mini`\n\n"
         f"Pictures made by `boothkit.mini.subjects.build_dataset(seed={seed})` from {LICENCES['fluent']}: each subject is "
         "one Fluent UI flat emoji drawn on other backgrounds, sizes, places and small rotations. This style never "
         "enters `mini`'s pretraining. The Fluent UI Emoji are Copyright (c) Microsoft Corporation, MIT licence.\n")
-    return out
 
 
 def _openmoji_source(seed: int) -> str:
