@@ -44,8 +44,35 @@ def temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
 
+class DiskFull(BoothkitError):
+    """A write failed for want of space (ENOSPC, a quota); what was there before is kept."""
+
+    def __init__(self, path: str | os.PathLike, reason: str,
+                 then: str = "what was written before is kept: free some space and run the command again"):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: could not be written ({reason}, {human_bytes(free_bytes(path))} free); {then}")
+
+
+def disk_full(exc: BaseException) -> DiskFull | None:
+    """`exc` as a DiskFull when it is a failed write for want of space (an OSError ENOSPC or EDQUOT, or the
+    SafetensorError safetensors wraps one in), else None."""
+    if isinstance(exc, DiskFull):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(exc.filename or "", exc.strerror or "no space left on the device")
+    if type(exc).__name__ == "SafetensorError" and ("StorageFull" in str(exc) or "No space left" in str(exc)):
+        return DiskFull("", "No space left on device")
+    return None
+
+
+def _no_room(path: Path, exc: BaseException) -> DiskFull | None:
+    full = disk_full(exc)
+    return None if full is None else DiskFull(path, full.reason)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file via a temp file in the same folder and rename, so readers never see half a file."""
+    """Write a file via a temp file in the same folder and rename, so readers never see half a file. A full disk
+    is a DiskFull naming `path` (the old file, if any, untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
@@ -56,8 +83,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = _no_room(path, exc)
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -197,7 +227,7 @@ def atomic_folder(path: str | os.PathLike, keep: Callable[[Path], bool] | None =
     when it returns, every file is flushed to disk and the folder takes `path`'s place in one step, and only then is
     an old version deleted. A process killed at any moment leaves at `path` the old version or the new one, never
     neither and never a mix; its temp folder is a stale temp (remove_stale_temps). An exception in the block leaves
-    `path` untouched. `keep(path)` true at the swap: the existing folder stays (another process's identical build)."""
+    `path` untouched (a full disk: a DiskFull naming `path`). `keep(path)` true at the swap: the existing folder stays (another process's identical build)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     restore_folder(path)
@@ -205,8 +235,14 @@ def atomic_folder(path: str | os.PathLike, keep: Callable[[Path], bool] | None =
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual permissions
     try:
-        yield tmp
-        fsync_tree(tmp)
+        try:
+            yield tmp
+            fsync_tree(tmp)
+        except BaseException as exc:  # the block's writes or their flush: a full disk is said as one line
+            full = _no_room(path, exc)
+            if full is not None:
+                raise full from exc
+            raise
         if not path.exists():
             try:
                 os.rename(tmp, path)

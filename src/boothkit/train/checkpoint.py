@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core.errors import BoothkitError
-from ..core.files import alive, atomic_folder, check_free_space, file_sha256, remove_stale_temps
+from ..core.files import DiskFull, alive, atomic_folder, check_free_space, file_sha256, remove_stale_temps
 
 PATTERN = re.compile(r"^step-(\d{7})$")
 FILES = ("weights.safetensors", "optim.pt", "rng.pt")  # besides state.json, which holds their checksums
@@ -86,10 +86,10 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: Mapping[str, tor
     try:
         with atomic_folder(final) as tmp:  # a checkpoint of the same step (a resumed run's) is replaced whole
             _write_files(tmp, step, weights, optim, extra)
-    except (OSError, SafetensorError) as exc:  # a full disk, a lost mount (safetensors wraps its I/O errors)
-        why = getattr(exc, "strerror", None) or exc
-        raise BoothkitError(f"checkpoint {final}: could not be written ({why}); the earlier checkpoints are kept") \
-            from exc
+    except (OSError, SafetensorError, DiskFull) as exc:  # a full disk, a lost mount (safetensors wraps I/O errors)
+        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise BoothkitError(f"checkpoint {final}: could not be written ({why}); the earlier checkpoints are kept: "
+                            f"free some space and run the same command with --resume") from exc
     # the newest `keep` up to this step: a later one is left by the run this one resumed past (it was damaged, or
     # --resume chose an earlier one); it is replaced when the run reaches its step, and never counts as kept
     for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= step][:-keep]:

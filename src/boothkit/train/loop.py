@@ -25,7 +25,7 @@ from ..adapters.inject import adapters_disabled, lora_state_dict
 from ..adapters.lora import LORA_FILE, adapter_metadata, canonical_text_encoder_keys, save_lora_file
 from ..core.config import RunConfig, save_toml, validate_train
 from ..core.errors import BoothkitError, ConfigError, Interrupted
-from ..core.files import atomic_folder, atomic_write_bytes, check_free_space
+from ..core.files import DiskFull, atomic_folder, atomic_write_bytes, check_free_space
 from ..core.interrupts import deferred_stop
 from ..core.locks import folder_lock
 from ..core.precision import Timings, default_device, resolve, step_timings
@@ -218,7 +218,12 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
     if main:
         if tr.ema is not None:
             tr.ema.copy_to(tr.params)  # the average is what is saved; the last raw weights are not needed again
-        _save_outputs(cfg, resolved, out, tr)
+        try:
+            _save_outputs(cfg, resolved, out, tr)
+        except DiskFull as exc:  # the run's own way on: resume from its newest checkpoint, not start again
+            kept = ("its checkpoints are kept: free some space and run the same command with --resume"
+                    if ckpt.list_checkpoints(out) else "free some space and run the command again")
+            raise DiskFull(exc.path, exc.reason, kept) from exc
         _drop_replaced(tr)
     accelerator.end_training()
     return out
