@@ -131,3 +131,48 @@ def test_disk_full_during_a_sweep_keeps_its_cells_and_the_rerun_completes(lora, 
     after = digests(out)
     assert all(after[k] == v for k, v in first.items()) and "sweep.csv" in after
     assert sorted(k.split("/")[-2] for k in after if k.endswith("-s0.png")) == ["g1_u1_t1", "g2_u1_t1"]
+
+
+# Where a seeded loop kills a whole run (prior on: class images, latent caching, steps, checkpoints, the LoRA), as
+# "module:function" and the range of its N-th return the run is held at (tests/support/processes.py).
+KILL_POINTS = [("boothkit.train.prior:save_png", 1, 4), ("boothkit.train.trainer:LatentBank", 1, 1),
+               ("boothkit.train.loop:_after_step", 1, 6), ("boothkit.core.files:fsync_tree", 1, 3),
+               ("boothkit.core.files:_exchange", 1, 3), ("os:fsync", 1, 40)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_lora(demo_subject, tmp_path, seed):
+    """SIGKILL at seeded random points of a whole run, each rerun with --resume killed again, until one finishes:
+    its LoRA equals an uninterrupted run's bit for bit (the stated tolerance: none)."""
+    import os
+    import random
+
+    from processes import kill_if_reached, paused
+
+    prior = ["--prior", "--num-class-images", 4, "--class-steps", 1, "--class-batch-size", 1]
+    reference = tmp_path / "reference"
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in train_args(demo_subject, reference, *prior)])
+    assert exc.value.code == 0
+    # the runs it is compared with at this process's thread count: other summation orders are other last bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
+    out, rng, killed = tmp_path / "run", random.Random(seed), []
+    args = train_args(demo_subject, out, *prior)
+    for round_ in range(4):
+        where, low, high = rng.choice(KILL_POINTS)
+        at = f"{where}:{rng.randint(low, high)}"
+        cmd, extra = paused(args + ["--resume"] * bool(round_), at, tmp_path / "held")
+        rc = kill_if_reached(cmd, tmp_path / "held", {**env, **extra}, tmp_path / f"round{round_}.log")
+        if rc is not None:  # the run ended before that point
+            assert rc == 0, (killed, at, (tmp_path / f"round{round_}.log").read_text()[-2000:])
+            break
+        killed.append(at)
+    else:
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args + ["--resume"]])
+        assert exc.value.code == 0, killed
+    a, b = load_file(reference / LORA_FILE), load_file(out / LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed at {killed}: LoRA differs"
+    assert killed  # the seed killed the run at least once
+    assert no_temps(out), killed

@@ -98,3 +98,23 @@ def signal_at(cmd: list, marker: Path | Callable[[], bool], env: dict, sig: int,
     finally:
         if log:
             sink.close()
+
+
+def kill_if_reached(cmd: list, marker: Path, env: dict, log: Path, timeout: float = 300) -> int | None:
+    """Start `cmd` (held at a point: see `paused`) and SIGKILL it if it reaches the point; None when killed,
+    else the exit status of a run that ended without reaching it."""
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=sink)
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            if proc.poll() is not None:
+                return proc.returncode
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"{cmd} neither reached {marker} nor ended in {timeout} s")
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait(timeout=timeout)
+        marker.unlink()
+        return None
