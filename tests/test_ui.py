@@ -542,3 +542,35 @@ def test_an_upload_killed_midway_leaves_the_earlier_photos_or_the_new_ones_whole
         assert now == old
     assert ui.copy_photos([str(jpgs[0])], folder) == folder and len(list(folder.iterdir())) == 1  # the next upload
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left behind
+
+
+@pytest.mark.parametrize("stage", ["class images", "latent caching"])
+def test_cancel_while_preparing_stops_the_run_and_resume_finishes_it(queue, instance_dir, monkeypatch, stage):
+    """The UI's Cancel during class images or latent caching (before any step): the run stops there, cancelled,
+    keeps the class images made, and Resume trains it to the end (issue 28)."""
+    from boothkit.train import batches, prior
+
+    name, pressed = "prep", []
+    where, attr = (prior, "save_png") if stage == "class images" else (batches.LatentBank, "_encode")
+    real = getattr(where, attr)
+
+    def press_cancel_once(*args, **kwargs):  # Cancel pressed while the first picture is being made or encoded
+        result = real(*args, **kwargs)
+        if not pressed:
+            pressed.append(queue.cancel(name))
+        return result
+
+    monkeypatch.setattr(where, attr, press_cancel_once)
+    ui.start_training(queue, train_form(instance_dir=str(instance_dir), class_noun="dog", prior=True,
+                                        num_class_images=3, class_steps=1, class_batch_size=1, max_steps=2,
+                                        checkpoint_every=0, validate_every=0, run_name=name))
+    status = queue.wait(name)
+    assert pressed == ["stopping after the current step"] and status["state"] == "cancelled", status
+    assert f"interrupted while {'making class images' if stage == 'class images' else 'caching latents'} (1 of" \
+        in status["message"], status
+    made = sorted((queue.folder(name) / "class_images").glob("class-*.png"))
+    assert len(made) == (1 if stage == "class images" else 3)
+    monkeypatch.undo()
+    assert queue.resume(name) == "starting" and queue.wait(name)["state"] == "done"
+    assert R.weights(queue.folder(name)) is not None
+    assert sorted((queue.folder(name) / "class_images").glob("class-*.png"))[:len(made)] == made

@@ -5,6 +5,7 @@ cached and uncached latents see the same draws and a resumed run repeats an unin
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..core.errors import Interrupted
 from ..models.families import Conditioning, Family, micro_conditioning
 from .data import crop_box, nearest_bucket, resize_cover, to_tensor
 
@@ -38,8 +40,10 @@ class LatentBank:
     """
 
     def __init__(self, images, size: int, vae, *, prompts: list[str], cache: bool, flip: bool, random_crop: bool,
-                 device, masks=None, buckets: list[tuple[int, int]] | None = None, groups: list[int] | None = None):
+                 device, masks=None, buckets: list[tuple[int, int]] | None = None, groups: list[int] | None = None,
+                 stop: threading.Event | None = None):
         self.size, self.vae, self.flip, self.random_crop, self.device = size, vae, flip, random_crop, device
+        self.stop = stop  # the UI's Cancel, seen between pictures while caching (Ctrl-C needs no checking)
         self.prompts, self.groups = list(prompts), None if groups is None else list(groups)
         self.original = [(img.height, img.width) for img in images]
         self.bucketed = buckets is not None
@@ -64,7 +68,12 @@ class LatentBank:
             return self._encode_fp32(pixels)
 
     def _encode_each(self, pixels: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        moments = [self._encode(p) for p in pixels]
+        moments = []
+        for i, p in enumerate(pixels):
+            if self.stop is not None and self.stop.is_set():
+                raise Interrupted(f"interrupted while caching latents ({i} of {len(pixels)} pictures encoded); "
+                                  f"nothing is lost: run it again")
+            moments.append(self._encode(p))
         return [m[0] for m, _ in moments], [s[0] for _, s in moments]
 
     def _box(self, i: int, g: torch.Generator | None) -> tuple[int, int, int, int]:

@@ -211,7 +211,7 @@ def setup(cfg: RunConfig, accelerator, pipe, photos: Photos, progress: bool,
     text_encoders.update(zip(trained, prepared))
 
     bank = dict(size=size, vae=pipe.vae, cache=d.cache_latents, flip=d.flip, random_crop=d.crop == "random",
-                device=device)
+                device=device, stop=stop)
     several = len(subjects) > 1
     tr = Trainer(
         cfg=cfg, subjects=subjects, accelerator=accelerator, pipe=pipe, family=family, denoiser=denoiser,
