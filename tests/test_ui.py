@@ -574,3 +574,37 @@ def test_cancel_while_preparing_stops_the_run_and_resume_finishes_it(queue, inst
     assert queue.resume(name) == "starting" and queue.wait(name)["state"] == "done"
     assert R.weights(queue.folder(name)) is not None
     assert sorted((queue.folder(name) / "class_images").glob("class-*.png"))[:len(made)] == made
+
+
+def test_stop_closes_a_sweep_between_cells_and_the_rerun_makes_only_the_rest(queue, finished_run, monkeypatch):
+    """The Sweep tab's Stop: gradio closes the handler's stream (at one of its yields, which come every half
+    second); the sweep ends before its next cell, the cells made stay, and the same sweep run again finishes."""
+    from boothkit.evaluate import sweep as S
+
+    real, calls, started, release = G.generate_images, [], threading.Event(), threading.Event()
+
+    def first_cell_waits(*args, **kwargs):
+        calls.append(kwargs["guidance"])
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(G, "generate_images", first_cell_waits)
+    values = {k: v for k, v in form(SWEEP_SECTIONS, prompt="a photo of sks dog", guidance="1,2,3", unet_scale="0.8",
+                                    text_encoder_scale="0.8", num_images=1, steps=1).items()
+              if k not in F.GENERATE_BY_RUN}
+    stream = ui.sweep(queue, finished_run, values)
+    while not started.is_set():  # the stream comes back every half second, while loading and while drawing...
+        next(stream)
+    stream.close()  # ...and Stop closes it while the first cell is being made
+    release.set()
+    wait_for(lambda: not any(t.name == "boothkit-stream" for t in threading.enumerate()), what="the sweep to end")
+    out = queue.folder(finished_run) / "sweeps" / "001"
+    assert calls == [1.0] and len(list(out.glob("cells/*/*/*.png"))) == 1  # no cell after the Stop
+    [made] = out.glob("cells/*/*/*.png")
+    first = made.read_bytes()
+    monkeypatch.undo()
+    cfg = C.load_toml(out / "sweep_config.toml")
+    S.run_sweep(C.resolve(SWEEP_SECTIONS, {}, cfg["sweep"]))
+    assert len(list(out.glob("cells/*/*/*.png"))) == 3 and made.read_bytes() == first  # kept, not redrawn

@@ -17,13 +17,14 @@ import csv
 import io
 import itertools
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
 from ..core import config as C
 from ..core.config import opt
-from ..core.errors import BoothkitError, ConfigError
+from ..core.errors import BoothkitError, ConfigError, Interrupted
 from ..core.files import atomic_write_bytes, file_sha256, slug
 from ..core.report import plot_diversity_vs_fidelity
 from . import metrics as M
@@ -250,8 +251,10 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 
 # ----------------------------------------------------------------------------------------- generation
 
-def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequence[Cell], total: int) -> None:
-    """Generate the unfinished cells with one pipeline; the progress bar counts every image of the sweep."""
+def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequence[Cell], total: int,
+                   stop: threading.Event | None = None) -> None:
+    """Generate the unfinished cells with one pipeline; the progress bar counts every image of the sweep. `stop`
+    (the UI's Stop) ends it between cells; the cells made are kept and a rerun makes only the others."""
     from ..core.precision import default_device
     from ..generate import generation as G
 
@@ -266,7 +269,10 @@ def generate_cells(out: Path, s: SweepConfig, prompts: Sequence[str], todo: Sequ
         G.warn_long_prompts(pipe, {"--prompt": prompts, "--negative-prompt": [s.negative_prompt]})
         width, height = G.image_size(pipe, s.width, s.height)
         sampler = G.sampler_label(pipe.scheduler)
-        for cell in todo:
+        for n, cell in enumerate(todo):
+            if stop is not None and stop.is_set():
+                raise Interrupted(f"interrupted after {n} of {len(todo)} cells; they are kept in {out}: run the same "
+                                  f"sweep again to finish it")
             prompt = prompts[cell.prompt_index]
             G.set_lora_scales(pipe, cell.unet_scale, cell.text_encoder_scale)
             images = G.generate_images(pipe, prompt, num_images=s.num_images, seed=s.seed, steps=s.steps,
@@ -290,7 +296,7 @@ def family_guidance(lora: str) -> float:
     return (by_name(name) if name else SD).default_guidance
 
 
-def run_sweep(cfg: C.RunConfig) -> Path:
+def run_sweep(cfg: C.RunConfig, stop: threading.Event | None = None) -> Path:
     """`boothkit sweep`: generate every unfinished cell, then the contact sheets, sweep.csv and (--metrics) metrics."""
     from ..adapters.lora import lora_header
     from ..core.precision import default_device, resolve
@@ -315,7 +321,7 @@ def run_sweep(cfg: C.RunConfig) -> Path:
     atomic_write_bytes(out / "lora.sha256", (digest + "\n").encode())
     cells = cells_of(prompts, axes)
     todo = [c for c in cells if not is_finished(image_paths(out, c, prompts[c.prompt_index], s.num_images, s.seed))]
-    generate_cells(out, s, prompts, todo, len(cells) * s.num_images)
+    generate_cells(out, s, prompts, todo, len(cells) * s.num_images, stop)
     for p, prompt in enumerate(prompts):
         write_sheet(out, s, p, prompt, axes)
     rows = [[c.prompt_index, prompts[c.prompt_index], f"{c.guidance:g}", f"{c.unet_scale:g}",

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import threading
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -25,7 +26,7 @@ from ..adapters import lora as L
 from ..adapters.apply import apply_lora
 from ..adapters.embeddings import embedding_info, load_embeddings, run_parts
 from ..core import config as C
-from ..core.errors import BoothkitError, ConfigError
+from ..core.errors import BoothkitError, ConfigError, Interrupted
 from ..core.files import atomic_write_bytes, slug
 from ..core.precision import DTYPES, default_device, mixed_precision_name, resolve
 from ..core.progress import progress_bar
@@ -352,7 +353,7 @@ def make_grid(images: Sequence, cols: int):
 
 # ------------------------------------------------------------------------------------------------ command
 
-def run_generate(cfg: C.RunConfig) -> list[Path]:
+def run_generate(cfg: C.RunConfig, stop: threading.Event | None = None) -> list[Path]:
     """`boothkit generate`: PNGs with their parameters, a grid per prompt and the resolved config."""
     g = cfg.generate
     C.check_output(g.out, "--out")
@@ -401,6 +402,8 @@ def run_generate(cfg: C.RunConfig) -> list[Path]:
                     written.append(save_png(img, path, params(prompt, seed=s)))
                     images.append(img)
                 advance(len(batch))
+                if stop is not None and stop.is_set() and len(written) < len(g.prompt) * g.num_images:
+                    raise Interrupted(f"interrupted after {len(written)} pictures; they are kept in {out}")
             grid = make_grid(images, math.ceil(math.sqrt(len(images))))
             save_png(grid, out / f"grid-{p:02d}-{slug(prompt)}.png", params(prompt, seed=seeds))
     return written

@@ -143,7 +143,9 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
     with gr.Tab("Pictures"), gr.Row():
         with gr.Column(scale=2):
             gen = form_components(gr, C.GENERATE_SECTIONS, GENERATE_MAIN, GENERATE_BY_RUN, "gen")
-            gen_button = gr.Button("Generate", variant="primary", elem_id="bk-generate")
+            with gr.Row():
+                gen_button = gr.Button("Generate", variant="primary", elem_id="bk-generate")
+                gen_stop = gr.Button("Stop", variant="stop", elem_id="bk-generate-stop")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="pictures (each PNG carries its parameters)", columns=4, elem_id="bk-gallery",
                                  buttons=["download", "fullscreen"])
@@ -151,7 +153,9 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
     with gr.Tab("Sweep"), gr.Row():
         with gr.Column(scale=2):
             sw = form_components(gr, SWEEP_SECTIONS, SWEEP_MAIN, GENERATE_BY_RUN, "sweep")
-            sweep_button = gr.Button("Sweep", variant="primary", elem_id="bk-sweep")
+            with gr.Row():
+                sweep_button = gr.Button("Sweep", variant="primary", elem_id="bk-sweep")
+                sweep_stop = gr.Button("Stop", variant="stop", elem_id="bk-sweep-stop")
         with gr.Column(scale=3):
             sheets = gr.Gallery(label="contact sheets: columns guidance, rows (UNet, text-encoder) scale", columns=1,
                                 object_fit="scale-down", elem_id="bk-sheets")
@@ -185,16 +189,24 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
                                                  if name and s else None), [gen_run, samples], report)
 
     def generate(data, progress=gr.Progress()):
-        for pictures, written in H.generate(queue, data[gen_run], _named(gen, data), progress):
+        for shown in H.generate(queue, data[gen_run], _named(gen, data), progress):
+            if shown is H.UNCHANGED:
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                continue
             found = H.sample_choices(queue, data[gen_run])  # the new generation can be evaluated at once
-            yield pictures, written, gr.update(choices=found), gr.update(choices=["", *found])
+            yield *shown, gr.update(choices=found), gr.update(choices=["", *found])
 
     def sweep(data, progress=gr.Progress()):
-        yield from H.sweep(queue, data[gen_run], _named(sw, data), progress)
+        for shown in H.sweep(queue, data[gen_run], _named(sw, data), progress):
+            yield gr.skip() if shown is H.UNCHANGED else shown
 
-    gen_button.click(generate, {gen_run, *gen.values()}, [gallery, files, samples, class_samples],
-                     api_name="generate")
-    sweep_button.click(sweep, {gen_run, *sw.values()}, sheets, api_name="sweep")
+    generating = gen_button.click(generate, {gen_run, *gen.values()}, [gallery, files, samples, class_samples],
+                                  api_name="generate")
+    sweeping = sweep_button.click(sweep, {gen_run, *sw.values()}, sheets, api_name="sweep")
+    # Stop: gradio closes the handler's stream, which stops the work between pictures or cells (handlers._streamed);
+    # what was written stays, and a sweep run again makes only its missing cells
+    gen_stop.click(None, None, None, cancels=[generating])
+    sweep_stop.click(None, None, None, cancels=[sweeping])
     eval_button.click(lambda data: H.evaluate(queue, data[gen_run], data[samples], data[class_samples],
                                               _named(ev, data)),
                       {gen_run, samples, class_samples, *ev.values()}, [report, report_file], api_name="evaluate")

@@ -185,23 +185,33 @@ def run_choices(queue: R.RunQueue, finished: bool = False) -> list[tuple[str, st
 
 # ------------------------------------------------------------------------------------ generate, sweep, report
 
-def _streamed(work: Callable[[], Any], poll: Callable[[], Any], interval: float = 0.5):
-    """Run work() in a thread, yielding poll() whenever it changes; returns work()'s result or raises its error."""
+UNCHANGED = object()  # what a stream yields when nothing changed (the page keeps what it shows: gr.skip())
+
+
+def _streamed(work: Callable[[threading.Event], Any], poll: Callable[[], Any], interval: float = 0.5):
+    """Run work(stop) in a thread, yielding poll() when it changes and UNCHANGED otherwise, every `interval` (a
+    generator gradio can close must come back to a yield often); returns work()'s result or raises its error.
+    Closed early (the page's Stop: gradio closes the generator), it sets `stop`; the work ends at its next check
+    (between pictures or cells), with what it wrote whole. Not waited for: gradio closes on its event loop."""
     box: dict[str, Any] = {}
+    stop = threading.Event()
 
     def target() -> None:
         try:
-            box["result"] = work()
+            box["result"] = work(stop)
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 
-    thread = threading.Thread(target=target, daemon=True)
+    thread = threading.Thread(target=target, name="boothkit-stream", daemon=True)
     thread.start()
     last = None
-    while thread.join(interval) or thread.is_alive():
-        if (now := poll()) != last:
-            yield now
-        last = now
+    try:
+        while thread.join(interval) or thread.is_alive():
+            now = poll()
+            yield now if now != last else UNCHANGED
+            last = now
+    finally:
+        stop.set()  # a no-op once the work has ended
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -251,7 +261,7 @@ def generate(queue: R.RunQueue, name: str | None, values: Mapping[str, Any], pro
                 progress((len(done), total), desc="generating")
             return [(str(p), p.stem) for p in done], None
 
-        written = yield from _streamed(lambda: run_generate(cfg), poll)
+        written = yield from _streamed(lambda stop: run_generate(cfg, stop), poll)
     yield [(str(p), p.stem) for p in written], [str(p) for p in written]
 
 
@@ -268,7 +278,7 @@ def sweep(queue: R.RunQueue, name: str | None, values: Mapping[str, Any], progre
                 progress((len(list(out.glob("cells/*/*/*.png"))), total), desc="sweeping")
             return None
 
-        yield from _streamed(lambda: run_sweep(cfg), poll)
+        yield from _streamed(lambda stop: run_sweep(cfg, stop), poll)
     shown = sorted(out.glob("sheet-*.png")) + sorted(out.glob("metrics.png"))
     yield [(str(p), p.stem) for p in shown]
 
