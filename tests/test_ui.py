@@ -383,13 +383,13 @@ def test_sweep_and_report_views_run_the_cli_stages(queue, finished_run, lpips_we
     assert [caption for _, caption in sheets] == ["sheet-p00-a-photo-of-sks-dog"]
     assert len(list(sweep_dir.glob("cells/*/*/*.png"))) == 2 and Image.open(sheets[0][0]).width > 2 * 64
     with pytest.raises(gr.Error, match=r"evaluate\.samples: generate pictures first"):
-        ui.evaluate(queue, finished_run, None, None, {})
+        next(ui.evaluate(queue, finished_run, None, None, {}))
     gen = {k: v for k, v in form(C.GENERATE_SECTIONS, prompt="a photo of sks dog", num_images=2, steps=1).items()
            if k not in F.GENERATE_BY_RUN}
     list(ui.generate(queue, finished_run, gen))
     metrics = {k: v for k, v in form(EVALUATE_SECTIONS, clip_model="tiny", dino_model="tiny").items()
                if k not in F.EVALUATE_BY_RUN}
-    frame, report = ui.evaluate(queue, finished_run, "001", "", metrics)
+    *_, (frame, report) = ui.evaluate(queue, finished_run, "001", "", metrics)
     assert report == str(queue.folder(finished_run) / "reports" / "001" / "report.html")
     assert frame.startswith('<iframe id="bk-report"') and "boothkit evaluation" in frame
     assert json.loads((Path(report).parent / "metrics.json").read_text())["overall"]["DINO"] is not None
@@ -608,3 +608,32 @@ def test_stop_closes_a_sweep_between_cells_and_the_rerun_makes_only_the_rest(que
     cfg = C.load_toml(out / "sweep_config.toml")
     S.run_sweep(C.resolve(SWEEP_SECTIONS, {}, cfg["sweep"]))
     assert len(list(out.glob("cells/*/*/*.png"))) == 3 and made.read_bytes() == first  # kept, not redrawn
+
+
+def test_stop_closes_an_evaluation_before_its_report(queue, finished_run, monkeypatch):
+    """The Report tab's Stop: the evaluation ends at its next evaluator or prompt and writes no report."""
+    from boothkit.evaluate import metrics as M
+
+    samples = queue.folder(finished_run) / "samples" / "001"
+    samples.mkdir(parents=True)
+    for i in range(2):
+        G.save_png(Image.new("RGB", (32, 32), (60 * i, 90, 200)), samples / f"{i:03d}-a-photo-s{i}.png",
+                   "a photo of sks dog\nNegative prompt: \nSteps: 1")
+    started, release = threading.Event(), threading.Event()
+    real = M.Evaluators.__init__
+
+    def evaluators_wait(self, *args, **kwargs):  # the evaluators loading when Stop is pressed
+        real(self, *args, **kwargs)
+        started.set()
+        assert release.wait(60)
+
+    monkeypatch.setattr(M.Evaluators, "__init__", evaluators_wait)
+    metrics = {k: v for k, v in form(EVALUATE_SECTIONS, clip_model="tiny", dino_model="tiny").items()
+               if k not in F.EVALUATE_BY_RUN}
+    stream = ui.evaluate(queue, finished_run, "001", "", metrics)
+    while not started.is_set():
+        assert next(stream) is ui.handlers.UNCHANGED
+    stream.close()
+    release.set()
+    wait_for(lambda: not any(t.name == "boothkit-stream" for t in threading.enumerate()), what="the evaluation to end")
+    assert not (queue.folder(finished_run) / "reports" / "001").exists()

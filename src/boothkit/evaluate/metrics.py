@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 from ..core.config import check_output, opt, save_toml
-from ..core.errors import ConfigError, DataError, ModelError, first_line
+from ..core.errors import ConfigError, DataError, Interrupted, ModelError, first_line
 from ..core.files import atomic_write_bytes, boothkit_home, build_once, file_sha256
 from ..core.hub_ids import CLIP as DEFAULT_CLIP
 from ..core.hub_ids import DINO as DEFAULT_DINO
@@ -422,24 +423,32 @@ def group_by_prompt(samples: Sequence[tuple[str, Any]]) -> dict[str, list]:
     return groups
 
 
+def _halt(stop: threading.Event | None, done: str) -> None:
+    if stop is not None and stop.is_set():  # the UI's Stop (Ctrl-C needs no checking)
+        raise Interrupted(f"evaluation interrupted after {done}; no report written")
+
+
 def evaluate_images(ev: Evaluators, samples: Sequence[tuple[str, Any]], real: Sequence,
-                    class_samples: Sequence | None = None) -> dict[str, Any]:
+                    class_samples: Sequence | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
     """The five metrics for one subject: overall means and one row per prompt.
 
     samples: (prompt, PIL image) of every generated image; real: the subject's photos;
-    class_samples: class-prompt generations for PRES (None: PRES is not measured).
+    class_samples: class-prompt generations for PRES (None: PRES is not measured). `stop` ends it between
+    evaluators and prompts.
     """
     if not samples or not real:
         raise DataError("evaluation needs generated images and real photos")
     prompts = [p for p, _ in samples]
     images = [img for _, img in samples]
     dino_gen, dino_real = ev.dino.image_embeds(images), ev.dino.image_embeds(real)
+    _halt(stop, "DINO")
     clip_gen, clip_real = ev.clip.image_embeds(images), ev.clip.image_embeds(real)
     unique = list(dict.fromkeys(prompts))
     text = ev.clip.text_embeds(unique)
     clip_t = rowwise_cosine(clip_gen, text[[unique.index(p) for p in prompts]])
     per_prompt = []
     for prompt in unique:
+        _halt(stop, f"{len(per_prompt)} of {len(unique)} prompts")
         idx = [i for i, p in enumerate(prompts) if p == prompt]
         group = [images[i] for i in idx]
         per_prompt.append({
@@ -544,8 +553,9 @@ def write_evaluation(out: Path, result: Mapping[str, Any], groups: Mapping[str, 
     return rep.write(out / "report.html")
 
 
-def run_evaluate(cfg) -> Path:
-    """`boothkit evaluate`: the five metrics of a samples folder against real photos; returns report.html."""
+def run_evaluate(cfg, stop: threading.Event | None = None) -> Path:
+    """`boothkit evaluate`: the five metrics of a samples folder against real photos; returns report.html.
+    `stop` (the UI's Stop) ends it before the report is written."""
     from ..core.precision import pick_device  # imports torch (see Evaluators)
     from ..train.data import load_folder
 
@@ -556,7 +566,8 @@ def run_evaluate(cfg) -> Path:
     real = [img for _, img in load_folder(e.real_dir, what="--real-dir")]
     class_samples = [img for _, img in load_folder(e.class_samples, what="--class-samples")] if e.class_samples else None
     ev = Evaluators(cfg.metrics)
-    result = evaluate_images(ev, samples, real, class_samples)
+    result = evaluate_images(ev, samples, real, class_samples, stop)
+    _halt(stop, "the samples")
     result["reference"] = real_reference(ev, real)
     result["evaluators"] = ev.describe()
     out.mkdir(parents=True, exist_ok=True)

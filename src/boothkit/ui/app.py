@@ -165,7 +165,9 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
             class_samples = gr.Dropdown(label="class samples", choices=[], info="Optional: a generation of the "
                                         "class prompt ('a photo of dog'), for PRES.")
             ev = form_components(gr, EVALUATE_SECTIONS, (), EVALUATE_BY_RUN, "eval")
-            eval_button = gr.Button("Evaluate", variant="primary", elem_id="bk-evaluate")
+            with gr.Row():
+                eval_button = gr.Button("Evaluate", variant="primary", elem_id="bk-evaluate")
+                eval_stop = gr.Button("Stop", variant="stop", elem_id="bk-evaluate-stop")
             report_file = gr.File(label="report.html", interactive=False)
         with gr.Column(scale=3):
             report = gr.HTML(H.report_html(None), elem_id="bk-report-view")
@@ -207,9 +209,14 @@ def _generate_tab(gr, queue: R.RunQueue, tab) -> None:
     # what was written stays, and a sweep run again makes only its missing cells
     gen_stop.click(None, None, None, cancels=[generating])
     sweep_stop.click(None, None, None, cancels=[sweeping])
-    eval_button.click(lambda data: H.evaluate(queue, data[gen_run], data[samples], data[class_samples],
-                                              _named(ev, data)),
-                      {gen_run, samples, class_samples, *ev.values()}, [report, report_file], api_name="evaluate")
+
+    def evaluate(data):
+        for shown in H.evaluate(queue, data[gen_run], data[samples], data[class_samples], _named(ev, data)):
+            yield (gr.skip(), gr.skip()) if shown is H.UNCHANGED else shown
+
+    evaluating = eval_button.click(evaluate, {gen_run, samples, class_samples, *ev.values()}, [report, report_file],
+                                   api_name="evaluate")
+    eval_stop.click(None, None, None, cancels=[evaluating])
 
 
 def build_ui(root: str | Path = R.DEFAULT_ROOT):

@@ -299,8 +299,9 @@ def report_html(path: Path | None) -> str:
 
 
 def evaluate(queue: R.RunQueue, name: str | None, samples: str | None, class_samples: str | None,
-             values: Mapping[str, Any]) -> tuple[str, str]:
-    """Evaluate button: `boothkit evaluate` of RUN/samples/NNN against the run's photos -> (report frame, file)."""
+             values: Mapping[str, Any]):
+    """Evaluate button: `boothkit evaluate` of RUN/samples/NNN against the run's photos; streams UNCHANGED while
+    it works (so Stop can close it), then ends with (report frame, file)."""
     with user_errors():
         folder = _finished_run(queue, name)
         if not samples:
@@ -309,8 +310,8 @@ def evaluate(queue: R.RunQueue, name: str | None, samples: str | None, class_sam
             **values, "samples": str(folder / "samples" / samples), "out": str(folder / "reports" / samples),
             "real_dir": R.run_config(folder).data.instance_dir,
             "class_samples": str(folder / "samples" / class_samples) if class_samples else ""})
-        report = run_evaluate(cfg)
-    return report_html(report), str(report)
+        report = yield from _streamed(lambda stop: run_evaluate(cfg, stop), lambda: None)
+    yield report_html(report), str(report)
 
 
 def export(values: Mapping[str, Any]) -> str:
