@@ -37,7 +37,7 @@ FLUENT = ["dog", "cat", "teddy_bear", "backpack", "car", "cup", "baby", "man"]  
 # What every variant shares: mini's captions' words, class images made once per class noun and reused.
 COMMON = {"model": "mini", "instance_prompt": "an emoji of {token} {class_noun}",
           "class_prompt": "an emoji of a {class_noun}", "mixed_precision": "no", "token": "sks"}
-VARIANTS = {  # name -> config values over the model's preset (presets/<model>.toml), as flags would give them
+VARIANTS = {  # name -> config values over the model's preset (presets/models/<model>.toml), as flags would give them
     "default": {},  # the preset: what `boothkit train --model mini` uses
     "noise-target": {"prior_target": "images"},  # the paper's prior target: the noise that made the class image
     "te-5e-5": {"text_encoder_lr": 5e-5},  # the SD default for the text encoder

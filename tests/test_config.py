@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from boothkit.core import config as C
-from boothkit.core import hub_ids
+from boothkit.core import hub_ids, presets
 from boothkit.core.errors import ConfigError
 from boothkit.core.files import atomic_write_bytes
 
@@ -188,7 +188,7 @@ def test_readme_flags_table_names_real_train_flags():
     assert len(named) > 40 and named <= flags, sorted(named - flags)
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in C.PRESETS.glob("*.toml")))
+@pytest.mark.parametrize("preset", sorted(p.stem for p in C.MODEL_PRESETS.glob("*.toml")))
 def test_every_model_preset_is_a_valid_train_config(preset):
     """Like litgpt's configs: each built-in model's preset resolves as a config of every command that reads it."""
     values = C.model_preset(preset)
@@ -214,3 +214,46 @@ def test_a_model_preset_sits_between_the_defaults_and_the_config():
     other = resolve({**BASE, "model": {"model": "tiny"}})  # no preset: the dataclass defaults
     assert other.train.text_encoder_lr == C.TrainConfig().text_encoder_lr and other.data.prompt == "a photo of sks dog"
     assert C.model_preset("../mini") == {} and C.model_preset("some/hub-id") == {}
+
+
+@pytest.mark.parametrize("name", list(presets.recipe_titles()))
+def test_every_training_recipe_is_a_valid_config_the_cli_and_the_ui_offer(name):
+    """Like litgpt's configs: each recipe (presets/recipes/) resolves, every key it sets reaches the config, on top
+    of its model's own recipe; the UI offers it under its title with the same values."""
+    from boothkit import ui
+
+    values = presets.recipe(name)
+    assert values and (presets.RECIPES / f"{name}.toml").is_file()
+    cfg = C.resolve(C.TRAIN_SECTIONS, {k: {**values.get(k, {}), **BASE.get(k, {})} for k in {*values, *BASE}})
+    for section, table in values.items():
+        assert {k: getattr(getattr(cfg, section), k) for k in table} == table, section
+    for section, table in C.model_preset(cfg.model.model).items():  # the model's recipe fills what it leaves
+        assert all(getattr(getattr(cfg, section), k) == v for k, v in table.items()
+                   if k not in values.get(section, {})), section
+    form = ui.PRESETS[presets.recipe_titles()[name]]
+    assert {k: v for k, v in form.items() if k in presets.flat(values)} == presets.flat(values)
+
+
+def test_recipes_are_the_ones_listed_and_the_examples_link_to_them():
+    assert sorted(p.stem for p in presets.RECIPES.glob("*.toml")) == sorted(presets.recipe_titles())
+    assert next(iter(presets.recipe_titles())) == "mini"  # what the UI opens on
+    example = Path(__file__).resolve().parents[1] / "examples" / "sd15-lora.toml"
+    assert example.resolve() == presets.RECIPES / "sd15-lora.toml"
+
+
+def test_preset_sits_under_the_config_file_and_the_flags(tmp_path, monkeypatch):
+    from boothkit import cli
+
+    seen = []
+    monkeypatch.setattr("boothkit.train.loop.run_training", lambda cfg: seen.append(cfg) or tmp_path)
+    monkeypatch.setattr(cli.C, "validate_train", lambda cfg: cfg)
+    config = tmp_path / "c.toml"
+    config.write_text('[lora]\nrank = 4\n')
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--preset", "sd15-lora", "--config", str(config), "--max-steps", "7", "--instance-dir",
+                  "photos", "--class-noun", "dog", "--output-dir", str(tmp_path / "out")])
+    assert exc.value.code == 0
+    cfg, sd15 = seen[0], presets.recipe("sd15-lora")
+    assert cfg.model.model == hub_ids.SD15 and cfg.lora.alpha == sd15["lora"]["alpha"]  # from the preset
+    assert cfg.lora.rank == 4 and cfg.train.max_steps == 7  # the file and the flag win
+    assert cfg.train.checkpoint_every == sd15["train"]["checkpoint_every"]

@@ -14,6 +14,7 @@ import click
 from click.core import ParameterSource
 
 from .core import config as C
+from .core import presets
 from .core.errors import BoothkitError
 from .core.hub_ids import apply_offline
 
@@ -61,32 +62,39 @@ def _options(sections: Mapping[str, type]) -> list[click.Option]:
     return opts
 
 
-def resolve_from_click(sections: Mapping[str, type], params: Mapping[str, Any], config_path: str | None) -> C.RunConfig:
-    """Defaults < --config file < flags given on the command line."""
+def resolve_from_click(sections: Mapping[str, type], params: Mapping[str, Any], config_path: str | None,
+                       preset: str | None = None) -> C.RunConfig:
+    """Defaults < the model's own recipe < --preset < --config file < flags given on the command line."""
     ctx = click.get_current_context()
     overrides = {}
     for name, value in params.items():
         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE and value not in (None, ()):
             overrides[name] = list(value) if isinstance(value, tuple) else value
     file_values = C.load_toml(config_path) if config_path else {}
-    return C.resolve(sections, file_values, overrides, where=str(config_path or "config"))
+    if preset:
+        named = presets.recipe(preset)
+        file_values = {**named, **{k: {**named.get(k, {}), **v} if isinstance(v, dict) else v
+                                   for k, v in file_values.items()}}
+    where = str(config_path) if config_path else f"--preset {preset}" if preset else "config"
+    return C.resolve(sections, file_values, overrides, where=where)
 
 
 def config_command(group: click.Group, name: str, sections: Mapping[str, type], help: str,
-                   extra: list[click.Option] | None = None) -> Callable:
-    """Register `name` on `group` with a flag for every config field, plus --config.
+                   extra: list[click.Option] | None = None, preset: bool = False) -> Callable:
+    """Register `name` on `group` with a flag for every config field, plus --config (and --preset: a training
+    recipe by name, under the config file).
 
     The decorated function receives (run_config, **extra_params).
     """
     def decorate(fn: Callable[..., Any]) -> Callable:
         extra_names = [o.name for o in (extra or [])]
 
-        def callback(config: str | None, allow_pickle: bool, **params: Any) -> None:
+        def callback(config: str | None, allow_pickle: bool, preset: str | None = None, **params: Any) -> None:
             from .core.safety import allowing_pickle
 
             _quiet_loading_bars()
             extras = {k: params.pop(k) for k in extra_names}
-            cfg = resolve_from_click(sections, params, config)
+            cfg = resolve_from_click(sections, params, config, preset)
             with allowing_pickle(allow_pickle):
                 fn(cfg, **extras)
 
@@ -95,6 +103,10 @@ def config_command(group: click.Group, name: str, sections: Mapping[str, type], 
                   click.Option(["--allow-pickle"], is_flag=True, default=False,
                                help="Load pickle-based weights (.ckpt, .bin, .pt, .pth: they can run code) with torch's "
                                     "weights-only loader; without it they are refused. Also BOOTHKIT_ALLOW_PICKLE=1.")]
+        if preset:
+            params.append(click.Option(["--preset"], type=click.Choice(list(presets.recipe_titles())), help=(
+                "A training recipe by name (boothkit/presets/recipes/NAME.toml, the UI's presets), under --config "
+                "and the flags.")))
         params += _options(sections) + list(extra or [])
         group.add_command(click.Command(name, callback=callback, params=params, help=help,
                                         context_settings={"max_content_width": 120}))
@@ -232,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 # Each command resolves its config and calls one function of its stage module (the UI calls the same).
 
 
-@config_command(cli, "train", C.TRAIN_SECTIONS,
+@config_command(cli, "train", C.TRAIN_SECTIONS, preset=True,
                 help="Fine-tune a model on photos of a subject, or several (DreamBooth; LoRA by default, with prior preservation).")
 def _train(cfg: C.RunConfig) -> None:
     from .train.loop import run_training

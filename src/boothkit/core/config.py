@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 from .errors import ConfigError
 from .files import atomic_write_bytes
 from .hub_ids import SD15
+from .presets import MODEL_PRESETS, model_preset, model_preset_flags  # noqa: F401  (callers' C.model_preset)
 
 log = logging.getLogger("boothkit")
 
@@ -585,22 +586,6 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     except OSError as exc:  # a folder, no permission, a device...
         raise ConfigError(f"{p}: cannot read config file ({exc.strerror or type(exc).__name__})") from None
-
-
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
-
-
-def model_preset(model: str) -> dict[str, dict[str, Any]]:
-    """A built-in model's own recipe (presets/<model>.toml), sectioned like a config file; {} for other models.
-    It sits between the dataclass defaults and the config file: what suits SD 1.5 at 512 px (lr 1e-4, a frozen
-    text encoder) learns nothing on a 6.7 M-parameter emoji model (docs/method.md)."""
-    path = PRESETS / f"{model}.toml"
-    return load_toml(path) if re.fullmatch(r"[a-z0-9-]+", model) and path.is_file() else {}
-
-
-def model_preset_flags(model: str) -> dict[str, Any]:
-    """The model's preset as flat option names (--rank ...), as forms and flags give values."""
-    return {key: value for table in model_preset(model).values() for key, value in table.items()}
 
 
 def resolve(sections: Mapping[str, type], file_values: Mapping[str, Any] | None = None,

@@ -48,7 +48,7 @@ class Profile:
 
 def profile(model: str) -> Profile:
     """`mini` and `mini-flow` draw emoji: a held-out OpenMoji backpack (a style they never drew) and the scenes in
-    their captions' words, trained with the model's own recipe (presets/<model>.toml), measured by mini's
+    their captions' words, trained with the model's own recipe (presets/models/<model>.toml), measured by mini's
     evaluators over a guidance sweep. Any other model: the DreamBooth dog and the seed's own words."""
     if model in EMOJI_MODELS:
         return Profile(str(openmoji_dataset_dir() / "backpack"), "sks", "backpack", "an emoji of {token} {class_noun}",

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Mapping
 
 from ..core import config as C
 from ..core.errors import BoothkitError, ConfigError
-from ..core.hub_ids import FLUX1_DEV, SD15, SD35_MEDIUM, SDXL
+from ..core.presets import flat, model_preset_flags, recipe, recipe_titles
 
 TRAIN_MAIN = ("token", "class_noun", "instance_prompt", "model", "max_steps", "learning_rate", "rank",
               "train_text_encoder", "prior", "num_class_images", "validate_every", "checkpoint_every")
@@ -30,33 +30,17 @@ UI_DEFAULTS: dict[str, dict[str, Any]] = {
 SLIDERS = {"unet_scale": (0.0, 1.5, 0.05), "text_encoder_scale": (0.0, 1.5, 0.05)}
 
 SUBJECT = ("instance_dir", "token", "class_noun")  # a preset leaves these as typed
-# The first is what the page opens on: mini, a pretrained model that learns a subject on a CPU (tiny draws noise).
-PRESETS: dict[str, dict[str, Any]] = {
-    "Built-in mini model, emoji subjects (CPU, minutes)": dict(  # mini's own recipe: presets/mini.toml
-        model="mini", **C.model_preset_flags("mini"), validate_every=100, checkpoint_every=100),
-    "Built-in mini-flow model, FLUX.1's family, emoji subjects (CPU, minutes)": dict(  # presets/mini-flow.toml
-        model="mini-flow", **C.model_preset_flags("mini-flow"), validate_every=100, checkpoint_every=100),
-    "Quick test: built-in tiny model (CPU, under a minute)": dict(
-        model="tiny", max_steps=40, rank=4, alpha=4.0, num_class_images=8, class_steps=5, validate_every=10,
-        validation_steps=5, checkpoint_every=10),
-    "Quick test: built-in tiny-flux, FLUX.1's layout (CPU, under a minute)": dict(
-        model="tiny-flux", max_steps=40, rank=4, alpha=4.0, num_class_images=8, class_steps=5, validate_every=10,
-        validation_steps=5, checkpoint_every=10),
-    "SD 1.5 LoRA (GPU)": dict(  # examples/sd15-lora.toml
-        model=SD15, resolution=512, num_class_images=200, rank=16, alpha=16.0,
-        train_text_encoder=True, max_steps=800, lr_scheduler="constant_with_warmup", lr_warmup_steps=50,
-        checkpoint_every=200, validate_every=200),
-    "SDXL LoRA (GPU)": dict(  # docs/families.md
-        model=SDXL, resolution=1024, num_class_images=200, rank=16,
-        alpha=16.0, train_text_encoder=True, gradient_checkpointing=True, max_steps=800,
-        lr_scheduler="constant_with_warmup", lr_warmup_steps=50, checkpoint_every=200, validate_every=200),
-    "FLUX.1-dev LoRA (GPU, 4-bit base)": dict(  # docs/families.md; memory: BENCHMARKS.md
-        model=FLUX1_DEV, resolution=512, quantize_base="nf4", gradient_checkpointing=True, num_class_images=100,
-        rank=16, alpha=16.0, max_steps=500, learning_rate=1e-4, checkpoint_every=100, validate_every=100),
-    "SD3.5-medium LoRA (GPU)": dict(  # docs/families.md
-        model=SD35_MEDIUM, resolution=512, gradient_checkpointing=True, num_class_images=100, rank=16, alpha=16.0,
-        max_steps=500, learning_rate=1e-4, checkpoint_every=100, validate_every=100),
-}
+
+
+def _preset(name: str) -> dict[str, Any]:
+    """A training recipe as form values: the model's own recipe, then the named one's (presets/recipes/)."""
+    values = flat(recipe(name))
+    return {**model_preset_flags(values["model"]), **values}
+
+
+# The presets are the training recipes (presets/recipes.toml), by title. The first is what the page opens on: mini,
+# a pretrained model that learns a subject on a CPU (tiny draws noise).
+PRESETS: dict[str, dict[str, Any]] = {title: _preset(name) for name, title in recipe_titles().items()}
 DEFAULT_PRESET = next(iter(PRESETS))
 
 
@@ -158,8 +142,8 @@ def preset_values(name: str, current: Mapping[str, Any]) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(f"preset {name!r}: not one of {', '.join(PRESETS)}")
     values = {k: v for k, v in form_defaults(C.TRAIN_SECTIONS).items() if k not in TRAIN_BY_RUN}
+    values.update({k: v for k, v in PRESETS[name].items() if k not in SUBJECT})
     values.update({k: current[k] for k in SUBJECT if k in current})
-    values.update(PRESETS[name])
     return values
 
 
