@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from boothkit.evaluate import bench as B
+from boothkit.evaluate import prior_effect as PE
 from boothkit.evaluate import metrics as M
 from boothkit.core.errors import ConfigError, DataError
 
@@ -185,12 +186,12 @@ def test_prior_effect_ci_size(tmp_path, tiny_path, lpips_weights, demo_subject):
 
     train_toml = tmp_path / "t.toml"
     train_toml.write_text("[train]\nlearning_rate = 0.01\n[prior]\nclass_steps = 2\n")
-    cfg = C.resolve(B.PRIOR_EFFECT_SECTIONS, {"effect": {
+    cfg = C.resolve(PE.PRIOR_EFFECT_SECTIONS, {"effect": {
         "instance_dir": str(demo_subject), "class_noun": "dog", "train_config": str(train_toml), "max_steps": 3,
         "num_class_images": 2, "samples": 2, "sample_steps": 2, "drift_draws": 2, "out": str(tmp_path / "pe")}})
-    result = B.run_prior_effect(cfg, progress=False)
+    result = PE.run_prior_effect(cfg, progress=False)
     rows = {r["model"]: r for r in result["table"]}
-    frozen, with_, without, anchored = (rows[v] for v in B.VARIANTS)
+    frozen, with_, without, anchored = (rows[v] for v in PE.VARIANTS)
     # the frozen model against itself: exactly no drift
     assert frozen["class_unet_mse"] == 0 and frozen["identifier_unet_mse"] == 0
     assert frozen["class_sample_lpips"] == pytest.approx(0, abs=1e-6)
@@ -199,7 +200,7 @@ def test_prior_effect_ci_size(tmp_path, tiny_path, lpips_weights, demo_subject):
     assert with_["class_unet_mse"] != without["class_unet_mse"]  # the prior loss changed training
     assert anchored["class_unet_mse"] != with_["class_unet_mse"]  # and its target matters
     saved = list(csv.DictReader((tmp_path / "pe" / "prior_effect.csv").open()))
-    assert [r["model"] for r in saved] == list(B.VARIANTS)
+    assert [r["model"] for r in saved] == list(PE.VARIANTS)
     assert "subject photos" in (tmp_path / "pe" / "prior_effect.html").read_text()
 
 

@@ -380,7 +380,7 @@ def test_a_folder_of_another_pipeline_or_without_its_transformer_is_one_line(tmp
 
 def test_the_prior_effect_bench_measures_drift_through_the_family(flux, sd3):
     """bench prior-effect's class drift: the family noises, encodes and calls the denoiser (any family)."""
-    from boothkit.evaluate.bench import denoiser_outputs
+    from boothkit.evaluate.prior_effect import denoiser_outputs
 
     for pipe, channels in ((flux, 16), (sd3, 16)):
         latents = torch.randn(3, channels, 8, 8, generator=torch.Generator().manual_seed(0))

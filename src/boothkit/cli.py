@@ -270,6 +270,7 @@ def _train(cfg: C.RunConfig) -> None:
 
 # --- evaluation (boothkit.evaluate.metrics, boothkit.evaluate.bench) ---
 from .evaluate import bench as _bench  # noqa: E402  (the config dataclasses of these modules define the flags)
+from .evaluate import prior_effect as _effect  # noqa: E402
 from .evaluate import metrics as _metrics  # noqa: E402
 
 
@@ -308,11 +309,11 @@ def _dreambench(cfg: C.RunConfig) -> None:
         click.echo(f"report: {report}")
 
 
-@config_command(bench, "prior-effect", _bench.PRIOR_EFFECT_SECTIONS,
+@config_command(bench, "prior-effect", _effect.PRIOR_EFFECT_SECTIONS,
                 help="Train with and without prior preservation (same steps and seed); measure subject fit and "
                      "class drift against the frozen model. Needs no pretrained weights.")
 def _prior_effect(cfg: C.RunConfig) -> None:
-    _bench.run_prior_effect(cfg)
+    _effect.run_prior_effect(cfg)
 
 
 
