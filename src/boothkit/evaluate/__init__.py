@@ -1,2 +1,2 @@
-"""Measuring what training did: the paper's metrics, DreamBench, the prior-preservation effect, binding, sweeps and experiments, recognition on
-mini, speed, and the demo page that shows them."""
+"""Measuring what training did: the paper's metrics, DreamBench, the prior-preservation effect, binding, sweeps
+and experiments, recognition on mini, speed, and the demo page that shows them."""
