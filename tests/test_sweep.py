@@ -252,3 +252,30 @@ def test_metrics_evaluators_fail_before_any_sampling(lora_path, tmp_path, monkey
     with pytest.raises(BoothkitError, match=said):
         S.run_sweep(cfg)
     assert drawn == [] and not list((tmp_path / "s").glob("**/*.png"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_sweep_exits_130_and_the_rerun_makes_only_the_rest(lora_path, tmp_path):
+    """Issue 28: a real SIGINT once the first cell's picture is saved (held there until the signal lands): one
+    line, exit 130, the cell kept; the same command then makes only the other cells."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from processes import paused, signal_at
+
+    out, log, marker = tmp_path / "sweep", tmp_path / "sweep.log", tmp_path / "held"
+    args = ["sweep", "--lora", lora_path, "--prompt", "a dog", "--guidance", "1,2,3", "--num-images", 1,
+            "--steps", 1, "--out", out]
+    cmd, extra = paused(args, "boothkit.generate.generation:save_png:1", marker)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rc = signal_at(cmd, marker, {**env, **extra}, signal.SIGINT, log=log)
+    err = log.read_text()
+    assert rc == 130 and err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err, err
+    [first] = out.glob("cells/*/*/*.png")
+    kept = first.read_bytes()
+    again = subprocess.run([sys.executable, "-m", "boothkit", *map(str, args)], env=env, capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr
+    assert len(list(out.glob("cells/*/*/*.png"))) == 3 and first.read_bytes() == kept
