@@ -260,8 +260,11 @@ class TrainConfig:
     lr_warmup_steps: int = opt(0, "Warm-up steps of the learning-rate schedule.", min=0)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", min=0.0)
-    optimizer: str = opt("auto", "auto: 8-bit AdamW when bitsandbytes and a GPU are present, else AdamW.",
-                         choices=("auto", "adamw", "adamw8bit"))
+    optimizer: str = opt("auto", "auto: 8-bit AdamW when bitsandbytes and a GPU are present, else AdamW; prodigy "
+                         "(finds its own step size: the learning rates are read as multipliers, the denoiser's as "
+                         "1.0); adamw-schedulefree (no schedule: lr_scheduler constant, lr_warmup_steps its "
+                         "warm-up); adafactor (the least optimizer memory).",
+                         choices=("auto", "adamw", "adamw8bit", "prodigy", "adamw-schedulefree", "adafactor"))
     adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
     adam_beta2: float = opt(0.999, "AdamW beta2.", min=0.0, max=1.0)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", min=0.0)
@@ -340,6 +343,9 @@ def validate_train(cfg: "RunConfig") -> "RunConfig":
     if cfg.prior.prior and cfg.prior.class_dir:
         check_output(cfg.prior.class_dir, "--class-dir")
     _check_subjects(cfg)
+    if cfg.train.optimizer == "adamw-schedulefree" and cfg.train.lr_scheduler != "constant":
+        raise ConfigError(f"train.lr_scheduler {cfg.train.lr_scheduler}: adamw-schedulefree needs no schedule "
+                          f"(--lr-scheduler constant; --lr-warmup-steps is its own warm-up)")
     d, default = cfg.data, DataConfig()
     for key, flag in (("mask_outside", "--mask-outside"), ("mask_mean", "--mask-mean")):
         if not d.masked_loss and getattr(d, key) != getattr(default, key):

@@ -39,6 +39,7 @@ from . import checkpoint as ckpt
 from . import ema, fingerprint
 from .batches import Batch, draw_batch, step_seed
 from .objectives import check_flags
+from .optimizers import averaged
 from .losses import MaskRule, example_mse, examples_loss, mse, prior_preservation_loss, weighted_loss
 from .trainer import (
     Trainer,
@@ -219,7 +220,8 @@ def _run(cfg: RunConfig, progress: bool, stop: threading.Event | None) -> Path:
         if tr.ema is not None:
             tr.ema.copy_to(tr.params)  # the average is what is saved; the last raw weights are not needed again
         try:
-            _save_outputs(cfg, resolved, out, tr)
+            with averaged(tr.optimizer):  # schedule-free: the average it converged in, not its training point
+                _save_outputs(cfg, resolved, out, tr)
         except DiskFull as exc:  # the run's own way on: resume from its newest checkpoint, not start again
             kept = ("its checkpoints are kept: free some space and run the same command with --resume"
                     if ckpt.list_checkpoints(out) else "free some space and run the command again")
@@ -375,7 +377,8 @@ def _after_step(tr: Trainer, out: Path, done: int, rows: list[dict]) -> None:
         _save_checkpoint(tr, out, done)
     if t.validate_every and (done % t.validate_every == 0 or done == t.max_steps):
         with ema.swapped_in(tr.ema, tr.params):  # samples of what would be saved now
-            _validate(tr, out / "validation" / f"step-{done:07d}", done)
+            with averaged(tr.optimizer):
+                _validate(tr, out / "validation" / f"step-{done:07d}", done)
 
 
 def _save_checkpoint(tr: Trainer, out: Path, done: int) -> Path:

@@ -16,7 +16,6 @@ import torch
 from ..adapters.embeddings import Placeholder, add_placeholder, train_rows
 from ..adapters.inject import add_lora
 from ..core.config import RunConfig, Subject, fill, run_subjects
-from ..core.errors import ConfigError
 from ..core.files import human_bytes
 from ..core.precision import DTYPES
 from ..generate.generation import warn_long_prompts
@@ -29,6 +28,7 @@ from . import ema
 from .batches import LatentBank, PromptEncoder
 from .data import aspect_buckets, load_folder, load_image
 from .objectives import make_objective
+from .optimizers import make_optimizer
 from .prior import class_folders, ensure_class_images
 from .sidecars import read_sidecars
 
@@ -63,30 +63,6 @@ class Trainer:
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def make_optimizer(cfg: RunConfig, groups: list[dict]):
-    t = cfg.train
-    kind = t.optimizer
-    if kind in ("auto", "adamw8bit"):
-        try:
-            import bitsandbytes as bnb  # noqa: F401
-            have_bnb = torch.cuda.is_available()
-        except ImportError:
-            have_bnb = False
-        if kind == "adamw8bit" and not have_bnb:
-            raise ConfigError("train.optimizer adamw8bit needs bitsandbytes and a CUDA GPU")
-        kind = "adamw8bit" if have_bnb else "adamw"
-    cls, extra = torch.optim.AdamW, {}
-    if kind == "adamw8bit":
-        import bitsandbytes as bnb
-        cls = bnb.optim.AdamW8bit
-    elif all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]):
-        # one kernel for every tensor instead of torch's default foreach loop: 4-5.5x faster per optimizer step on
-        # this project's CPU (benchmarks/optimizer.py); it matters for full fine-tunes (LoRA's step is tiny)
-        extra["fused"] = True
-    opt = cls(groups, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay, **extra)
-    return opt, kind
 
 
 def validation_prompts(cfg: RunConfig) -> list[str]:
