@@ -408,6 +408,26 @@ def _pretrain(cfg: C.RunConfig) -> None:
     click.echo(f"wrote {run_pretrain(cfg)}")
 
 
+@cli.command("check-photos")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--resolution", type=click.IntRange(min=0), default=512, show_default=True,
+              help="The training resolution: photos smaller than it are named (0: no size check).")
+@click.option("--strict", is_flag=True, default=False, help="Exit 2 when there is any finding (for scripts).")
+def _check_photos(folder: str, resolution: int, strict: bool) -> None:
+    """Audit a folder of subject photos before training: too few or many, too small, near-duplicates, blurred,
+    transparent, cut by the centre crop, low-quality JPEG. One line per finding, naming the file."""
+    from .train.audit import audit_folder
+
+    found = audit_folder(folder, resolution)
+    for finding in found:
+        click.echo(f"{finding.kind:>11}  {finding}")
+    kinds = sorted({f.kind for f in found})
+    click.echo(f"{len(found)} finding{'s' * (len(found) != 1)} in {folder}" + (f" ({', '.join(kinds)})" if kinds
+                                                                               else ": ready to train"))
+    if found and strict:
+        raise BoothkitError(f"{folder}: {len(found)} finding{'s' * (len(found) != 1)} (--strict)")
+
+
 @cli.command("ui")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on (0.0.0.0: all interfaces).")
 @click.option("--port", type=int, default=7860, show_default=True, help="Port to serve on.")

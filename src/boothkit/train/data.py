@@ -101,7 +101,7 @@ def load_folder(folder: str | Path, *, skip_bad: bool = False, what: str = "--in
             _warn_if_tiny(path, out[-1][1])
     if not out:
         raise DataError(f"{what} {folder}: no readable images ({', '.join(IMAGE_EXTS)})")
-    if len(out) < FEW_PHOTOS or len(out) > MANY_PHOTOS:
+    if what == "--instance-dir" and not FEW_PHOTOS <= len(out) <= MANY_PHOTOS:  # a subject's photos, not others
         log.warning("%s %s has %d photos; DreamBooth works best with %d-%d", what, folder, len(out), FEW_PHOTOS, 5)
     return out
 

@@ -25,6 +25,7 @@ from ..models.memory import run_estimate
 from ..models.quantize import is_quantized
 from ..models.loading import model_name, native_resolution
 from . import ema
+from .audit import audit_photos
 from .batches import LatentBank, PromptEncoder
 from .data import aspect_buckets, load_folder, load_image
 from .objectives import make_objective
@@ -134,6 +135,9 @@ def read_photos(cfg: RunConfig) -> Photos:
     out = Photos(subjects, [], [], [], [] if d.masked_loss else None)
     for k, s in enumerate(subjects):
         photos = load_folder(s.instance_dir, skip_bad=d.skip_bad_images)
+        for finding in audit_photos(s.instance_dir, photos, d.resolution):  # `boothkit check-photos` says the same
+            if finding.kind != "count":  # load_folder has said it
+                log.warning("--instance-dir %s: %s", s.instance_dir, finding)
         side = read_sidecars(photos, dataclasses.replace(d, instance_dir=s.instance_dir, token=s.token,
                                                          class_noun=s.class_noun, instance_prompt=s.instance_prompt))
         out.images += [img for _, img in photos]
