@@ -91,3 +91,16 @@ def test_training_warns_with_the_same_findings(clean, tmp_path, caplog):
     assert exc.value.code == 0
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "blurred.png" in r.getMessage()]
     assert warned == [f"--instance-dir {clean}: blurred.png: " + str(audit_folder(clean, 0)[0]).split(": ", 1)[1]]
+
+
+def test_with_an_embedding_another_subject_is_an_outlier(tmp_path, capsys):
+    """mini's DINO on its held-out emoji: a backpack among the dog's photos is named; the dog's own set is clean."""
+    from boothkit.mini.subjects import dataset_dir
+
+    folder = tmp_path / "dog"
+    shutil.copytree(dataset_dir() / "dog", folder)
+    assert check(capsys, folder, "--resolution", 64, "--dino-model", "mini") == (
+        0, [f"0 findings in {folder}: ready to train"])
+    shutil.copy(dataset_dir() / "backpack" / "00.png", folder / "backpack.png")
+    code, out = check(capsys, folder, "--resolution", 64, "--dino-model", "mini")
+    assert code == 0 and [line.split()[:2] for line in out[:-1]] == [["outlier", "backpack.png:"]], out

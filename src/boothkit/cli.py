@@ -412,13 +412,23 @@ def _pretrain(cfg: C.RunConfig) -> None:
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--resolution", type=click.IntRange(min=0), default=512, show_default=True,
               help="The training resolution: photos smaller than it are named (0: no size check).")
+@click.option("--dino-model", default="", help="DINO evaluator (hub id, folder, or mini / tiny) whose embeddings "
+              "find a photo far from the others (maybe another subject); default: no outlier check.")
 @click.option("--strict", is_flag=True, default=False, help="Exit 2 when there is any finding (for scripts).")
-def _check_photos(folder: str, resolution: int, strict: bool) -> None:
+def _check_photos(folder: str, resolution: int, dino_model: str, strict: bool) -> None:
     """Audit a folder of subject photos before training: too few or many, too small, near-duplicates, blurred,
-    transparent, cut by the centre crop, low-quality JPEG. One line per finding, naming the file."""
+    transparent, cut by the centre crop, low-quality JPEG, and with --dino-model an outlier. One line per finding,
+    naming the file."""
     from .train.audit import audit_folder
 
-    found = audit_folder(folder, resolution)
+    embed = None
+    if dino_model:
+        from .core.precision import pick_device
+        from .evaluate.metrics import DinoEvaluator
+
+        dino = DinoEvaluator(dino_model, pick_device("auto"))
+        embed = lambda images: dino.image_embeds(images).numpy()  # noqa: E731
+    found = audit_folder(folder, resolution, embed)
     for finding in found:
         click.echo(f"{finding.kind:>11}  {finding}")
     kinds = sorted({f.kind for f in found})
