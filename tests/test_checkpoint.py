@@ -356,12 +356,25 @@ def test_ctrl_c_during_evaluation_exits_130_and_writes_no_report(tmp_path, lpips
 
 
 @pytest.mark.slow
-def test_a_stop_event_ends_the_run_like_ctrl_c(instance_dir, tmp_path):
-    """The UI's Cancel: an event set from another thread stops the run after the current step, checkpointed."""
+def test_a_stop_event_ends_the_run_like_ctrl_c(instance_dir, tmp_path, monkeypatch):
+    """The UI's Cancel: an event set from another thread stops the run after the current step, checkpointed; set
+    before training, it stops the run while its latents are cached."""
     import threading
 
+    from boothkit.train import loop
+
     stop = threading.Event()
-    stop.set()  # already set: the run stops after its first step
+    stop.set()
+    with pytest.raises(Interrupted, match=r"^interrupted while caching latents \(0 of 3 pictures encoded\)"):
+        run_training(make_cfg(instance_dir, tmp_path / "early"), progress=False, stop=stop)
+    stop.clear()
+    real = loop._after_step
+
+    def cancel_during_step_1(*args, **kwargs):  # Cancel pressed while step 1 runs
+        stop.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_after_step", cancel_during_step_1)
     with pytest.raises(Interrupted, match=r"^interrupted after step 1 of 6: checkpoint written to .*step-0000001"):
         run_training(make_cfg(instance_dir, tmp_path / "out"), progress=False, stop=stop)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "out")] == [1]

@@ -68,14 +68,18 @@ def jpeg_bytes(img: Image.Image) -> bytes:
 
 
 def odd_mode_photos(folder: Path) -> list[str]:
-    """Photos in every mode a camera, scanner or editor writes; each must train as RGB."""
+    """Photos in every mode a camera, scanner or editor writes; each must train as RGB. Each is another picture
+    (the same one in five modes is five near-duplicates, which the photo audit rightly names)."""
     rng = np.random.default_rng(0)
-    rgb = Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8))
-    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+
+    def picture():
+        return Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8))
+
+    picture().convert("CMYK").save(folder / "cmyk.jpg")
     Image.fromarray((rng.integers(0, 65535, (80, 80))).astype(np.uint16)).save(folder / "sixteen-bit.png")
-    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
-    rgb.convert("RGBA").save(folder / "alpha.png")
-    rgb.convert("LA").save(folder / "grey-alpha.png")
+    picture().convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    picture().convert("RGBA").save(folder / "alpha.png")
+    picture().convert("LA").save(folder / "grey-alpha.png")
     return ["cmyk.jpg", "sixteen-bit.png", "palette.png", "alpha.png", "grey-alpha.png"]
 
 
