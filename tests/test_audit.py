@@ -104,3 +104,15 @@ def test_with_an_embedding_another_subject_is_an_outlier(tmp_path, capsys):
     shutil.copy(dataset_dir() / "backpack" / "00.png", folder / "backpack.png")
     code, out = check(capsys, folder, "--resolution", 64, "--dino-model", "mini")
     assert code == 0 and [line.split()[:2] for line in out[:-1]] == [["outlier", "backpack.png:"]], out
+
+
+def test_strict_photos_refuses_to_train_in_one_line(clean, tmp_path, capsys):
+    plant(clean, "blurred")
+    plant(clean, "crop")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--instance-dir", str(clean), "--class-noun", "dog", "--no-prior", "--max-steps", "1",
+              "--output-dir", str(tmp_path / "out"), "--strict-photos"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith(f"error: --instance-dir {clean}: panorama.png: ")
+    assert err[-1].endswith(f"(and 1 more: boothkit check-photos {clean}); --strict-photos refuses it")
+    assert not (tmp_path / "out").exists()

@@ -146,6 +146,8 @@ class DataConfig:
     crop: str = opt("center", "How to crop after resizing the shorter side.", choices=("center", "random"))
     flip: bool = opt(False, "Random horizontal flips.")
     skip_bad_images: bool = opt(False, "Skip unreadable images with a warning instead of stopping.")
+    strict_photos: bool = opt(False, "Refuse to train when the photo audit finds anything (near-duplicates, blur, "
+                                     "...: `boothkit check-photos`) instead of warning.")
     cache_latents: bool = opt(True, "Encode images with the VAE once (and prompts, when the text encoder is frozen).")
     captions: bool = opt(False, "Caption each photo from NAME.txt beside it; a caption must name the subject ({token} "
                                 "or the token itself; {class_noun} is filled in). Photos without one get the "

@@ -16,6 +16,7 @@ import torch
 from ..adapters.embeddings import Placeholder, add_placeholder, train_rows
 from ..adapters.inject import add_lora
 from ..core.config import RunConfig, Subject, fill, run_subjects
+from ..core.errors import DataError
 from ..core.files import human_bytes
 from ..core.precision import DTYPES
 from ..generate.generation import warn_long_prompts
@@ -135,7 +136,12 @@ def read_photos(cfg: RunConfig) -> Photos:
     out = Photos(subjects, [], [], [], [] if d.masked_loss else None)
     for k, s in enumerate(subjects):
         photos = load_folder(s.instance_dir, skip_bad=d.skip_bad_images)
-        for finding in audit_photos(s.instance_dir, photos, d.resolution):  # `boothkit check-photos` says the same
+        findings = audit_photos(s.instance_dir, photos, d.resolution)  # `boothkit check-photos` says the same
+        if findings and d.strict_photos:
+            raise DataError(f"--instance-dir {s.instance_dir}: {findings[0]}" + (
+                f" (and {len(findings) - 1} more: boothkit check-photos {s.instance_dir})" if len(findings) > 1
+                else "") + "; --strict-photos refuses it")
+        for finding in findings:
             if finding.kind != "count":  # load_folder has said it
                 log.warning("--instance-dir %s: %s", s.instance_dir, finding)
         side = read_sidecars(photos, dataclasses.replace(d, instance_dir=s.instance_dir, token=s.token,
