@@ -637,3 +637,18 @@ def test_stop_closes_an_evaluation_before_its_report(queue, finished_run, monkey
     release.set()
     wait_for(lambda: not any(t.name == "boothkit-stream" for t in threading.enumerate()), what="the evaluation to end")
     assert not (queue.folder(finished_run) / "reports" / "001").exists()
+
+
+def test_each_stop_button_cancels_its_own_event(tmp_path):
+    """Stop beside Generate, Sweep and Evaluate cancels that button's event (gradio then closes its stream, which
+    stops the work: tested above at the handlers)."""
+    app = ui.build_ui(tmp_path / "runs")
+    try:
+        cfg = app.config
+        names = {c["id"]: c.get("props", {}).get("elem_id") for c in cfg["components"]}
+        wired = {names[d["targets"][0][0]]: [cfg["dependencies"][i]["api_name"] for i in d["cancels"]]
+                 for d in cfg["dependencies"] if d.get("cancels")}
+        assert wired == {"bk-generate-stop": ["generate"], "bk-sweep-stop": ["sweep"],
+                         "bk-evaluate-stop": ["evaluate"]}
+    finally:
+        app.boothkit_runs.close()
