@@ -43,7 +43,7 @@ test-fast: install
 	$(VENV)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/train_step.py
+	$(VENV)/bin/boothkit bench speed --model tiny --resolution 64 --steps 10 --warmup 2 --out out/bench
 
 clean:
 	rm -rf $(VENV) demo-output
