@@ -53,21 +53,16 @@ class DiskFull(BoothkitError):
         super().__init__(f"{path}: could not be written ({reason}, {human_bytes(free_bytes(path))} free); {then}")
 
 
-def disk_full(exc: BaseException) -> DiskFull | None:
-    """`exc` as a DiskFull when it is a failed write for want of space (an OSError ENOSPC or EDQUOT, or the
-    SafetensorError safetensors wraps one in), else None."""
-    if isinstance(exc, DiskFull):
-        return exc
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(exc.filename or "", exc.strerror or "no space left on the device")
-    if type(exc).__name__ == "SafetensorError" and ("StorageFull" in str(exc) or "No space left" in str(exc)):
-        return DiskFull("", "No space left on device")
-    return None
-
-
 def _no_room(path: Path, exc: BaseException) -> DiskFull | None:
-    full = disk_full(exc)
-    return None if full is None else DiskFull(path, full.reason)
+    """`exc` as a DiskFull naming `path` when it is a failed write for want of space (an OSError ENOSPC or EDQUOT,
+    or the SafetensorError safetensors wraps one in), else None."""
+    if isinstance(exc, DiskFull):
+        return DiskFull(path, exc.reason)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(path, exc.strerror or "No space left on device")
+    if type(exc).__name__ == "SafetensorError" and ("StorageFull" in str(exc) or "No space left" in str(exc)):
+        return DiskFull(path, "No space left on device")
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -142,7 +142,8 @@ def read_photos(cfg: RunConfig) -> Photos:
                 f" (and {len(findings) - 1} more: boothkit check-photos {s.instance_dir})" if len(findings) > 1
                 else "") + "; --strict-photos refuses it")
         for finding in findings:
-            if finding.kind != "count":  # load_folder has said it
+            # the count load_folder has said; with --buckets no square crop cuts the picture
+            if finding.kind != "count" and not (finding.kind == "crop" and d.buckets):
                 log.warning("--instance-dir %s: %s", s.instance_dir, finding)
         side = read_sidecars(photos, dataclasses.replace(d, instance_dir=s.instance_dir, token=s.token,
                                                          class_noun=s.class_noun, instance_prompt=s.instance_prompt))
