@@ -571,7 +571,8 @@ def test_cancel_while_preparing_stops_the_run_and_resume_finishes_it(queue, inst
     made = sorted((queue.folder(name) / "class_images").glob("class-*.png"))
     assert len(made) == (1 if stage == "class images" else 3)
     monkeypatch.undo()
-    assert queue.resume(name) == "starting" and queue.wait(name)["state"] == "done"
+    # the worker writes "cancelled" a moment before it takes the next job: Resume may queue behind its finishing
+    assert queue.resume(name) in ("starting", "queued: 1 run ahead") and queue.wait(name)["state"] == "done"
     assert R.weights(queue.folder(name)) is not None
     assert sorted((queue.folder(name) / "class_images").glob("class-*.png"))[:len(made)] == made
 
